@@ -1,0 +1,466 @@
+"""EggrollOptimizer: EGGROLL evolution strategies as a ``torch.optim.Optimizer``."""
+
+from __future__ import annotations
+
+import inspect
+import math
+import warnings
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch.optim import Optimizer
+
+from . import distributed as _dist
+from .noise import compute_dtype, draw_noise, member_pairs, member_signs, num_draws
+from .population import PerturbedParam, Population
+from .shaping import SHAPINGS, replace_nonfinite, shape_losses, warn_nonfinite
+
+__all__ = ["EggrollOptimizer"]
+
+Closure = Callable[..., Any]
+
+_GLOBAL_KEYS = ("pop_size", "antithetic")
+
+
+class EggrollOptimizer(Optimizer):
+    r"""EGGROLL evolution strategies: gradient-free training with low-rank antithetic noise.
+
+    Every step evaluates a population of ``N = pop_size`` perturbed copies of the parameters and
+    moves the parameters against the loss-weighted sum of the perturbations. Member ``i`` sees
+
+    .. math::
+        \theta_i = \theta + \sigma\, \mathrm{sign}_i\, E_{k(i)}, \qquad
+        E_k = \frac{A_k B_k^\top}{\sqrt{r}} \text{ (matrices)}, \quad
+        E_k = \varepsilon_k \text{ (other tensors, or } r = 0)
+
+    with :math:`A_k \in \mathbb{R}^{m\times r}`, :math:`B_k \in \mathbb{R}^{n\times r}`,
+    :math:`\varepsilon_k` iid :math:`\mathcal N(0, 1)` (every entry of :math:`E_k` has unit
+    variance), and, under antithetic sampling, :math:`k(i) = \lfloor i/2 \rfloor`,
+    :math:`\mathrm{sign}_i = (-1)^i`. A tensor of ``ndim > 2`` (a conv kernel) is treated as the
+    matrix ``(shape[0], prod(shape[1:]))``. Given the losses :math:`\ell_i` returned by the
+    closure and shaped into :math:`s_i` (``shaping``), the update is
+
+    .. math::
+        g = \frac{\sigma}{\sqrt N} \sum_{i=1}^{N} s_i\, \mathrm{sign}_i\, E_{k(i)}
+            + \lambda \theta, \qquad \theta \leftarrow \theta - \mathrm{lr}\cdot g
+
+    (:math:`\lambda` = ``weight_decay``, as in SGD), computed in factored form for matrices. This
+    is the convention of the original torcheggroll and of the EGGROLL reference code, so their
+    ``lr`` and ``sigma`` transfer. With ``shaping="raw"``, :math:`g / (\sigma^2 \sqrt N)` is an
+    unbiased estimate of the gradient of the Gaussian-smoothed loss.
+
+    Noise is a pure function of ``(seed, generation, parameter index)``: it never reads or
+    changes the global RNG, ``seed`` and ``generation`` live in :attr:`state` as Python ints,
+    and a run resumed from :meth:`state_dict` is bit-identical to one that never stopped.
+
+    Args:
+        params: tensors, ``(name, tensor)`` pairs, or dicts defining parameter groups. Groups may
+            set their own ``lr``, ``sigma``, ``rank``, ``weight_decay`` and ``shaping``.
+        lr: learning rate (default: 0.05).
+        sigma: noise scale (default: 0.02). Read at every step, so it can be scheduled.
+        rank: rank of the perturbation of matrices (default: 4); 0 gives dense noise.
+        pop_size: population size ``N`` (default: 32); even with antithetic sampling.
+        antithetic: mirrored pairs ``(2k, 2k+1)`` sharing one draw with signs ``+, -``
+            (default: True).
+        seed: the noise seed; ``None`` takes ``torch.initial_seed()``, so ``torch.manual_seed``
+            makes runs reproducible.
+        shaping: ``"zscore"`` (default; the original's), ``"centered_rank"`` or ``"raw"``.
+        weight_decay: L2 penalty added to the update as in SGD (default: 0).
+        maximize: the closure returns a fitness to maximize instead of a loss (default: False).
+        process_group: shard the population over this torch.distributed group; by default the
+            world group when torch.distributed is initialized.
+
+    The closure (required) is called once per step, in one of two forms:
+
+    * ``closure(population) -> Tensor`` of shape ``(len(population),)``: evaluate every member
+      at once, typically ``loss_fn(population.forward(model, x), y)``
+      (see :class:`~torcheggroll.Population`).
+    * ``closure() -> scalar``: for code that cannot be vectorized; the optimizer perturbs the
+      parameters in place for each member in turn, calls the closure, and restores the
+      parameters bit-identically afterwards (also if the closure raises).
+
+    Closures run under :func:`torch.no_grad`. Members whose loss is NaN or infinite are treated
+    as the worst member (the largest finite loss) and a :class:`~torcheggroll.NonFiniteLossWarning`
+    is issued; if no member has a finite loss the update is skipped. Parameters are never written
+    with a non-finite value by an update.
+
+    Example:
+        >>> model = torch.nn.Linear(4, 1)
+        >>> opt = EggrollOptimizer(model.parameters(), lr=0.1, sigma=0.05, pop_size=16, seed=0)
+        >>> x, y = torch.randn(32, 4), torch.randn(32, 1)
+        >>> def closure(pop):
+        ...     out = pop.forward(model, x)  # (16, 32, 1)
+        ...     return ((out - y) ** 2).mean(dim=(1, 2))
+        >>> loss = opt.step(closure)
+
+    References:
+        Sarkar et al., "Evolution Strategies at the Hyperscale" (EGGROLL), arXiv:2511.16652.
+        Salimans et al., "Evolution Strategies as a Scalable Alternative to Reinforcement
+        Learning", arXiv:1703.03864.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float | torch.Tensor = 0.05,
+        sigma: float = 0.02,
+        rank: int = 4,
+        pop_size: int = 32,
+        *,
+        antithetic: bool = True,
+        seed: int | None = None,
+        shaping: str = "zscore",
+        weight_decay: float = 0.0,
+        maximize: bool = False,
+        process_group: Any = None,
+    ) -> None:
+        _check_hyper(lr=lr, sigma=sigma, rank=rank, weight_decay=weight_decay, shaping=shaping)
+        _check_population(pop_size, antithetic)
+        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or seed < 0):
+            raise ValueError(f"Invalid seed: {seed!r} (expected a non-negative int or None)")
+        defaults = dict(
+            lr=lr,
+            sigma=sigma,
+            rank=rank,
+            pop_size=pop_size,
+            antithetic=antithetic,
+            shaping=shaping,
+            weight_decay=weight_decay,
+            maximize=maximize,
+        )
+        super().__init__(params, defaults)
+        self._process_group = _dist.resolve_group(process_group)
+        if seed is None:
+            seed = _dist.agree_on_seed(torch.initial_seed(), self._process_group)
+        self._global_state().update(seed=int(seed), generation=0)
+        self.last_losses: torch.Tensor | None = None
+
+    # ------------------------------------------------------------------ torch.optim plumbing
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group; its settings are checked before anything is added."""
+        if not isinstance(param_group, dict):
+            raise TypeError(f"Invalid param_group: expected a dict, got {type(param_group).__name__}")
+        merged = {**self.defaults, **param_group}
+        _check_hyper(
+            lr=merged["lr"],
+            sigma=merged["sigma"],
+            rank=merged["rank"],
+            weight_decay=merged["weight_decay"],
+            shaping=merged["shaping"],
+        )
+        _check_population(merged["pop_size"], merged["antithetic"])
+        for key in _GLOBAL_KEYS:
+            for other in self.param_groups:
+                if other[key] != merged[key]:
+                    raise ValueError(
+                        f"Invalid {key}: {merged[key]!r} (param groups must share {key}; "
+                        f"existing groups use {other[key]!r})"
+                    )
+        params = param_group["params"]
+        listed = [params] if isinstance(params, torch.Tensor) else list(params)
+        for p in listed:
+            t = p[1] if isinstance(p, tuple) and len(p) == 2 else p
+            if isinstance(t, torch.Tensor) and (not t.is_floating_point() or t.is_complex()):
+                raise TypeError(
+                    f"Invalid parameter dtype: {t.dtype} (EggrollOptimizer needs real floating-point tensors)"
+                )
+        param_group = {**param_group, "params": listed}
+        super().add_param_group(param_group)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("shaping", "zscore")
+            group.setdefault("weight_decay", 0.0)
+            group.setdefault("maximize", False)
+            group.setdefault("antithetic", True)
+        self.__dict__.setdefault("last_losses", None)
+        self.__dict__.setdefault("_process_group", None)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(super().__getstate__())
+        state.pop("_process_group", None)  # a live communicator cannot be pickled or copied
+        return state
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> EggrollOptimizer:
+        import copy
+
+        cls = self.__class__
+        new = cls.__new__(cls)
+        memo[id(self)] = new
+        for k, v in self.__dict__.items():
+            if k == "_process_group":
+                new.__dict__[k] = v
+            else:
+                new.__dict__[k] = copy.deepcopy(v, memo)
+        return new
+
+    def _global_state(self) -> dict[str, Any]:
+        # As LBFGS does, optimizer-wide state lives in the state of the first parameter, so it
+        # rides along in state_dict() as plain Python ints that load_state_dict never casts.
+        return self.state[self.param_groups[0]["params"][0]]
+
+    @property
+    def seed(self) -> int:
+        """The noise seed (a Python int, kept in :attr:`state`)."""
+        return int(self._global_state()["seed"])
+
+    @property
+    def generation(self) -> int:
+        """How many populations have been evaluated (a Python int, kept in :attr:`state`)."""
+        return int(self._global_state()["generation"])
+
+    @property
+    def pop_size(self) -> int:
+        return int(self.param_groups[0]["pop_size"])
+
+    @property
+    def antithetic(self) -> bool:
+        return bool(self.param_groups[0]["antithetic"])
+
+    @property
+    def process_group(self) -> Any:
+        """The torch.distributed group the population is sharded over, or None."""
+        return self._process_group
+
+    # ------------------------------------------------------------------ the population
+    def population(self) -> Population:
+        """The population of the current generation, restricted to this rank's members.
+
+        Drawing it has no side effect: calling this twice gives the same noise.
+        """
+        gs = self._global_state()
+        seed, generation = int(gs["seed"]), int(gs["generation"])
+        pop_size, antithetic = self.pop_size, self.antithetic
+        draws = num_draws(pop_size, antithetic)
+        entries: list[PerturbedParam] = []
+        index = 0
+        for group in self.param_groups:
+            for p in group["params"]:
+                noise = draw_noise(
+                    p.shape,
+                    int(group["rank"]),
+                    draws,
+                    seed=seed,
+                    generation=generation,
+                    param_index=index,
+                    device=p.device,
+                    dtype=compute_dtype(p.dtype),
+                )
+                entries.append(PerturbedParam(p, index, float(group["sigma"]), noise))
+                index += 1
+        rank, world = _dist.world_info(self._process_group)
+        start, stop = _dist.shard_bounds(pop_size, antithetic, rank, world)
+        members = torch.arange(start, stop, dtype=torch.long)
+        return Population(
+            entries,
+            pop_size=pop_size,
+            members=members,
+            seed=seed,
+            generation=generation,
+            antithetic=antithetic,
+        )
+
+    def evaluate(self, closure: Closure) -> tuple[torch.Tensor, Population]:
+        """Evaluate the current generation without updating anything.
+
+        Returns:
+            ``(losses, population)``: the ``(pop_size,)`` losses of all members (gathered from
+            every rank under torch.distributed) and the local population.
+        """
+        if closure is None or not callable(closure):
+            raise TypeError(f"Invalid closure: {closure!r} (EggrollOptimizer.step requires a callable closure)")
+        population = self.population()
+        with torch.no_grad():
+            if _takes_population(closure):
+                local = _as_losses(closure(population), len(population), "closure(population)")
+            else:
+                local = self._sequential(closure, population)
+        start = int(population.members[0]) if len(population) else 0
+        losses = _dist.gather_losses(local, start, self.pop_size, self._process_group)
+        return losses, population
+
+    def _sequential(self, closure: Closure, population: Population) -> torch.Tensor:
+        params = [e.param for e in population.params]
+        centres = [p.detach().clone() for p in params]
+        values: list[torch.Tensor] = []
+        try:
+            for position in range(len(population)):
+                for p in params:
+                    p.copy_(population.member_value(p, position))
+                values.append(_as_scalar_loss(closure(), position))
+        finally:
+            for p, c in zip(params, centres, strict=True):
+                p.copy_(c)
+        if not values:
+            device = params[0].device if params else torch.device("cpu")
+            return torch.empty(0, device=device)
+        device = values[0].device
+        return torch.stack([v.to(device, torch.promote_types(v.dtype, torch.float32)) for v in values])
+
+    # ------------------------------------------------------------------ the update
+    def _directions(self, losses: torch.Tensor, population: Population) -> list[tuple[torch.Tensor, dict[str, Any], torch.Tensor]] | None:
+        """``[(param, group, g)]`` with ``g`` the per-parameter update of the class docstring
+        (before ``lr``), or None when no member had a finite loss."""
+        self.last_losses = losses.detach().clone()
+        clean, bad = replace_nonfinite(losses.detach())
+        if bad:
+            warn_nonfinite(bad, losses.numel())
+            if bad == losses.numel():
+                return None
+        n = self.pop_size
+        all_members = torch.arange(n, device=clean.device)
+        out: list[tuple[torch.Tensor, dict[str, Any], torch.Tensor]] = []
+        entries = iter(population.params)
+        for group in self.param_groups:
+            signed_losses = -clean if group["maximize"] else clean
+            shaped = shape_losses(signed_losses.to(torch.float64), group["shaping"])
+            for p in group["params"]:
+                entry = next(entries)
+                noise = entry.noise
+                ref = noise.a if noise.a is not None else noise.dense
+                assert ref is not None
+                members = all_members.to(ref.device)
+                # Fold each antithetic pair into one coefficient per draw: c_k = s_2k - s_2k+1.
+                weights = (shaped.to(ref.device) * member_signs(members, self.antithetic, torch.float64))
+                coeffs = torch.zeros(noise.num_draws, dtype=torch.float64, device=ref.device)
+                coeffs.index_add_(0, member_pairs(members, self.antithetic), weights)
+                g = noise.weighted_sum(coeffs.to(ref.dtype)) * (entry.sigma / math.sqrt(n))
+                if group["weight_decay"] != 0:
+                    g = g.add(p.detach().to(ref.dtype), alpha=group["weight_decay"])
+                out.append((p, group, g))
+        return out
+
+    def _finish(self, losses: torch.Tensor) -> torch.Tensor:
+        self._global_state()["generation"] += 1
+        return losses.detach().mean()
+
+    @torch.no_grad()
+    def step(self, closure: Closure) -> torch.Tensor:  # type: ignore[override]
+        """Evaluate one population, update the parameters, advance the generation.
+
+        Args:
+            closure: ``closure(population) -> (len(population),) losses`` or ``closure() -> loss``
+                (see the class docstring).
+
+        Returns:
+            The mean loss over the population (a 0-d tensor; NaN if some member's loss was NaN).
+        """
+        losses, population = self.evaluate(closure)
+        directions = self._directions(losses, population)
+        if directions is not None:
+            updates = [
+                (p, g.mul(-group["lr"]).to(p.dtype)) for p, group, g in directions if _nonzero(group["lr"])
+            ]
+            if updates and not bool(torch.stack([u.isfinite().all() for _, u in updates]).all()):
+                warnings.warn(
+                    "the ES update overflowed to a non-finite value; the parameters were left unchanged",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+            else:
+                for p, u in updates:
+                    p.add_(u)
+        return self._finish(losses)
+
+    @torch.no_grad()
+    def compute_grad(self, closure: Closure) -> torch.Tensor:
+        """Evaluate one population and accumulate the ES estimate into ``p.grad``.
+
+        ``p.grad`` receives (added to any existing ``.grad``, as ``backward`` does) exactly the
+        ``g`` that :meth:`step` would multiply by ``-lr``, weight decay included: so
+        ``torch.optim.SGD(params, lr)`` fed this reproduces ``EggrollOptimizer(lr=lr)``, and
+        Adam/AdamW or any other optimizer can consume it (for those, set this optimizer's
+        ``weight_decay`` to 0 and let them decay). Its scale is ``sigma / sqrt(N)`` times the
+        shaped-loss-weighted noise sum; with ``shaping="raw"``, dividing by ``sigma**2 * sqrt(N)``
+        gives the unbiased smoothed-gradient estimate. Parameters are not changed; the
+        generation advances, so the next call draws new noise.
+
+        Returns:
+            The mean loss over the population (a 0-d tensor).
+        """
+        losses, population = self.evaluate(closure)
+        directions = self._directions(losses, population)
+        if directions is not None:
+            for p, _, g in directions:
+                g = g.to(p.dtype)
+                if p.grad is None:
+                    p.grad = g.clone()
+                else:
+                    p.grad.add_(g)
+        return self._finish(losses)
+
+
+# ---------------------------------------------------------------------- checks and helpers
+def _check_hyper(*, lr: Any, sigma: Any, rank: Any, weight_decay: Any, shaping: Any) -> None:
+    if isinstance(lr, torch.Tensor):
+        if lr.numel() != 1:
+            raise ValueError(f"Invalid lr: a tensor lr must have one element, got shape {tuple(lr.shape)}")
+        lr_value = float(lr)
+    else:
+        lr_value = lr
+    if not isinstance(lr_value, (int, float)) or isinstance(lr_value, bool) or not lr_value >= 0.0:
+        raise ValueError(f"Invalid learning rate: {lr}")
+    if not isinstance(sigma, (int, float)) or isinstance(sigma, bool) or not sigma > 0.0 or not math.isfinite(sigma):
+        raise ValueError(f"Invalid sigma: {sigma}")
+    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 0:
+        raise ValueError(f"Invalid rank: {rank}")
+    if not isinstance(weight_decay, (int, float)) or not weight_decay >= 0.0:
+        raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+    if shaping not in SHAPINGS:
+        raise ValueError(f"Invalid shaping: {shaping!r} (expected one of {sorted(SHAPINGS)})")
+
+
+def _check_population(pop_size: Any, antithetic: Any) -> None:
+    if not isinstance(pop_size, int) or isinstance(pop_size, bool) or pop_size < 2:
+        raise ValueError(f"Invalid pop_size: {pop_size} (expected an int >= 2)")
+    if not isinstance(antithetic, bool):
+        raise ValueError(f"Invalid antithetic: {antithetic!r} (expected a bool)")
+    if antithetic and pop_size % 2:
+        raise ValueError(f"Invalid pop_size: {pop_size} (must be even with antithetic=True)")
+
+
+def _nonzero(lr: Any) -> bool:
+    return bool(lr != 0)
+
+
+def _takes_population(closure: Closure) -> bool:
+    """Whether the closure takes the population (one required positional parameter)."""
+    try:
+        sig = inspect.signature(closure)
+    except (TypeError, ValueError):
+        return True
+    required = [
+        p
+        for p in sig.parameters.values()
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty
+    ]
+    if len(required) > 1:
+        raise TypeError(
+            f"Invalid closure: {closure!r} takes {len(required)} required arguments "
+            "(expected 0, or 1 for the population)"
+        )
+    return len(required) == 1 or any(p.kind is p.VAR_POSITIONAL for p in sig.parameters.values())
+
+
+def _as_losses(value: Any, size: int, what: str) -> torch.Tensor:
+    losses = value if isinstance(value, torch.Tensor) else torch.as_tensor(value)
+    if losses.dim() != 1 or losses.shape[0] != size:
+        raise ValueError(
+            f"Invalid losses: {what} must return a 1-D tensor of {size} losses (one per member), "
+            f"got shape {tuple(losses.shape)}"
+        )
+    if not (losses.is_floating_point() or losses.dtype in (torch.int32, torch.int64, torch.int16, torch.int8, torch.uint8)):
+        raise ValueError(f"Invalid losses: expected real numbers, got dtype {losses.dtype}")
+    return losses.detach().to(torch.promote_types(losses.dtype, torch.float32))
+
+
+def _as_scalar_loss(value: Any, position: int) -> torch.Tensor:
+    loss = value if isinstance(value, torch.Tensor) else torch.as_tensor(value)
+    if loss.numel() != 1:
+        raise ValueError(
+            f"Invalid loss: closure() must return a scalar loss, got shape {tuple(loss.shape)} "
+            f"for member {position}"
+        )
+    return loss.detach().reshape(())

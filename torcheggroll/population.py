@@ -1,0 +1,236 @@
+"""The population handed to an :class:`~torcheggroll.EggrollOptimizer` closure."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from .noise import ParamNoise, compute_dtype, member_pairs, member_signs
+
+__all__ = ["Population", "PerturbedParam"]
+
+ForwardPath = Literal["auto", "lowrank", "materialized"]
+
+
+@dataclass(frozen=True)
+class PerturbedParam:
+    """One owned parameter of a generation: the centre, its group's sigma and its noise."""
+
+    param: torch.Tensor
+    index: int
+    sigma: float
+    noise: ParamNoise
+
+
+class Population:
+    """This generation's members, as seen by a closure.
+
+    Member ``i`` (a global index in ``[0, pop_size)``) has parameters
+    ``theta + sigma * sign_i * E_{pair_i}`` for every parameter the optimizer owns, with
+    ``pair_i = i // 2`` and ``sign_i = (-1) ** i`` under antithetic sampling. Only the local
+    members (all of them in a single process; this rank's share under torch.distributed) are
+    evaluated here; ``len(population)`` is their number and :attr:`members` their global indices.
+
+    Attributes:
+        pop_size: the global population size ``N``.
+        members: ``(size,)`` int64 global indices of the local members, ascending.
+        seed, generation: the integers the noise is a function of.
+        antithetic: whether members come in mirrored pairs.
+    """
+
+    def __init__(
+        self,
+        params: list[PerturbedParam],
+        *,
+        pop_size: int,
+        members: torch.Tensor,
+        seed: int,
+        generation: int,
+        antithetic: bool,
+    ) -> None:
+        self.pop_size = pop_size
+        self.members = members
+        self.seed = seed
+        self.generation = generation
+        self.antithetic = antithetic
+        self._params = params
+        self._by_id = {id(p.param): p for p in params}
+
+    # ------------------------------------------------------------------ inspection
+    def __len__(self) -> int:
+        return int(self.members.numel())
+
+    @property
+    def size(self) -> int:
+        """Number of local members (``len(self)``)."""
+        return len(self)
+
+    def __repr__(self) -> str:
+        return (
+            f"Population(size={self.size}, pop_size={self.pop_size}, seed={self.seed}, "
+            f"generation={self.generation}, antithetic={self.antithetic}, params={len(self._params)})"
+        )
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.members.tolist())
+
+    @property
+    def params(self) -> list[PerturbedParam]:
+        """The owned parameters with their sigma and noise, in optimizer order."""
+        return list(self._params)
+
+    def owns(self, tensor: torch.Tensor) -> bool:
+        """Whether the optimizer perturbs this tensor."""
+        return id(tensor) in self._by_id
+
+    def entry(self, param: torch.Tensor) -> PerturbedParam:
+        try:
+            return self._by_id[id(param)]
+        except KeyError:
+            raise KeyError("this tensor is not a parameter of the optimizer") from None
+
+    def noise(self, param: torch.Tensor) -> ParamNoise:
+        """The unit-variance noise of ``param`` for every draw of the generation (all pairs)."""
+        return self.entry(param).noise
+
+    def signs(self, device: torch.device | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """``(size,)`` the sign ``+1``/``-1`` of each local member's perturbation."""
+        members = self.members if device is None else self.members.to(device)
+        return member_signs(members, self.antithetic, dtype)
+
+    def pairs(self, device: torch.device | None = None) -> torch.Tensor:
+        """``(size,)`` the noise draw each local member uses."""
+        members = self.members if device is None else self.members.to(device)
+        return member_pairs(members, self.antithetic)
+
+    def coefficients(self, param: torch.Tensor) -> torch.Tensor:
+        """``(size,)`` ``sigma * sign_i`` of each local member for ``param``, in the noise dtype."""
+        e = self.entry(param)
+        ref = e.noise.a if e.noise.a is not None else e.noise.dense
+        assert ref is not None
+        return e.sigma * self.signs(ref.device, ref.dtype)
+
+    def local_noise(self, param: torch.Tensor) -> ParamNoise:
+        """The noise draw of each local member, in member order (a gather of :meth:`noise`)."""
+        e = self.entry(param)
+        ref = e.noise.a if e.noise.a is not None else e.noise.dense
+        assert ref is not None
+        return e.noise.select(self.pairs(ref.device))
+
+    # ------------------------------------------------------------------ materialized path
+    def perturbation(self, param: torch.Tensor) -> torch.Tensor:
+        """``(size, *param.shape)`` the perturbation ``sigma * sign_i * E_i`` of each local member.
+
+        Materialized: this builds one full tensor per member (the reference path).
+        """
+        return self.local_noise(param).materialize(self.coefficients(param))
+
+    def perturbed(self, param: torch.Tensor) -> torch.Tensor:
+        """``(size, *param.shape)`` each local member's value of ``param``, in ``param.dtype``."""
+        centre = param.detach().to(compute_dtype(param.dtype))
+        return (centre.unsqueeze(0) + self.perturbation(param)).to(param.dtype)
+
+    def member_value(self, param: torch.Tensor, position: int) -> torch.Tensor:
+        """The value of ``param`` for the local member at ``position`` (``0 <= position < size``)."""
+        e = self.entry(param)
+        ref = e.noise.a if e.noise.a is not None else e.noise.dense
+        assert ref is not None
+        member = self.members[position : position + 1].to(ref.device)
+        noise = e.noise.select(member_pairs(member, self.antithetic))
+        coeff = e.sigma * member_signs(member, self.antithetic, ref.dtype)
+        centre = param.detach().to(compute_dtype(param.dtype))
+        return (centre + noise.materialize(coeff)[0]).to(param.dtype)
+
+    def stacked(self, module: nn.Module) -> dict[str, torch.Tensor]:
+        """Each local member's parameters and buffers of ``module``: name -> ``(size, *shape)``.
+
+        Owned parameters carry their member's perturbation; everything else is broadcast with
+        ``expand`` (a view, not a copy). The result is ready for
+        ``torch.func.vmap(torch.func.functional_call(module, ...))``.
+        """
+        out: dict[str, torch.Tensor] = {}
+        for name, t in _named_tensors(module):
+            if self.owns(t):
+                out[name] = self.perturbed(t)
+            else:
+                out[name] = t.detach().unsqueeze(0).expand(self.size, *t.shape)
+        return out
+
+    def forward(
+        self,
+        module: nn.Module,
+        *args: Any,
+        per_member: bool = False,
+        path: ForwardPath = "auto",
+        randomness: Literal["different", "same", "error"] = "different",
+        **kwargs: Any,
+    ) -> Any:
+        """Evaluate ``module`` for every local member; outputs get a leading ``(size,)`` dimension.
+
+        Args:
+            module: the model whose parameters (some or all) the optimizer owns.
+            *args, **kwargs: the module's inputs. By default the same inputs go to every member
+                (broadcast). With ``per_member=True`` every tensor in them has a leading
+                ``(size,)`` dimension and member ``j`` gets slice ``j``.
+            path: ``"auto"`` (default) evaluates supported layers (``nn.Linear``,
+                ``nn.Embedding``, ``nn.Conv1d``/``nn.Conv2d``, ...) with the low-rank population
+                forward and falls back to materialized per-member weights elsewhere;
+                ``"lowrank"`` does the same but raises if some owned matrix would need the
+                fallback; ``"materialized"`` always builds per-member weights (the reference).
+            randomness: passed to :func:`torch.func.vmap` (dropout and other random ops).
+        """
+        if path not in ("auto", "lowrank", "materialized"):
+            raise ValueError(f"Invalid path: {path!r} (expected 'auto', 'lowrank' or 'materialized')")
+        if per_member:
+            _check_per_member(self.size, args, kwargs)
+        if path == "materialized":
+            return _materialized_forward(self, module, args, kwargs, per_member, randomness)
+        from .lowrank import lowrank_forward
+
+        return lowrank_forward(
+            self, module, args, kwargs, per_member=per_member, strict=(path == "lowrank"), randomness=randomness
+        )
+
+
+def _named_tensors(module: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    yield from module.named_parameters(remove_duplicate=False)
+    yield from module.named_buffers(remove_duplicate=False)
+
+
+def _check_per_member(size: int, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> None:
+    leaves = torch.utils._pytree.tree_leaves((args, dict(kwargs)))
+    for leaf in leaves:
+        if isinstance(leaf, torch.Tensor) and (leaf.dim() == 0 or leaf.shape[0] != size):
+            raise ValueError(
+                f"Invalid per-member input: expected a leading dimension of {size} (the local "
+                f"population), got shape {tuple(leaf.shape)}"
+            )
+
+
+def _in_dims(tree: Any, per_member: bool) -> Any:
+    return torch.utils._pytree.tree_map(
+        lambda x: 0 if (per_member and isinstance(x, torch.Tensor)) else None, tree
+    )
+
+
+def _materialized_forward(
+    population: Population,
+    module: nn.Module,
+    args: tuple[Any, ...],
+    kwargs: Mapping[str, Any],
+    per_member: bool,
+    randomness: str,
+) -> Any:
+    stacked = population.stacked(module)
+
+    def call(params: dict[str, torch.Tensor], a: tuple[Any, ...], kw: dict[str, Any]) -> Any:
+        return torch.func.functional_call(module, params, a, kw, tie_weights=False)
+
+    kw = dict(kwargs)
+    return torch.func.vmap(
+        call, in_dims=(0, _in_dims(args, per_member), _in_dims(kw, per_member)), randomness=randomness
+    )(stacked, args, kw)

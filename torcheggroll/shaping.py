@@ -1,0 +1,96 @@
+"""Fitness shaping: turn raw per-member losses into the weights of the ES update.
+
+Every function maps a 1-D tensor of ``N`` finite losses (lower is better) to ``N`` shaped
+values ``s_i``; the update then moves the parameters along ``-sum_i s_i E_i``.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+__all__ = [
+    "SHAPINGS",
+    "NonFiniteLossWarning",
+    "centered",
+    "centered_rank", "raw", "replace_nonfinite", "shape_losses", "zscore"]
+
+_ZSCORE_EPS = 1e-8
+
+
+class NonFiniteLossWarning(RuntimeWarning):
+    """Some population members returned NaN or infinite losses."""
+
+
+def zscore(losses: torch.Tensor) -> torch.Tensor:
+    """``(l - mean) / std`` with the unbiased std; only mean-centred when ``std <= 1e-8``.
+
+    This is the original torcheggroll's normalization (ALGORITHM.md §3).
+    """
+    centred = losses - losses.mean()
+    if losses.numel() < 2:
+        return centred
+    std = losses.std(unbiased=True)
+    return torch.where(std > _ZSCORE_EPS, centred / std.clamp_min(_ZSCORE_EPS), centred)
+
+
+def centered_rank(losses: torch.Tensor) -> torch.Tensor:
+    """Ranks mapped linearly onto ``[-0.5, 0.5]`` (OpenAI ES); ties broken by member index.
+
+    Robust to outliers: only the order of the losses matters.
+    """
+    n = losses.numel()
+    ranks = torch.empty_like(losses)
+    order = torch.argsort(losses, stable=True)
+    ranks[order] = torch.arange(n, device=losses.device, dtype=losses.dtype)
+    if n < 2:
+        return torch.zeros_like(losses)
+    return ranks / (n - 1) - 0.5
+
+
+def centered(losses: torch.Tensor) -> torch.Tensor:
+    """``l - mean(l)``: the original torcheggroll's shaping with ``normalize_fitness=False``."""
+    return losses - losses.mean()
+
+
+def raw(losses: torch.Tensor) -> torch.Tensor:
+    """The losses unchanged: with this the update is an unbiased smoothed-gradient estimate."""
+    return losses.clone()
+
+
+SHAPINGS = {"zscore": zscore, "centered_rank": centered_rank, "centered": centered, "raw": raw}
+
+
+def replace_nonfinite(losses: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Replace NaN and ±inf losses by the worst (largest) finite loss.
+
+    Returns the cleaned losses and how many were replaced. If no loss is finite, every loss is
+    replaced by 0 (so shaping yields a zero update). This needs one host sync (the count).
+    """
+    finite = torch.isfinite(losses)
+    bad = int((~finite).sum())
+    if bad == 0:
+        return losses, 0
+    if bad == losses.numel():
+        return torch.zeros_like(losses), bad
+    worst = losses[finite].max()
+    return torch.where(finite, losses, worst), bad
+
+
+def shape_losses(losses: torch.Tensor, shaping: str) -> torch.Tensor:
+    """Apply the named shaping (``"zscore"``, ``"centered_rank"`` or ``"raw"``) to finite losses."""
+    try:
+        fn = SHAPINGS[shaping]
+    except KeyError:
+        raise ValueError(f"Invalid shaping: {shaping!r} (expected one of {sorted(SHAPINGS)})") from None
+    return fn(losses)
+
+
+def warn_nonfinite(count: int, total: int) -> None:
+    warnings.warn(
+        f"{count} of {total} population members returned a non-finite loss; they were treated as "
+        "the worst member" + (" (no finite loss: the update was skipped)" if count == total else ""),
+        NonFiniteLossWarning,
+        stacklevel=3,
+    )
