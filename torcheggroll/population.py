@@ -231,6 +231,25 @@ def _materialized_forward(
         return torch.func.functional_call(module, params, a, kw, tie_weights=False)
 
     kw = dict(kwargs)
-    return torch.func.vmap(
-        call, in_dims=(0, _in_dims(args, per_member), _in_dims(kw, per_member)), randomness=randomness
-    )(stacked, args, kw)
+    return vmap_members(
+        call, (0, _in_dims(args, per_member), _in_dims(kw, per_member)), randomness, stacked, args, kw
+    )
+
+
+_TENSOR = object()
+
+
+def vmap_members(fn: Any, in_dims: tuple[Any, ...], randomness: str, *inputs: Any) -> Any:
+    """``torch.func.vmap(fn, in_dims)(*inputs)`` that also accepts outputs with non-tensor leaves
+    (``None``, ints ...), which are returned as they are instead of being batched."""
+    spec: list[Any] = []
+
+    def tensors_only(*xs: Any) -> list[torch.Tensor]:
+        leaves, tree = torch.utils._pytree.tree_flatten(fn(*xs))
+        spec[:] = [tree, [_TENSOR if isinstance(x, torch.Tensor) else x for x in leaves]]
+        return [x for x in leaves if isinstance(x, torch.Tensor)]
+
+    flat = iter(torch.func.vmap(tensors_only, in_dims=in_dims, randomness=randomness)(*inputs))
+    tree, others = spec
+    leaves = [next(flat) if x is _TENSOR else x for x in others]
+    return torch.utils._pytree.tree_unflatten(leaves, tree)

@@ -1,0 +1,490 @@
+"""The low-rank population forward: evaluate every member without building per-member weights.
+
+For a matrix ``W`` (m x n) owned by the optimizer, member ``i`` uses
+``W_i = W + c_i * A_i B_i^T`` with ``c_i = sigma * sign_i / sqrt(r)``. A layer that consumes ``W``
+through a linear map never needs ``W_i``:
+
+    y_i = x_i W^T + b_i + c_i * (x_i B_i) A_i^T
+
+that is one GEMM with the shared ``W`` for all members' rows plus a rank-r correction per member
+(the structure of multi-LoRA serving). Extra memory per layer is ``pop * r * (m + n)``.
+
+The model runs under :func:`torch.func.vmap` over members, as in the materialized path, but the
+owned low-rank matrices are *not* batched: they stay the module's own tensors, and a
+:class:`~torch.overrides.TorchFunctionMode` intercepts the functions that consume them
+(``F.linear``, ``F.embedding``, ``F.conv1d/2d/3d``, ``F.multi_head_attention_forward`` and the
+GRU/LSTM/RNN kernels) and evaluates them in factored form. Because ``W`` is unbatched, vmap runs
+``x W^T`` as one GEMM over all members' rows (or once for all members when the input is shared).
+Any other use of an owned matrix (``x @ self.W``, a grouped convolution, an embedding with
+``max_norm`` ...) gets that member's materialized ``W_i`` instead, computed once per forward: the
+result is always right, only slower, and ``path="lowrank"`` turns such a fallback into an error.
+Tensors with dense noise (biases, norm weights, rank 0) are passed per member, batched.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.overrides import TorchFunctionMode
+from torch.utils import _pytree as pytree
+
+from .noise import compute_dtype
+
+__all__ = ["LowRankFallbackError", "lowrank_forward"]
+
+
+class LowRankFallbackError(RuntimeError):
+    """``path="lowrank"`` was asked for but an owned matrix is used in a way the fast path lacks."""
+
+
+@dataclass
+class _Factor:
+    """One owned matrix inside the vmapped forward: per-member (unbatched view) factors."""
+
+    weight: torch.Tensor  # the shared centre, shape of the parameter
+    a: torch.Tensor  # (m, r), already scaled by sigma * sign / sqrt(r)
+    b: torch.Tensor  # (n, r)
+    name: str
+    cached: torch.Tensor | None = field(default=None)
+
+    def materialized(self) -> torch.Tensor:
+        """This member's full weight ``W + a b^T`` (the fallback), cached per forward."""
+        if self.cached is None:
+            w = self.weight
+            delta = (self.a.to(compute_dtype(w.dtype)) @ self.b.to(compute_dtype(w.dtype)).T)
+            self.cached = (w.to(delta.dtype) + delta.reshape(w.shape)).to(w.dtype)
+        return self.cached
+
+    def correction(self, x: torch.Tensor) -> torch.Tensor:
+        """``(x B) A^T`` for ``x`` of shape ``(..., n)``: the rank-r part of ``x W_i^T``."""
+        return (x @ self.b.to(x.dtype)) @ self.a.to(x.dtype).T
+
+    def linear(self, x: torch.Tensor, bias: torch.Tensor | None, rows: slice | None = None) -> torch.Tensor:
+        """``x W_i[rows]^T + bias``: the shared GEMM plus the rank-r correction."""
+        w = self.weight if rows is None else self.weight[rows]
+        a = self.a if rows is None else self.a[rows]
+        base = F.linear(x, w, bias)
+        h = x @ self.b.to(x.dtype)
+        if x.dim() == 2:
+            return torch.addmm(base, h, a.to(x.dtype).T)
+        return base + h @ a.to(x.dtype).T
+
+
+class _LowRankMode(TorchFunctionMode):
+    def __init__(self, factors: dict[int, _Factor], strict: bool, fallbacks: set[str]) -> None:
+        super().__init__()
+        self.factors = factors
+        self.strict = strict
+        self.fallbacks = fallbacks
+
+    def factor(self, t: Any) -> _Factor | None:
+        return self.factors.get(id(t)) if isinstance(t, torch.Tensor) else None
+
+    def __torch_function__(self, func: Callable[..., Any], types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        handler = _HANDLERS.get(func)
+        if handler is not None:
+            out = handler(self, *args, **kwargs)
+            if out is not NotImplemented:
+                return out
+        leaves = pytree.tree_leaves((args, kwargs))
+        hits = [self.factors[id(t)] for t in leaves if isinstance(t, torch.Tensor) and id(t) in self.factors]
+        if not hits:
+            return func(*args, **kwargs)
+        if getattr(func, "__name__", None) == "__get__" or func in _METADATA:
+            out = func(*args, **kwargs)
+            if not isinstance(out, torch.Tensor):
+                return out  # shape, dtype, device ... are the centre's
+        for f in hits:
+            if self.strict:
+                raise LowRankFallbackError(
+                    f"path='lowrank': parameter {f.name!r} is used by {getattr(func, '__name__', func)}, "
+                    "which the low-rank forward does not handle; use path='auto' to materialize it"
+                )
+            self.fallbacks.add(f.name)
+        swapped = pytree.tree_map(
+            lambda t: self.factors[id(t)].materialized()
+            if isinstance(t, torch.Tensor) and id(t) in self.factors
+            else t,
+            (args, kwargs),
+        )
+        return func(*swapped[0], **swapped[1])
+
+
+_METADATA = {
+    torch.Tensor.size,
+    torch.Tensor.dim,
+    torch.Tensor.numel,
+    torch.Tensor.stride,
+    torch.Tensor.is_floating_point,
+    torch.Tensor.is_contiguous,
+    torch.Tensor.element_size,
+    torch.Tensor.get_device,
+    torch.Tensor.__len__,
+}
+
+
+# ---------------------------------------------------------------------------- handlers
+def _h_linear(mode: _LowRankMode, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> Any:
+    f = mode.factor(weight)
+    if f is None or mode.factor(bias) is not None or mode.factor(input) is not None:
+        return NotImplemented
+    return f.linear(input, bias)
+
+
+def _h_embedding(
+    mode: _LowRankMode,
+    input: torch.Tensor,
+    weight: torch.Tensor,
+    padding_idx: int | None = None,
+    max_norm: float | None = None,
+    norm_type: float = 2.0,
+    scale_grad_by_freq: bool = False,
+    sparse: bool = False,
+) -> Any:
+    f = mode.factor(weight)
+    if f is None or max_norm is not None:
+        return NotImplemented  # max_norm renormalizes rows of the weight in place: materialize
+    base = F.embedding(input, weight, padding_idx)
+    return base + F.embedding(input, f.a.to(weight.dtype)) @ f.b.to(weight.dtype).T
+
+
+def _conv_handler(conv: Callable[..., torch.Tensor], spatial: int) -> Callable[..., Any]:
+    def handler(
+        mode: _LowRankMode,
+        input: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        stride: Any = 1,
+        padding: Any = 0,
+        dilation: Any = 1,
+        groups: int = 1,
+    ) -> Any:
+        f = mode.factor(weight)
+        if f is None or groups != 1 or mode.factor(bias) is not None:
+            return NotImplemented
+        out_ch, in_ch, *kernel = weight.shape
+        r = f.b.shape[-1]
+        # E = A B^T with B viewed as r kernels of shape (in, *k): an r-channel conv, then a 1x1
+        # conv that mixes the r channels into the outputs with A.
+        k_b = f.b.to(weight.dtype).T.reshape(r, in_ch, *kernel)
+        k_a = f.a.to(weight.dtype).reshape(out_ch, r, *([1] * spatial))
+        base = conv(input, weight, bias, stride, padding, dilation)
+        h = conv(input, k_b, None, stride, padding, dilation)
+        return base + conv(h, k_a)
+
+    return handler
+
+
+def _lin(mode: _LowRankMode, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, rows: slice | None = None) -> torch.Tensor:
+    f = mode.factor(w)
+    if f is not None:
+        return f.linear(x, b, rows)
+    return F.linear(x, w if rows is None else w[rows], b)
+
+
+def _h_mha(
+    mode: _LowRankMode,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    embed_dim_to_check: int,
+    num_heads: int,
+    in_proj_weight: torch.Tensor | None,
+    in_proj_bias: torch.Tensor | None,
+    bias_k: torch.Tensor | None,
+    bias_v: torch.Tensor | None,
+    add_zero_attn: bool,
+    dropout_p: float,
+    out_proj_weight: torch.Tensor,
+    out_proj_bias: torch.Tensor | None,
+    training: bool = True,
+    key_padding_mask: torch.Tensor | None = None,
+    need_weights: bool = True,
+    attn_mask: torch.Tensor | None = None,
+    use_separate_proj_weight: bool = False,
+    q_proj_weight: torch.Tensor | None = None,
+    k_proj_weight: torch.Tensor | None = None,
+    v_proj_weight: torch.Tensor | None = None,
+    static_k: torch.Tensor | None = None,
+    static_v: torch.Tensor | None = None,
+    average_attn_weights: bool = True,
+    is_causal: bool = False,
+) -> Any:
+    """``F.multi_head_attention_forward`` with owned projections evaluated in factored form.
+
+    Covers the common configuration (packed or separate projections, masks, dropout,
+    attention weights); ``bias_k``/``bias_v``, ``add_zero_attn``, static keys and unbatched
+    inputs fall back to materialized weights.
+    """
+    if bias_k is not None or bias_v is not None or add_zero_attn or static_k is not None or static_v is not None:
+        return NotImplemented
+    if query.dim() != 3 or any(mode.factor(t) is not None for t in (in_proj_bias, out_proj_bias)):
+        return NotImplemented
+    tgt_len, bsz, embed = query.shape
+    src_len = key.shape[0]
+    head_dim = embed // num_heads
+    if use_separate_proj_weight:
+        assert q_proj_weight is not None and k_proj_weight is not None and v_proj_weight is not None
+        bq = bk = bv = None
+        if in_proj_bias is not None:
+            bq, bk, bv = in_proj_bias.chunk(3)
+        q = _lin(mode, query, q_proj_weight, bq)
+        k = _lin(mode, key, k_proj_weight, bk)
+        v = _lin(mode, value, v_proj_weight, bv)
+    else:
+        assert in_proj_weight is not None
+        bq = bk = bv = None
+        if in_proj_bias is not None:
+            bq, bk, bv = in_proj_bias.chunk(3)
+        if query is key and key is value:
+            q, k, v = _lin(mode, query, in_proj_weight, in_proj_bias).chunk(3, dim=-1)
+        else:
+            q = _lin(mode, query, in_proj_weight, bq, slice(0, embed))
+            k = _lin(mode, key, in_proj_weight, bk, slice(embed, 2 * embed))
+            v = _lin(mode, value, in_proj_weight, bv, slice(2 * embed, 3 * embed))
+
+    def heads(t: torch.Tensor, length: int) -> torch.Tensor:  # (len, bsz, E) -> (bsz, H, len, D)
+        return t.reshape(length, bsz * num_heads, head_dim).transpose(0, 1).reshape(bsz, num_heads, length, head_dim)
+
+    q, k, v = heads(q, tgt_len), heads(k, src_len), heads(v, src_len)
+    mask = _merge_masks(attn_mask, key_padding_mask, bsz, num_heads, tgt_len, src_len, q.dtype)
+    causal = bool(is_causal and mask is None)
+    if is_causal and attn_mask is not None and key_padding_mask is None and not need_weights:
+        mask, causal = None, True
+    p = dropout_p if training else 0.0
+    if need_weights:
+        scores = (q @ k.transpose(-2, -1)) / math.sqrt(head_dim)
+        if causal:
+            scores = scores.masked_fill(
+                torch.ones(tgt_len, src_len, dtype=torch.bool, device=q.device).triu(1), float("-inf")
+            )
+        if mask is not None:
+            scores = scores + mask
+        weights = scores.softmax(dim=-1)
+        attn = F.dropout(weights, p=p) if p > 0 else weights
+        out = attn @ v
+    else:
+        weights = None
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=causal)
+    out = out.permute(2, 0, 1, 3).reshape(tgt_len, bsz, embed)
+    out = _lin(mode, out, out_proj_weight, out_proj_bias)
+    if weights is not None and average_attn_weights:
+        weights = weights.mean(dim=1)
+    return out, weights
+
+
+def _merge_masks(
+    attn_mask: torch.Tensor | None,
+    key_padding_mask: torch.Tensor | None,
+    bsz: int,
+    num_heads: int,
+    tgt_len: int,
+    src_len: int,
+    dtype: torch.dtype,
+) -> torch.Tensor | None:
+    """One additive float mask of shape broadcastable to ``(bsz, H, tgt, src)``, or None."""
+
+    def additive(m: torch.Tensor) -> torch.Tensor:
+        if m.dtype == torch.bool:
+            return torch.zeros(m.shape, dtype=dtype, device=m.device).masked_fill(m, float("-inf"))
+        return m.to(dtype)
+
+    mask = None
+    if attn_mask is not None:
+        mask = additive(attn_mask)
+        mask = mask.view(1, 1, tgt_len, src_len) if mask.dim() == 2 else mask.view(bsz, num_heads, tgt_len, src_len)
+    if key_padding_mask is not None:
+        kpm = additive(key_padding_mask).view(bsz, 1, 1, src_len)
+        mask = kpm if mask is None else mask + kpm
+    return mask
+
+
+def _cell_linear(mode: _LowRankMode, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    return _lin(mode, x, w, b)
+
+
+def _gru_cell(mode: _LowRankMode, x: torch.Tensor, h: torch.Tensor, w_ih: torch.Tensor, w_hh: torch.Tensor, b_ih: torch.Tensor | None = None, b_hh: torch.Tensor | None = None) -> torch.Tensor:
+    gi = _cell_linear(mode, x, w_ih, b_ih)
+    gh = _cell_linear(mode, h, w_hh, b_hh)
+    i_r, i_z, i_n = gi.chunk(3, dim=-1)
+    h_r, h_z, h_n = gh.chunk(3, dim=-1)
+    r = torch.sigmoid(i_r + h_r)
+    z = torch.sigmoid(i_z + h_z)
+    n = torch.tanh(i_n + r * h_n)
+    return (1 - z) * n + z * h
+
+
+def _lstm_cell(mode: _LowRankMode, x: torch.Tensor, hc: Any, w_ih: torch.Tensor, w_hh: torch.Tensor, b_ih: torch.Tensor | None = None, b_hh: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    h, c = hc
+    gates = _cell_linear(mode, x, w_ih, b_ih) + _cell_linear(mode, h, w_hh, b_hh)
+    i, f, g, o = gates.chunk(4, dim=-1)
+    c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+    return torch.sigmoid(o) * torch.tanh(c), c
+
+
+def _rnn_cell(act: Callable[[torch.Tensor], torch.Tensor]) -> Callable[..., torch.Tensor]:
+    def cell(mode: _LowRankMode, x: torch.Tensor, h: torch.Tensor, w_ih: torch.Tensor, w_hh: torch.Tensor, b_ih: torch.Tensor | None = None, b_hh: torch.Tensor | None = None) -> torch.Tensor:
+        return act(_cell_linear(mode, x, w_ih, b_ih) + _cell_linear(mode, h, w_hh, b_hh))
+
+    return cell
+
+
+def _cell_handler(cell: Callable[..., Any]) -> Callable[..., Any]:
+    def handler(mode: _LowRankMode, x: torch.Tensor, hx: Any, w_ih: torch.Tensor, w_hh: torch.Tensor, b_ih: torch.Tensor | None = None, b_hh: torch.Tensor | None = None) -> Any:
+        if mode.factor(w_ih) is None and mode.factor(w_hh) is None:
+            return NotImplemented
+        return cell(mode, x, hx, w_ih, w_hh, b_ih, b_hh)
+
+    return handler
+
+
+def _recurrent_handler(cell: Callable[..., Any], is_lstm: bool) -> Callable[..., Any]:
+    """``torch.gru`` / ``torch.lstm`` / ``torch.rnn_*`` (the kernels behind nn.GRU and friends)."""
+
+    def handler(
+        mode: _LowRankMode,
+        input: torch.Tensor,
+        hx: Any,
+        params: Any,
+        has_biases: bool = True,
+        num_layers: int = 1,
+        dropout: float = 0.0,
+        train: bool = False,
+        bidirectional: bool = False,
+        batch_first: bool = False,
+    ) -> Any:
+        if not isinstance(params, (list, tuple)) or not isinstance(has_biases, bool):
+            return NotImplemented  # the packed-sequence overload
+        if not any(mode.factor(p) is not None for p in params):
+            return NotImplemented
+        per = 4 if has_biases else 2
+        dirs = 2 if bidirectional else 1
+        if len(params) != per * num_layers * dirs:
+            return NotImplemented  # LSTM with proj_size
+        x = input.transpose(0, 1) if batch_first else input  # (T, B, F) or (T, F) unbatched
+        h0 = hx[0] if is_lstm else hx
+        c0 = hx[1] if is_lstm else None
+        h_n, c_n = [], []
+        for layer in range(num_layers):
+            outs = []
+            for d in range(dirs):
+                idx = (layer * dirs + d) * per
+                w = list(params[idx : idx + per]) + [None, None][: 4 - per]
+                h = h0[layer * dirs + d]
+                c = c0[layer * dirs + d] if c0 is not None else None
+                steps = range(x.shape[0] - 1, -1, -1) if d == 1 else range(x.shape[0])
+                ys: list[torch.Tensor] = []
+                for t in steps:
+                    if is_lstm:
+                        h, c = cell(mode, x[t], (h, c), w[0], w[1], w[2], w[3])
+                    else:
+                        h = cell(mode, x[t], h, w[0], w[1], w[2], w[3])
+                    ys.append(h)
+                if d == 1:
+                    ys.reverse()
+                outs.append(torch.stack(ys))
+                h_n.append(h)
+                if c is not None:
+                    c_n.append(c)
+            x = torch.cat(outs, dim=-1) if dirs == 2 else outs[0]
+            if dropout > 0 and train and layer < num_layers - 1:
+                x = F.dropout(x, p=dropout)
+        out = x.transpose(0, 1) if batch_first else x
+        if is_lstm:
+            return out, torch.stack(h_n), torch.stack(c_n)
+        return out, torch.stack(h_n)
+
+    return handler
+
+
+_HANDLERS: dict[Any, Callable[..., Any]] = {
+    F.linear: _h_linear,
+    F.embedding: _h_embedding,
+    F.conv1d: _conv_handler(F.conv1d, 1),
+    F.conv2d: _conv_handler(F.conv2d, 2),
+    F.conv3d: _conv_handler(F.conv3d, 3),
+    F.multi_head_attention_forward: _h_mha,
+    torch.gru_cell: _cell_handler(_gru_cell),
+    torch.lstm_cell: _cell_handler(_lstm_cell),
+    torch.rnn_tanh_cell: _cell_handler(_rnn_cell(torch.tanh)),
+    torch.rnn_relu_cell: _cell_handler(_rnn_cell(torch.relu)),
+    torch.gru: _recurrent_handler(_gru_cell, is_lstm=False),
+    torch.lstm: _recurrent_handler(_lstm_cell, is_lstm=True),
+    torch.rnn_tanh: _recurrent_handler(_rnn_cell(torch.tanh), is_lstm=False),
+    torch.rnn_relu: _recurrent_handler(_rnn_cell(torch.relu), is_lstm=False),
+}
+
+
+# ---------------------------------------------------------------------------- entry point
+def lowrank_forward(
+    population: Any,
+    module: nn.Module,
+    args: tuple[Any, ...],
+    kwargs: Mapping[str, Any],
+    *,
+    per_member: bool,
+    strict: bool,
+    randomness: str,
+) -> Any:
+    """Evaluate ``module`` for every local member of ``population`` with the low-rank forward.
+
+    Owned low-rank matrices stay shared (their factors ``(size, m, r)``, ``(size, n, r)`` are
+    the only per-member data); owned dense-noise tensors are passed per member. Records the
+    names of matrices that had to be materialized in ``population.last_fallbacks``.
+    """
+    from .population import _in_dims, _named_tensors, vmap_members
+
+    size = len(population)
+    batched: dict[str, torch.Tensor] = {}
+    lazy_names: dict[int, str] = {}
+    lazy: list[torch.Tensor] = []
+    a_list: list[torch.Tensor] = []
+    b_list: list[torch.Tensor] = []
+    for name, t in _named_tensors(module):
+        if not population.owns(t):
+            continue
+        if population.noise(t).is_low_rank:
+            if id(t) not in lazy_names:
+                lazy_names[id(t)] = name
+                noise = population.local_noise(t)
+                assert noise.a is not None and noise.b is not None
+                coeff = population.coefficients(t) * noise.factor_scale
+                lazy.append(t)
+                a_list.append((noise.a * coeff.view(-1, 1, 1)).to(t.dtype))
+                b_list.append(noise.b.to(t.dtype))
+        else:
+            batched[name] = population.perturbed(t)
+    fallbacks: set[str] = set()
+
+    def call(params: dict[str, torch.Tensor], a_s: list[torch.Tensor], b_s: list[torch.Tensor], xs: tuple[Any, ...], kw: dict[str, Any]) -> Any:
+        factors = {id(w): _Factor(w, a, b, lazy_names[id(w)]) for w, a, b in zip(lazy, a_s, b_s, strict=True)}
+        with _LowRankMode(factors, strict, fallbacks):
+            return torch.func.functional_call(module, params, xs, kw, tie_weights=False, strict=False)
+
+    kw = dict(kwargs)
+    if size == 0:
+        raise ValueError("Invalid population: it has no local members to evaluate")
+    if not lazy and not batched and not per_member:
+        from .population import _materialized_forward
+
+        return _materialized_forward(population, module, args, kw, per_member, randomness)
+    out = vmap_members(
+        call,
+        (0, 0, 0, _in_dims(args, per_member), _in_dims(kw, per_member)),
+        randomness,
+        batched,
+        a_list,
+        b_list,
+        args,
+        kw,
+    )
+    population.last_fallbacks = sorted(fallbacks)
+    return out
+
