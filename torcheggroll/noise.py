@@ -1,8 +1,9 @@
 """Counter-based EGGROLL noise.
 
 The noise of one parameter in one generation is a pure function of the integers
-``(seed, generation, param_index)`` and the number of draws: it is produced by a private
-``torch.Generator`` seeded from a hash of those integers, so it never reads or advances the
+``(seed, generation, param_index)``, the number of draws and the device type (CPU and CUDA
+generators differ): it is produced by a private ``torch.Generator`` seeded from a hash of those
+integers (:func:`noise_seed`), so it never reads or advances the
 global RNG and does not depend on which process or shard asks for it. Draw ``k`` is shared by
 the antithetic pair of members ``(2k, 2k + 1)``.
 
@@ -27,6 +28,7 @@ __all__ = [
     "matrix_shape",
     "member_pairs",
     "member_signs",
+    "noise_seed",
     "num_draws",
 ]
 
@@ -46,6 +48,24 @@ def derive_seed(*keys: int) -> int:
     for k in keys:
         h = _splitmix64(h ^ (int(k) & _MASK64))
     return h >> 1
+
+
+_GOLDEN32 = 0x9E3779B9  # odd, so ``i -> i * _GOLDEN32 mod 2**32`` is a bijection
+
+
+def noise_seed(seed: int, generation: int, param_index: int) -> int:
+    """The 63-bit generator seed of one parameter's noise in one generation.
+
+    The CPU generator (mt19937) only uses the low 32 bits of its seed, so a plain 64-bit hash
+    would give two parameters of one generation the same stream with probability about
+    ``P**2 / 2**33`` for ``P`` parameters. Here the low 32 bits are
+    ``hash(seed, generation) + param_index * odd`` (mod ``2**32``): distinct for every parameter
+    of a generation, on every device. The high 31 bits (used by CUDA's Philox) are a hash of all
+    three integers.
+    """
+    low = (derive_seed(seed, generation) + param_index * _GOLDEN32) & 0xFFFFFFFF
+    high = derive_seed(seed, generation, param_index) >> 32
+    return (high << 32) | low
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -172,7 +192,7 @@ def draw_noise(
     """
     shape = torch.Size(shape)
     gen = torch.Generator(device=device)
-    gen.manual_seed(derive_seed(seed, generation, param_index))
+    gen.manual_seed(noise_seed(seed, generation, param_index))
     if rank > 0 and len(shape) >= 2:
         m, n = matrix_shape(shape)
         a = torch.randn((draws, m, rank), generator=gen, device=device, dtype=dtype)

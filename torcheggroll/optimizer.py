@@ -21,6 +21,10 @@ __all__ = ["EggrollOptimizer"]
 Closure = Callable[..., Any]
 
 _GLOBAL_KEYS = ("pop_size", "antithetic")
+_SET_ERROR = (
+    "Invalid params: a set has no stable order, and a parameter's noise depends on its position; "
+    "pass a list"
+)
 
 
 class EggrollOptimizer(Optimizer):
@@ -115,6 +119,8 @@ class EggrollOptimizer(Optimizer):
         maximize: bool = False,
         process_group: Any = None,
     ) -> None:
+        if isinstance(params, (set, frozenset)):
+            raise TypeError(_SET_ERROR)
         _check_hyper(lr=lr, sigma=sigma, rank=rank, weight_decay=weight_decay, shaping=shaping)
         _check_population(pop_size, antithetic)
         if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or seed < 0):
@@ -130,6 +136,8 @@ class EggrollOptimizer(Optimizer):
             maximize=maximize,
         )
         super().__init__(params, defaults)
+        if not any(group["params"] for group in self.param_groups):
+            raise ValueError("Invalid params: EggrollOptimizer got no parameters")
         self._process_group = _dist.resolve_group(process_group)
         if seed is None:
             seed = _dist.agree_on_seed(torch.initial_seed(), self._process_group)
@@ -140,7 +148,9 @@ class EggrollOptimizer(Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group; its settings are checked before anything is added."""
         if not isinstance(param_group, dict):
-            raise TypeError(f"Invalid param_group: expected a dict, got {type(param_group).__name__}")
+            raise TypeError(
+                f"Invalid param_group: expected a dict, got {type(param_group).__name__}"
+            )
         merged = {**self.defaults, **param_group}
         _check_hyper(
             lr=merged["lr"],
@@ -158,6 +168,8 @@ class EggrollOptimizer(Optimizer):
                         f"existing groups use {other[key]!r})"
                     )
         params = param_group["params"]
+        if isinstance(params, (set, frozenset)):
+            raise TypeError(_SET_ERROR)
         listed = [params] if isinstance(params, torch.Tensor) else list(params)
         for p in listed:
             t = p[1] if isinstance(p, tuple) and len(p) == 2 else p
@@ -176,7 +188,8 @@ class EggrollOptimizer(Optimizer):
             group.setdefault("maximize", False)
             group.setdefault("antithetic", True)
         self.__dict__.setdefault("last_losses", None)
-        self.__dict__.setdefault("_process_group", None)
+        # Unpickled (the group itself is never pickled): shard over WORLD if it is initialized.
+        self.__dict__.setdefault("_process_group", _dist.resolve_group(None))
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(super().__getstate__())
@@ -199,7 +212,8 @@ class EggrollOptimizer(Optimizer):
     def _global_state(self) -> dict[str, Any]:
         # As LBFGS does, optimizer-wide state lives in the state of the first parameter, so it
         # rides along in state_dict() as plain Python ints that load_state_dict never casts.
-        return self.state[self.param_groups[0]["params"][0]]
+        first = next(p for group in self.param_groups for p in group["params"])
+        return self.state[first]
 
     @property
     def seed(self) -> int:
@@ -297,25 +311,32 @@ class EggrollOptimizer(Optimizer):
             device = params[0].device if params else torch.device("cpu")
             return torch.empty(0, device=device)
         device = values[0].device
-        return torch.stack([v.to(device, torch.promote_types(v.dtype, torch.float32)) for v in values])
+        return torch.stack(
+            [v.to(device, torch.promote_types(v.dtype, torch.float32)) for v in values]
+        )
 
     # ------------------------------------------------------------------ the update
-    def _directions(self, losses: torch.Tensor, population: Population) -> list[tuple[torch.Tensor, dict[str, Any], torch.Tensor]] | None:
+    def _directions(
+        self, losses: torch.Tensor, population: Population
+    ) -> list[tuple[torch.Tensor, dict[str, Any], torch.Tensor]] | None:
         """``[(param, group, g)]`` with ``g`` the per-parameter update of the class docstring
         (before ``lr``), or None when no member had a finite loss."""
         self.last_losses = losses.detach().clone()
-        clean, bad = replace_nonfinite(losses.detach())
+        bad = int((~torch.isfinite(losses)).sum())
         if bad:
             warn_nonfinite(bad, losses.numel())
             if bad == losses.numel():
                 return None
         n = self.pop_size
-        all_members = torch.arange(n, device=clean.device)
+        all_members = torch.arange(n, device=losses.device)
         out: list[tuple[torch.Tensor, dict[str, Any], torch.Tensor]] = []
         entries = iter(population.params)
         for group in self.param_groups:
-            signed_losses = -clean if group["maximize"] else clean
-            shaped = shape_losses(signed_losses.to(torch.float64), group["shaping"])
+            # Negate before replacing non-finite values, so that they become the worst member
+            # (the largest loss) also when the closure returns a fitness to maximize.
+            signed_losses = -losses.detach() if group["maximize"] else losses.detach()
+            clean, _ = replace_nonfinite(signed_losses)
+            shaped = shape_losses(clean.to(torch.float64), group["shaping"])
             for p in group["params"]:
                 entry = next(entries)
                 noise = entry.noise
@@ -323,7 +344,9 @@ class EggrollOptimizer(Optimizer):
                 assert ref is not None
                 members = all_members.to(ref.device)
                 # Fold each antithetic pair into one coefficient per draw: c_k = s_2k - s_2k+1.
-                weights = (shaped.to(ref.device) * member_signs(members, self.antithetic, torch.float64))
+                weights = shaped.to(ref.device) * member_signs(
+                    members, self.antithetic, torch.float64
+                )
                 coeffs = torch.zeros(noise.num_draws, dtype=torch.float64, device=ref.device)
                 coeffs.index_add_(0, member_pairs(members, self.antithetic), weights)
                 g = noise.weighted_sum(coeffs.to(ref.dtype)) * (entry.sigma / math.sqrt(n))
@@ -350,18 +373,24 @@ class EggrollOptimizer(Optimizer):
         losses, population = self.evaluate(closure)
         directions = self._directions(losses, population)
         if directions is not None:
-            updates = [
-                (p, g.mul(-group["lr"]).to(p.dtype)) for p, group, g in directions if _nonzero(group["lr"])
+            # p - lr * g computed exactly as torch.optim.SGD does (add with alpha), out of place
+            # so that nothing is written unless every new value is finite where the old one was.
+            new_values = [
+                (p, p.add(g.to(p.dtype), alpha=-group["lr"]))
+                for p, group, g in directions
+                if _nonzero(group["lr"])
             ]
-            if updates and not bool(torch.stack([u.isfinite().all() for _, u in updates]).all()):
+            del directions
+            finite = [(v.isfinite() | ~p.isfinite()).all() for p, v in new_values]
+            if finite and not bool(torch.stack([f.to(finite[0].device) for f in finite]).all()):
                 warnings.warn(
                     "the ES update overflowed to a non-finite value; the parameters were left unchanged",
                     RuntimeWarning,
                     stacklevel=2,
                 )
             else:
-                for p, u in updates:
-                    p.add_(u)
+                for p, v in new_values:
+                    p.copy_(v)
         return self._finish(losses)
 
     @torch.no_grad()
@@ -396,13 +425,20 @@ class EggrollOptimizer(Optimizer):
 def _check_hyper(*, lr: Any, sigma: Any, rank: Any, weight_decay: Any, shaping: Any) -> None:
     if isinstance(lr, torch.Tensor):
         if lr.numel() != 1:
-            raise ValueError(f"Invalid lr: a tensor lr must have one element, got shape {tuple(lr.shape)}")
+            raise ValueError(
+                f"Invalid lr: a tensor lr must have one element, got shape {tuple(lr.shape)}"
+            )
         lr_value = float(lr)
     else:
         lr_value = lr
     if not isinstance(lr_value, (int, float)) or isinstance(lr_value, bool) or not lr_value >= 0.0:
         raise ValueError(f"Invalid learning rate: {lr}")
-    if not isinstance(sigma, (int, float)) or isinstance(sigma, bool) or not sigma > 0.0 or not math.isfinite(sigma):
+    if (
+        not isinstance(sigma, (int, float))
+        or isinstance(sigma, bool)
+        or not sigma > 0.0
+        or not math.isfinite(sigma)
+    ):
         raise ValueError(f"Invalid sigma: {sigma}")
     if not isinstance(rank, int) or isinstance(rank, bool) or rank < 0:
         raise ValueError(f"Invalid rank: {rank}")
@@ -451,7 +487,10 @@ def _as_losses(value: Any, size: int, what: str) -> torch.Tensor:
             f"Invalid losses: {what} must return a 1-D tensor of {size} losses (one per member), "
             f"got shape {tuple(losses.shape)}"
         )
-    if not (losses.is_floating_point() or losses.dtype in (torch.int32, torch.int64, torch.int16, torch.int8, torch.uint8)):
+    if not (
+        losses.is_floating_point()
+        or losses.dtype in (torch.int32, torch.int64, torch.int16, torch.int8, torch.uint8)
+    ):
         raise ValueError(f"Invalid losses: expected real numbers, got dtype {losses.dtype}")
     return losses.detach().to(torch.promote_types(losses.dtype, torch.float32))
 

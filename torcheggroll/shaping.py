@@ -14,7 +14,13 @@ __all__ = [
     "SHAPINGS",
     "NonFiniteLossWarning",
     "centered",
-    "centered_rank", "raw", "replace_nonfinite", "shape_losses", "zscore"]
+    "centered_rank",
+    "raw",
+    "replace_nonfinite",
+    "shape_losses",
+    "warn_nonfinite",
+    "zscore",
+]
 
 _ZSCORE_EPS = 1e-8
 
@@ -79,18 +85,21 @@ def replace_nonfinite(losses: torch.Tensor) -> tuple[torch.Tensor, int]:
 
 
 def shape_losses(losses: torch.Tensor, shaping: str) -> torch.Tensor:
-    """Apply the named shaping (``"zscore"``, ``"centered_rank"`` or ``"raw"``) to finite losses."""
+    """Apply the named shaping (a key of :data:`SHAPINGS`) to finite losses ``(N,)``."""
     try:
         fn = SHAPINGS[shaping]
     except KeyError:
-        raise ValueError(f"Invalid shaping: {shaping!r} (expected one of {sorted(SHAPINGS)})") from None
+        raise ValueError(
+            f"Invalid shaping: {shaping!r} (expected one of {sorted(SHAPINGS)})"
+        ) from None
     return fn(losses)
 
 
 def warn_nonfinite(count: int, total: int) -> None:
     warnings.warn(
         f"{count} of {total} population members returned a non-finite loss; they were treated as "
-        "the worst member" + (" (no finite loss: the update was skipped)" if count == total else ""),
+        "the worst member"
+        + (" (no finite loss: the update was skipped)" if count == total else ""),
         NonFiniteLossWarning,
         stacklevel=3,
     )
