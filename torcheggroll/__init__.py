@@ -1,5 +1,6 @@
 """torcheggroll: EGGROLL evolution strategies for PyTorch."""
 
+from .lowrank import LowRankFallbackError
 from .noise import ParamNoise, draw_noise
 from .optimizer import EggrollOptimizer
 from .population import Population
@@ -9,6 +10,7 @@ __version__ = "0.2.0"
 
 __all__ = [
     "EggrollOptimizer",
+    "LowRankFallbackError",
     "NonFiniteLossWarning",
     "ParamNoise",
     "Population",

@@ -259,7 +259,9 @@ def _h_mha(
     if is_causal and attn_mask is not None and key_padding_mask is None and not need_weights:
         mask, causal = None, True
     p = dropout_p if training else 0.0
-    if need_weights:
+    if need_weights or q.device.type != "cuda":
+        # Explicit attention: vmap has batching rules for its matmuls and softmax everywhere,
+        # while the fused CPU attention kernel has none (it would loop over members).
         scores = (q @ k.transpose(-2, -1)) / math.sqrt(head_dim)
         if causal:
             scores = scores.masked_fill(
@@ -273,6 +275,8 @@ def _h_mha(
     else:
         weights = None
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=causal)
+    if not need_weights:
+        weights = None
     out = out.permute(2, 0, 1, 3).reshape(tgt_len, bsz, embed)
     out = _lin(mode, out, out_proj_weight, out_proj_bias)
     if weights is not None and average_attn_weights:
@@ -439,7 +443,7 @@ def lowrank_forward(
     the only per-member data); owned dense-noise tensors are passed per member. Records the
     names of matrices that had to be materialized in ``population.last_fallbacks``.
     """
-    from .population import _in_dims, _named_tensors, vmap_members
+    from .population import _in_dims, _named_tensors, scratch_buffers, vmap_members
 
     size = len(population)
     batched: dict[str, torch.Tensor] = {}
@@ -461,6 +465,7 @@ def lowrank_forward(
                 b_list.append(noise.b.to(t.dtype))
         else:
             batched[name] = population.perturbed(t)
+    batched.update(scratch_buffers(module, size))
     fallbacks: set[str] = set()
 
     def call(params: dict[str, torch.Tensor], a_s: list[torch.Tensor], b_s: list[torch.Tensor], xs: tuple[Any, ...], kw: dict[str, Any]) -> Any:

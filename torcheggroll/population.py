@@ -201,6 +201,23 @@ def _named_tensors(module: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     yield from module.named_buffers(remove_duplicate=False)
 
 
+def scratch_buffers(module: nn.Module, size: int) -> dict[str, torch.Tensor]:
+    """Per-member copies ``(size, *shape)`` of the buffers that modules update in place.
+
+    Batch norm in training mode updates its running statistics in place; under vmap each member
+    gets a throwaway copy, so every member normalizes with its own batch statistics and the
+    model's running statistics are left unchanged by a population forward.
+    """
+    out: dict[str, torch.Tensor] = {}
+    for prefix, mod in module.named_modules(remove_duplicate=False):
+        if isinstance(mod, nn.modules.batchnorm._BatchNorm) and mod.training and mod.track_running_stats:
+            for name, buf in mod.named_buffers(recurse=False):
+                if buf is not None:
+                    key = f"{prefix}.{name}" if prefix else name
+                    out[key] = buf.detach().unsqueeze(0).repeat(size, *([1] * buf.dim()))
+    return out
+
+
 def _check_per_member(size: int, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> None:
     leaves = torch.utils._pytree.tree_leaves((args, dict(kwargs)))
     for leaf in leaves:
@@ -225,7 +242,7 @@ def _materialized_forward(
     per_member: bool,
     randomness: str,
 ) -> Any:
-    stacked = population.stacked(module)
+    stacked = {**population.stacked(module), **scratch_buffers(module, population.size)}
 
     def call(params: dict[str, torch.Tensor], a: tuple[Any, ...], kw: dict[str, Any]) -> Any:
         return torch.func.functional_call(module, params, a, kw, tie_weights=False)

@@ -1,0 +1,312 @@
+"""The low-rank population forward against the materialized reference, layer by layer."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+from torch.utils import _pytree as pytree
+
+from torcheggroll import EggrollOptimizer, LowRankFallbackError
+
+POP = 6
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
+
+
+def _device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        pytest.skip("CUDA is not available")
+    return torch.device(name)
+
+
+class MinGRU(nn.Module):
+    """A minGRU layer (Feng et al. 2024) built from nn.Linear, scanned sequentially."""
+
+    def __init__(self, d_in: int, d_hidden: int) -> None:
+        super().__init__()
+        self.gate = nn.Linear(d_in, d_hidden)
+        self.cand = nn.Linear(d_in, d_hidden)
+        self.out = nn.Linear(d_hidden, d_in, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, d_in)
+        z = torch.sigmoid(self.gate(x))
+        h_tilde = self.cand(x)
+        h = torch.zeros_like(h_tilde[:, 0])
+        hs = []
+        for t in range(x.shape[1]):
+            h = (1 - z[:, t]) * h + z[:, t] * h_tilde[:, t]
+            hs.append(h)
+        return self.out(torch.stack(hs, dim=1))
+
+
+class HFStyleBlock(nn.Module):
+    """Attention written the way HF transformers do: nn.Linear projections and reshapes."""
+
+    def __init__(self, d: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+        self.norm = nn.LayerNorm(d)
+        self.mlp = nn.Sequential(nn.Linear(d, 2 * d), nn.GELU(), nn.Linear(2 * d, d))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, d)
+        b, t, d = x.shape
+        split = lambda y: y.view(b, t, self.heads, d // self.heads).transpose(1, 2)  # noqa: E731
+        q, k, v = split(self.q(x)), split(self.k(x)), split(self.v(x))
+        att = (q @ k.transpose(-1, -2) / (d // self.heads) ** 0.5).softmax(-1) @ v
+        x = x + self.o(att.transpose(1, 2).reshape(b, t, d))
+        return x + self.mlp(self.norm(x))
+
+
+class TinyCNN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.c2 = nn.Conv2d(8, 8, 3, stride=2)
+        self.bn = nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8 * 3 * 3, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.c1(x))
+        x = torch.relu(self.bn(self.c2(x)))
+        return self.fc(x.flatten(1))
+
+
+class TiedLM(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(11, 8)
+        self.mix = nn.Linear(8, 8)
+        self.head = nn.Linear(8, 11, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.mix(self.emb(ids))))
+
+
+def _mha(**kw: Any) -> nn.Module:
+    return nn.MultiheadAttention(8, 2, batch_first=True, **kw).eval()
+
+
+# (id, model factory, input factory (batch leading), forward kwargs)
+CASES: list[tuple[str, Callable[[], nn.Module], Callable[[], tuple[Any, ...]], dict[str, Any]]] = [
+    ("mlp", lambda: nn.Sequential(nn.Linear(5, 16), nn.ReLU(), nn.Linear(16, 3)), lambda: (torch.randn(4, 5),), {}),
+    ("linear-3d-input", lambda: nn.Linear(5, 7), lambda: (torch.randn(2, 3, 5),), {}),
+    ("embedding", lambda: nn.Embedding(10, 6, padding_idx=0), lambda: (torch.randint(0, 10, (4, 7)),), {}),
+    ("conv1d", lambda: nn.Conv1d(3, 8, 3, padding="same"), lambda: (torch.randn(2, 3, 9),), {}),
+    ("cnn", TinyCNN, lambda: (torch.randn(2, 3, 8, 8),), {}),
+    ("grucell", lambda: nn.GRUCell(5, 7), lambda: (torch.randn(4, 5), torch.randn(4, 7)), {}),
+    ("lstmcell", lambda: nn.LSTMCell(5, 7), lambda: (torch.randn(4, 5),), {}),
+    ("rnncell", lambda: nn.RNNCell(5, 7), lambda: (torch.randn(4, 5),), {}),
+    ("gru-2layer", lambda: nn.GRU(5, 7, num_layers=2), lambda: (torch.randn(6, 3, 5),), {}),
+    ("lstm-bidir", lambda: nn.LSTM(5, 7, batch_first=True, bidirectional=True), lambda: (torch.randn(3, 6, 5),), {}),
+    ("mingru", lambda: MinGRU(6, 10), lambda: (torch.randn(2, 5, 6),), {}),
+    ("mha-self", _mha, lambda: (torch.randn(3, 5, 8),) * 3, {}),
+    ("mha-self-noweights", _mha, lambda: (torch.randn(3, 5, 8),) * 3, {"need_weights": False}),
+    ("mha-cross", _mha, lambda: (torch.randn(3, 5, 8), torch.randn(3, 6, 8), torch.randn(3, 6, 8)), {}),
+    (
+        "mha-masks",
+        _mha,
+        lambda: (torch.randn(2, 5, 8),) * 3,
+        {"key_padding_mask": torch.tensor([[False] * 5, [False] * 3 + [True] * 2])},
+    ),
+    ("mha-kdim", lambda: _mha(kdim=6, vdim=4), lambda: (torch.randn(2, 5, 8), torch.randn(2, 3, 6), torch.randn(2, 3, 4)), {}),
+    (
+        "transformer-layer",
+        lambda: nn.TransformerEncoderLayer(16, 4, 32, dropout=0.0, batch_first=True).eval(),
+        lambda: (torch.randn(2, 5, 16),),
+        {"src_mask": nn.Transformer.generate_square_subsequent_mask(5), "is_causal": True},
+    ),
+    ("hf-block", lambda: HFStyleBlock(8, 2), lambda: (torch.randn(2, 4, 8),), {}),
+    ("tied-lm", TiedLM, lambda: (torch.randint(0, 11, (2, 5)),), {}),
+]
+IDS = [c[0] for c in CASES]
+
+
+def _reference(population: Any, model: nn.Module, inputs: tuple[Any, ...], kwargs: dict[str, Any], per_member: bool) -> Any:
+    """One member at a time with its materialized parameters: obviously correct, slow."""
+    stacked = population.stacked(model)
+    outs = []
+    for j in range(len(population)):
+        xs = tuple(x[j] for x in inputs) if per_member else inputs
+        kw = pytree.tree_map(lambda t: t[j] if isinstance(t, torch.Tensor) else t, kwargs) if per_member else kwargs
+        params = {k: v[j] for k, v in stacked.items()}
+        outs.append(torch.func.functional_call(copy.deepcopy(model), params, xs, kw, tie_weights=False))
+    return pytree.tree_map(lambda *ys: torch.stack(ys) if ys[0] is not None else None, *outs) if isinstance(outs[0], tuple) else torch.stack(outs)
+
+
+def _assert_close(actual: Any, expected: Any, rtol: float, atol: float) -> None:
+    for a, e in zip(pytree.tree_leaves(actual), pytree.tree_leaves(expected), strict=True):
+        torch.testing.assert_close(a, e, rtol=rtol, atol=atol)
+
+
+def _setup(factory: Callable[[], nn.Module], device: torch.device, rank: int = 3, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, EggrollOptimizer]:
+    torch.manual_seed(0)
+    model = factory().to(device=device, dtype=dtype)
+    opt = EggrollOptimizer(model.parameters(), sigma=0.2, rank=rank, pop_size=POP, seed=3)
+    return model, opt
+
+
+def _to(tree: Any, device: torch.device, dtype: torch.dtype | None = None) -> Any:
+    def move(x: Any) -> Any:
+        if not isinstance(x, torch.Tensor):
+            return x
+        if dtype is not None and x.is_floating_point():
+            return x.to(device, dtype)
+        return x.to(device)
+
+    return pytree.tree_map(move, tree)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("per_member", [False, True], ids=["broadcast", "per-member"])
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_lowrank_matches_reference(case: Any, per_member: bool, device: str) -> None:
+    _, factory, make_inputs, kwargs = case
+    dev = _device(device)
+    model, opt = _setup(factory, dev)
+    torch.manual_seed(1)
+    inputs = make_inputs()
+    if per_member:
+        inputs = tuple(torch.stack([x] + [torch.randn_like(x) if x.is_floating_point() else x.roll(j, -1) for j in range(1, POP)]) for x in inputs)
+        if case[0].startswith("mha-self"):
+            inputs = (inputs[0],) * 3  # self-attention: one tensor as query, key and value
+        # per_member applies to every tensor input, keyword arguments (masks) included
+        kwargs = pytree.tree_map(lambda t: t.expand(POP, *t.shape) if isinstance(t, torch.Tensor) else t, kwargs)
+    inputs, kwargs = _to(inputs, dev), _to(kwargs, dev)
+    population = opt.population()
+    fast = population.forward(model, *inputs, per_member=per_member, path="lowrank", **kwargs)
+    assert population.last_fallbacks == []
+    expected = _reference(population, model, inputs, kwargs, per_member)
+    # float32 end to end; the two paths sum in different orders.
+    _assert_close(fast, expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_auto_equals_materialized_vmap(device: str) -> None:
+    dev = _device(device)
+    model, opt = _setup(TinyCNN, dev)
+    x = torch.randn(2, 3, 8, 8, device=dev)
+    population = opt.population()
+    fast = population.forward(model, x)
+    slow = population.forward(model, x, path="materialized")
+    assert fast.shape == (POP, 2, 5)
+    torch.testing.assert_close(fast, slow, rtol=1e-4, atol=1e-5)
+
+
+class RawMatmul(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(4, 6))
+        self.lin = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x @ self.w.T)
+
+
+def test_unsupported_use_falls_back_to_materialized_weights() -> None:
+    model, opt = _setup(RawMatmul, torch.device("cpu"))
+    x = torch.randn(5, 6)
+    population = opt.population()
+    out = population.forward(model, x)
+    assert population.last_fallbacks == ["w"]
+    torch.testing.assert_close(out, _reference(population, model, (x,), {}, False), rtol=1e-4, atol=1e-5)
+    with pytest.raises(LowRankFallbackError, match="'w'"):
+        population.forward(model, x, path="lowrank")
+
+
+def test_grouped_conv_and_max_norm_embedding_fall_back() -> None:
+    for factory, x in [
+        (lambda: nn.Conv2d(4, 4, 3, groups=2), torch.randn(1, 4, 5, 5)),
+        (lambda: nn.Embedding(9, 4, max_norm=1.0), torch.randint(0, 9, (3,))),
+    ]:
+        model, opt = _setup(factory, torch.device("cpu"))
+        population = opt.population()
+        out = population.forward(model, x)
+        assert population.last_fallbacks == ["weight"]
+        torch.testing.assert_close(out, _reference(population, model, (x,), {}, False), rtol=1e-4, atol=1e-5)
+
+
+def test_metadata_of_owned_weight_is_the_centre() -> None:
+    class UsesShape(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(3, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.lin(x).reshape(-1, self.lin.weight.shape[0]) * self.lin.weight.dtype.is_floating_point
+
+    model, opt = _setup(UsesShape, torch.device("cpu"))
+    population = opt.population()
+    population.forward(model, torch.randn(2, 3), path="lowrank")
+    assert population.last_fallbacks == []
+
+
+def test_dense_rank_zero_group_is_materialized_per_member() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 2))
+    opt = EggrollOptimizer(
+        [{"params": model[0].parameters(), "rank": 0}, {"params": model[2].parameters()}],
+        sigma=0.1,
+        pop_size=POP,
+        seed=0,
+    )
+    x = torch.randn(3, 4)
+    population = opt.population()
+    out = population.forward(model, x, path="lowrank")
+    torch.testing.assert_close(out, _reference(population, model, (x,), {}, False), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bf16_model_within_bf16_tolerance(device: str) -> None:
+    dev = _device(device)
+    model, opt = _setup(lambda: nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4)), dev, dtype=torch.bfloat16)
+    x = torch.randn(8, 16, device=dev, dtype=torch.bfloat16)
+    population = opt.population()
+    fast = population.forward(model, x)
+    slow = population.forward(model, x, path="materialized")
+    assert fast.dtype == torch.bfloat16
+    # bf16 has an 8-bit significand (relative rounding 2**-8 ≈ 4e-3); each path rounds the
+    # weights and a 16/32-term sum differently, so allow a few roundings.
+    torch.testing.assert_close(fast.float(), slow.float(), rtol=3e-2, atol=3e-2)
+
+
+def test_step_through_either_path_gives_the_same_parameters() -> None:
+    torch.manual_seed(0)
+    x, y = torch.randn(32, 5), torch.randn(32, 2)
+    results = []
+    for path in ("materialized", "auto"):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 2))
+        opt = EggrollOptimizer(model.parameters(), lr=0.1, sigma=0.05, pop_size=POP, seed=7, shaping="centered_rank")
+        for _ in range(3):
+            opt.step(lambda pop, path=path: ((pop.forward(model, x, path=path) - y) ** 2).mean(dim=(1, 2)))
+        results.append([p.detach().clone() for p in model.parameters()])
+    for a, b in zip(*results, strict=True):
+        # centered ranks are exact as long as the member order of the losses agrees
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_per_member_input_must_have_population_dimension() -> None:
+    model, opt = _setup(lambda: nn.Linear(3, 2), torch.device("cpu"))
+    with pytest.raises(ValueError, match="leading dimension of 6"):
+        opt.population().forward(model, torch.randn(4, 3), per_member=True)
+
+
+def test_invalid_path() -> None:
+    model, opt = _setup(lambda: nn.Linear(3, 2), torch.device("cpu"))
+    with pytest.raises(ValueError, match="Invalid path: 'fast'"):
+        opt.population().forward(model, torch.randn(4, 3), path="fast")  # type: ignore[arg-type]
+
+
+def test_noise_memory_is_factored() -> None:
+    """The only per-member data of a low-rank matrix are its factors: O(pop * r * (m + n))."""
+    model, opt = _setup(lambda: nn.Linear(64, 128, bias=False), torch.device("cpu"), rank=2)
+    noise = opt.population().noise(model.weight)
+    assert noise.is_low_rank and noise.dense is None
+    assert noise.a is not None and noise.b is not None
+    assert noise.a.shape == (POP // 2, 128, 2) and noise.b.shape == (POP // 2, 64, 2)
