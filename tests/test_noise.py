@@ -1,0 +1,291 @@
+"""Properties of the counter-based EGGROLL noise (torcheggroll/noise.py).
+
+Statistical tolerances are derived from the sample size in the comments next to them; the
+hypothesis profile (tests/conftest.py) is derandomized, so every run checks the same examples.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from torcheggroll import EggrollOptimizer
+from torcheggroll.noise import derive_seed, draw_noise, matrix_shape, noise_seed
+
+SEEDS = st.integers(0, 2**63 - 1)
+SMALL = st.integers(0, 10_000)
+SHAPES = st.lists(st.integers(1, 7), min_size=1, max_size=3).map(tuple)
+# How many standard errors a statistic may deviate by (see each test for why this suffices).
+K_SE = 6.0
+
+
+def _noise(shape, rank, draws, seed=0, generation=0, param_index=0, dtype=torch.float64):
+    return draw_noise(
+        shape,
+        rank,
+        draws,
+        seed=seed,
+        generation=generation,
+        param_index=param_index,
+        device="cpu",
+        dtype=dtype,
+    )
+
+
+def _tensors(noise) -> list[torch.Tensor]:
+    return [t for t in (noise.a, noise.b, noise.dense) if t is not None]
+
+
+# --------------------------------------------------------------------------- structure
+@given(shape=SHAPES, rank=st.integers(0, 6), draws=st.integers(1, 5))
+def test_factor_shapes(shape, rank, draws):
+    noise = _noise(shape, rank, draws)
+    if rank > 0 and len(shape) >= 2:
+        m, n = matrix_shape(shape)
+        assert noise.is_low_rank
+        assert noise.a.shape == (draws, m, rank) and noise.b.shape == (draws, n, rank)
+    else:
+        assert not noise.is_low_rank and noise.dense.shape == (draws, *shape)
+    assert noise.num_draws == draws
+    assert noise.materialize().shape == (draws, *shape)
+
+
+@given(
+    m=st.integers(1, 12),
+    n=st.integers(1, 12),
+    extra=st.sampled_from([(), (2,), (3, 2)]),
+    rank=st.integers(1, 10),
+    seed=SEEDS,
+)
+def test_each_draw_has_rank_at_most_min_r_m_n(m, n, extra, rank, seed):
+    shape = (m, n, *extra)
+    noise = _noise(shape, rank, draws=3, seed=seed)
+    rows, cols = matrix_shape(shape)
+    k = min(rank, rows, cols)
+    for e in noise.materialize():
+        s = torch.linalg.svdvals(e.reshape(rows, cols))
+        # float64: a product A B^T of inner dimension r has exactly min(r, m, n) non-zero
+        # singular values; the others are rounding noise, ~1e-16 of the largest.
+        assert torch.all(s[k:] <= 1e-10 * s[0])
+        assert torch.linalg.matrix_rank(e.reshape(rows, cols)) <= k
+
+
+@given(shape=SHAPES, rank=st.integers(0, 4), draws=st.integers(1, 6), seed=SEEDS)
+def test_weighted_sum_matches_materialized_sum(shape, rank, draws, seed):
+    noise = _noise(shape, rank, draws, seed=seed)
+    coeffs = torch.linspace(-1.5, 2.0, draws, dtype=torch.float64)
+    expected = noise.materialize(coeffs).sum(0)
+    got = noise.weighted_sum(coeffs)
+    assert got.shape == torch.Size(shape)
+    # Same float64 sums in a different order: relative error ~ draws * rank * 1e-16.
+    scale = noise.materialize().abs().max() * coeffs.abs().sum()
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-12 * float(scale))
+
+
+def test_select_gathers_draws_in_order():
+    noise = _noise((4, 3), 2, 5, seed=1)
+    idx = torch.tensor([4, 0, 0, 2])
+    sub = noise.select(idx)
+    assert torch.equal(sub.materialize(), noise.materialize()[idx])
+    dense = _noise((6,), 0, 5, seed=1)
+    assert torch.equal(dense.select(idx).dense, dense.dense[idx])
+
+
+# --------------------------------------------------------------------------- determinism
+@given(
+    shape=SHAPES,
+    rank=st.integers(0, 4),
+    seed=SEEDS,
+    generation=SMALL,
+    param_index=SMALL,
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+)
+def test_same_integers_give_bitwise_identical_noise(
+    shape, rank, seed, generation, param_index, dtype
+):
+    kw = dict(seed=seed, generation=generation, param_index=param_index, dtype=dtype)
+    first, second = _noise(shape, rank, 3, **kw), _noise(shape, rank, 3, **kw)
+    for x, y in zip(_tensors(first), _tensors(second), strict=True):
+        assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize(
+    ("which", "delta"),
+    [
+        ("seed", 1),
+        ("seed", 2**32),  # the CPU generator sees only 32 seed bits: the hash must mix them in
+        ("seed", 2**40 + 1),
+        ("generation", 1),
+        ("generation", 2**32),
+        ("param_index", 1),
+        ("param_index", 1000),
+    ],
+)
+@settings(max_examples=8)
+@given(shape=SHAPES, rank=st.integers(0, 4), seed=SEEDS, generation=SMALL, param_index=SMALL)
+def test_different_integers_give_different_noise(
+    shape, rank, seed, generation, param_index, which, delta
+):
+    base = dict(seed=seed % 2**62, generation=generation, param_index=param_index)
+    other = dict(base)
+    other[which] = base[which] + delta
+    x = torch.cat([t.flatten() for t in _tensors(_noise(shape, rank, 2, **base))])
+    y = torch.cat([t.flatten() for t in _tensors(_noise(shape, rank, 2, **other))])
+    # Continuous draws from independent streams: equal entries have probability 0.
+    assert not torch.any(x == y)
+
+
+def test_parameters_of_one_generation_never_share_a_cpu_stream():
+    # The CPU generator (mt19937) seeds from the low 32 bits only; noise_seed keeps those
+    # distinct for every parameter index of a generation.
+    for seed, generation in [(0, 0), (2**40 + 1, 7), (123, 10**6)]:
+        low = {noise_seed(seed, generation, i) & 0xFFFFFFFF for i in range(20_000)}
+        assert len(low) == 20_000
+    assert noise_seed(1, 2, 3) == noise_seed(1, 2, 3) < 2**63
+    assert derive_seed(1, 2) != derive_seed(1, 2 + 2**64 - 1)
+
+
+def test_drawing_noise_leaves_the_global_rng_untouched():
+    torch.manual_seed(1234)
+    before = torch.get_rng_state()
+    _noise((5, 4), 2, 8, seed=9)
+    _noise((7,), 0, 8, seed=9)
+    assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_optimizer_step_leaves_the_global_rng_untouched():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(5, 3)
+    opt = EggrollOptimizer(model.parameters(), pop_size=8, seed=3)
+    x = torch.randn(4, 5)
+
+    def closure(pop):
+        return pop.forward(model, x, path="materialized").pow(2).mean(dim=(1, 2))
+
+    before = torch.get_rng_state()
+    opt.step(closure)
+    opt.step(lambda: model(x).pow(2).mean())  # the sequential form too
+    opt.population()
+    assert torch.equal(torch.get_rng_state(), before)
+
+
+# --------------------------------------------------------------------------- antithetic pairs
+@given(
+    shapes=st.lists(SHAPES, min_size=1, max_size=3),
+    rank=st.integers(0, 5),
+    pairs=st.integers(1, 6),
+    seed=SEEDS,
+)
+def test_antithetic_partners_are_exact_negatives(shapes, rank, pairs, seed):
+    params = [torch.zeros(s, dtype=torch.float32) for s in shapes]
+    opt = EggrollOptimizer(params, rank=rank, pop_size=2 * pairs, sigma=0.3, seed=seed)
+    pop = opt.population()
+    assert pop.members.tolist() == list(range(2 * pairs))
+    for p in params:
+        pert = pop.perturbation(p)
+        assert pert.shape == (2 * pairs, *p.shape)
+        assert torch.equal(pert[0::2], -pert[1::2])
+        # ... and every pair uses a different draw.
+        if p.numel() > 1 and pairs > 1:
+            assert not torch.equal(pert[0], pert[2])
+
+
+def test_population_noise_uses_the_group_rank_and_parameter_index():
+    w1, w2 = torch.zeros(6, 5), torch.zeros(6, 5)
+    opt = EggrollOptimizer(
+        [{"params": [w1], "rank": 2}, {"params": [w2], "rank": 3}], pop_size=6, seed=11
+    )
+    pop = opt.population()
+    assert pop.noise(w1).a.shape == (3, 6, 2) and pop.noise(w2).a.shape == (3, 6, 3)
+    ref = _noise((6, 5), 3, 3, seed=11, generation=0, param_index=1, dtype=torch.float32)
+    assert torch.equal(pop.noise(w2).a, ref.a) and torch.equal(pop.noise(w2).b, ref.b)
+
+
+# --------------------------------------------------------------------------- statistics
+# Entry (i, j) of one low-rank draw is e = (1/sqrt r) * sum_l a_il b_jl with all a, b iid N(0,1).
+#   E[e] = 0, E[e^2] = 1, E[e^4] = (r * E[(ab)^4] + 3 r (r-1)) / r^2 = (9r + 3r^2 - 3r)/r^2
+#   = 3 + 6/r (so Var(e^2) = 2 + 6/r, not the Gaussian 2).
+# Entries are uncorrelated, but not independent: two entries of one row share a_i, and given a_i
+# they are independent N(0, |a_i|^2/r), so E[e_ij^2 e_ik^2] = E|a_i|^4 / r^2 = (r^2 + 2r)/r^2 and
+# Cov(e_ij^2, e_ik^2) = 2/r (likewise along a column); entries sharing neither row nor column are
+# independent. Hence, for the mean S of e^2 over the m*n entries of D independent draws,
+#   Var(S) = (2 + 6/r + 2(n-1)/r + 2(m-1)/r) / (D m n) = (2 + (2m + 2n + 2)/r) / (D m n),
+# far above the Gaussian 2/(D m n) when m or n is large and r small. For the sample mean M,
+# uncorrelated unit-variance entries give Var(M) = 1/(D m n) exactly.
+# Tails: M * sqrt(D m n) = (1/sqrt(D r)) * sum of D*r products U*V of independent N(0,1), whose
+# fourth moment is 3 + 6/(D r); by Markov on the fourth power, P(|.| > 6) <= (3 + 6/(Dr))/6^4,
+# under 0.3% for D*r >= 8. S is a mean of D iid per-draw terms (D >= 16 here), close to normal,
+# and 6 standard errors leave it far inside Chebyshev's 1/36 even before that.
+@given(
+    m=st.integers(2, 24),
+    n=st.integers(2, 24),
+    rank=st.integers(1, 8),
+    seed=SEEDS,
+)
+def test_low_rank_entries_have_mean_zero_and_unit_variance(m, n, rank, seed):
+    draws = 64
+    e = _noise((m, n), rank, draws, seed=seed).materialize()
+    total = draws * m * n
+    mean_se = math.sqrt(1.0 / total)
+    var_se = math.sqrt((2 + (2 * m + 2 * n + 2) / rank) / total)
+    assert abs(float(e.mean())) <= K_SE * mean_se
+    assert abs(float(e.pow(2).mean()) - 1.0) <= K_SE * var_se
+
+
+@given(shape=SHAPES, seed=SEEDS)
+def test_dense_entries_have_mean_zero_and_unit_variance(shape, seed):
+    # iid N(0, 1): Var(mean) = 1/M, Var(mean of squares) = 2/M for M entries; both statistics are
+    # close to normal at M >= 64, so 6 standard errors fail with probability ~1e-9.
+    draws = 64
+    e = _noise(shape, 0, draws, seed=seed).dense
+    total = e.numel()
+    assert abs(float(e.mean())) <= K_SE * math.sqrt(1.0 / total)
+    assert abs(float(e.pow(2).mean()) - 1.0) <= K_SE * math.sqrt(2.0 / total)
+
+
+@given(
+    m=st.integers(2, 16),
+    n=st.integers(2, 16),
+    rank=st.integers(0, 6),
+    seed=SEEDS,
+    gap=st.integers(1, 50),
+)
+def test_noise_of_different_parameters_is_uncorrelated(m, n, rank, seed, gap):
+    # X, Y: the noise of parameters 0 and `gap` (same shape) over D draws, M = D m n entries.
+    # E[x y] = 0, and Cov(x_i y_i, x_j y_j) = E[x_i x_j] E[y_i y_j] = 0 for i != j because the
+    # entries of one field are uncorrelated, so Var(sum x y) = M and the sample correlation
+    # sum(x y) / sqrt(sum x^2 sum y^2) has standard error 1/sqrt(M) (the denominator is M to
+    # within the O(1/sqrt(M)) of the variance test).
+    draws = 64
+    x = _noise((m, n), rank, draws, seed=seed, param_index=0).materialize().flatten()
+    y = _noise((m, n), rank, draws, seed=seed, param_index=gap).materialize().flatten()
+    corr = float((x * y).sum() / torch.sqrt(x.pow(2).sum() * y.pow(2).sum()))
+    assert abs(corr) <= K_SE / math.sqrt(x.numel())
+
+
+@pytest.mark.parametrize("rank", [1, 4])
+def test_draws_and_generations_are_uncorrelated(rank):
+    # As above, between draw 0 and draw 1 of one generation, and between generation 0 and 1.
+    m, n, draws = 16, 12, 32
+    g0 = _noise((m, n), rank, draws, seed=5, generation=0).materialize()
+    g1 = _noise((m, n), rank, draws, seed=5, generation=1).materialize()
+    for x, y in [(g0[0::2], g0[1::2]), (g0, g1)]:
+        x, y = x.flatten(), y.flatten()
+        corr = float((x * y).sum() / torch.sqrt(x.pow(2).sum() * y.pow(2).sum()))
+        assert abs(corr) <= K_SE / math.sqrt(x.numel())
+
+
+def test_noise_dtype_follows_compute_dtype():
+    for dtype, expected in [
+        (torch.bfloat16, torch.float32),
+        (torch.float16, torch.float32),
+        (torch.float32, torch.float32),
+        (torch.float64, torch.float64),
+    ]:
+        p = torch.zeros(4, 3, dtype=dtype)
+        opt = EggrollOptimizer([p], pop_size=4, seed=0)
+        assert opt.population().noise(p).a.dtype == expected
