@@ -301,7 +301,9 @@ class EggrollOptimizer(Optimizer):
         values: list[torch.Tensor] = []
         try:
             for position in range(len(population)):
-                for p in params:
+                for p, c in zip(params, centres, strict=True):
+                    # member_value perturbs the tensor's current value: start from the centre.
+                    p.copy_(c)
                     p.copy_(population.member_value(p, position))
                 values.append(_as_scalar_loss(closure(), position))
         finally:
