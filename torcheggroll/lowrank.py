@@ -83,8 +83,20 @@ class _LowRankMode(TorchFunctionMode):
         self.strict = strict
         self.fallbacks = fallbacks
 
+    def _owned_in(self, args: Any, kwargs: dict[str, Any]) -> list[_Factor]:
+        """The owned matrices among the arguments (top level, or inside a list or tuple)."""
+        hits = []
+        for value in (*args, *kwargs.values()):
+            items = value if isinstance(value, (list, tuple)) else (value,)
+            for t in items:
+                f = self.factors.get(id(t))
+                if f is not None and t is f.weight:
+                    hits.append(f)
+        return hits
+
     def factor(self, t: Any) -> _Factor | None:
-        return self.factors.get(id(t)) if isinstance(t, torch.Tensor) else None
+        f = self.factors.get(id(t))
+        return f if f is not None and t is f.weight else None
 
     def __torch_function__(self, func: Callable[..., Any], types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
@@ -93,8 +105,7 @@ class _LowRankMode(TorchFunctionMode):
             out = handler(self, *args, **kwargs)
             if out is not NotImplemented:
                 return out
-        leaves = pytree.tree_leaves((args, kwargs))
-        hits = [self.factors[id(t)] for t in leaves if isinstance(t, torch.Tensor) and id(t) in self.factors]
+        hits = self._owned_in(args, kwargs)
         if not hits:
             return func(*args, **kwargs)
         if getattr(func, "__name__", None) == "__get__" or func in _METADATA:
@@ -109,9 +120,7 @@ class _LowRankMode(TorchFunctionMode):
                 )
             self.fallbacks.add(f.name)
         swapped = pytree.tree_map(
-            lambda t: self.factors[id(t)].materialized()
-            if isinstance(t, torch.Tensor) and id(t) in self.factors
-            else t,
+            lambda t: self.factors[id(t)].materialized() if self.factor(t) is not None else t,
             (args, kwargs),
         )
         return func(*swapped[0], **swapped[1])
@@ -471,6 +480,8 @@ def lowrank_forward(
     def call(params: dict[str, torch.Tensor], a_s: list[torch.Tensor], b_s: list[torch.Tensor], xs: tuple[Any, ...], kw: dict[str, Any]) -> Any:
         factors = {id(w): _Factor(w, a, b, lazy_names[id(w)]) for w, a, b in zip(lazy, a_s, b_s, strict=True)}
         with _LowRankMode(factors, strict, fallbacks):
+            if not params:
+                return module(*xs, **kw)
             return torch.func.functional_call(module, params, xs, kw, tie_weights=False, strict=False)
 
     kw = dict(kwargs)

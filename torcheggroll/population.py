@@ -59,6 +59,22 @@ class Population:
         self.antithetic = antithetic
         self._params = params
         self._by_id = {id(p.param): p for p in params}
+        self._on_device: dict[torch.device, torch.Tensor] = {}
+        self.last_fallbacks: list[str] = []
+
+    def _members_on(self, device: torch.device | None) -> torch.Tensor:
+        # Member indices are made on each device once (arange, no host-to-device copy: a copy
+        # from pageable memory would make the host wait for the device).
+        if device is None or device == self.members.device:
+            return self.members
+        if device not in self._on_device:
+            n = len(self.members)
+            start = int(self.members[0]) if n else 0
+            if n and int(self.members[-1]) == start + n - 1:
+                self._on_device[device] = torch.arange(start, start + n, device=device)
+            else:
+                self._on_device[device] = self.members.to(device)
+        return self._on_device[device]
 
     # ------------------------------------------------------------------ inspection
     def __len__(self) -> int:
@@ -99,13 +115,11 @@ class Population:
 
     def signs(self, device: torch.device | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """``(size,)`` the sign ``+1``/``-1`` of each local member's perturbation."""
-        members = self.members if device is None else self.members.to(device)
-        return member_signs(members, self.antithetic, dtype)
+        return member_signs(self._members_on(device), self.antithetic, dtype)
 
     def pairs(self, device: torch.device | None = None) -> torch.Tensor:
         """``(size,)`` the noise draw each local member uses."""
-        members = self.members if device is None else self.members.to(device)
-        return member_pairs(members, self.antithetic)
+        return member_pairs(self._members_on(device), self.antithetic)
 
     def coefficients(self, param: torch.Tensor) -> torch.Tensor:
         """``(size,)`` ``sigma * sign_i`` of each local member for ``param``, in the noise dtype."""
@@ -139,7 +153,7 @@ class Population:
         e = self.entry(param)
         ref = e.noise.a if e.noise.a is not None else e.noise.dense
         assert ref is not None
-        member = self.members[position : position + 1].to(ref.device)
+        member = self._members_on(ref.device)[position : position + 1]
         noise = e.noise.select(member_pairs(member, self.antithetic))
         coeff = e.sigma * member_signs(member, self.antithetic, ref.dtype)
         centre = param.detach().to(compute_dtype(param.dtype))
