@@ -702,3 +702,16 @@ def test_utilities_reproduce_the_optimizer_update():
     grads = compute_es_gradient(noise, fitness)
     for n, t in evolved(es).items():
         torch.testing.assert_close(t, theta[n] + 0.2 * grads[n], rtol=1e-12, atol=1e-14)
+
+
+def test_deepcopy_continues_identically():
+    import copy
+
+    es = TorchEggrollES(mlp(), pop_size=4, seed=1)
+    twin = copy.deepcopy(es)
+    assert twin.optimizer.param_groups[0]["params"][0] is twin.model[0].weight
+    x, y = data()
+    es.step(x, mse, y)
+    twin.step(x, mse, y)
+    for p, q in zip(es.model.parameters(), twin.model.parameters(), strict=True):
+        assert torch.equal(p, q)
