@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 
@@ -705,8 +706,6 @@ def test_utilities_reproduce_the_optimizer_update():
 
 
 def test_deepcopy_continues_identically():
-    import copy
-
     es = TorchEggrollES(mlp(), pop_size=4, seed=1)
     twin = copy.deepcopy(es)
     assert twin.optimizer.param_groups[0]["params"][0] is twin.model[0].weight
