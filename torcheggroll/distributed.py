@@ -2,18 +2,63 @@
 
 Every rank holds the same parameters and the same seed. A generation's ``N`` members are split
 into contiguous shards of whole antithetic pairs; each rank evaluates its shard, the ``N`` losses
-are combined with one collective, and every rank regenerates the same noise and applies the
-same update, so parameters stay identical without any parameter or gradient traffic.
+are all-gathered, and every rank regenerates the same noise and applies the same update, so
+parameters stay identical without any parameter or gradient traffic (ALGORITHM.md §5).
+
+A step costs two small collectives: a fixed-size header in which every rank reports whether it
+evaluated its shard and which seed, generation and population it used, then the losses. The
+header lets every rank raise the same error when one rank failed or disagrees, instead of the
+healthy ranks blocking in the loss collective until the process group times out.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["resolve_group", "shard_bounds", "world_info"]
+if TYPE_CHECKING:
+    from .population import Population
+
+__all__ = [
+    "RankError",
+    "RankValueError",
+    "agree_on_seed",
+    "broadcast_parameters",
+    "gather_losses",
+    "params_fingerprint",
+    "resolve_group",
+    "shard_bounds",
+    "world_info",
+]
+
+_MASK64 = (1 << 64) - 1
+_LOSS_DTYPES = (torch.float32, torch.float64)  # header code 1 and 2; 0 is "no local members"
+
+# Header slots (int64): what every rank tells the others before the losses are exchanged.
+_STATUS, _COUNT, _DTYPE, _SEED, _GENERATION, _POP, _ANTITHETIC, _FP_SET, _FP_LO, _FP_HI = range(10)
+_HEADER = 10
+_OK, _RAISED, _BAD_COUNT = 0, 1, 2
+
+
+class RankError(RuntimeError):
+    """Raised on every rank when some rank failed to evaluate its members, or when the ranks
+    disagree on the seed, the generation, the population or the parameters.
+
+    Attributes:
+        ranks: the offending ranks (in the process group).
+    """
+
+    def __init__(self, message: str, ranks: Sequence[int]) -> None:
+        super().__init__(message)
+        self.ranks = list(ranks)
+
+
+class RankValueError(RankError, ValueError):
+    """A :class:`RankError` whose cause is invalid losses (a wrong count or a ``ValueError``
+    raised by a closure): it is a ``ValueError`` on every rank, as in a single process."""
 
 
 def resolve_group(process_group: Any) -> Any:
@@ -48,34 +93,245 @@ def shard_bounds(pop_size: int, antithetic: bool, rank: int, world_size: int) ->
     return start * unit, stop * unit
 
 
+def params_fingerprint(tensors: Iterable[torch.Tensor]) -> tuple[int, int]:
+    """Two integers that differ, with overwhelming probability, between different parameters.
+
+    Computed from the bit patterns with integer sums, which are exact and do not depend on the
+    reduction order, so identical tensors give identical fingerprints on any device. It detects
+    replicas initialized differently; it is not a cryptographic hash.
+    """
+    lows: list[torch.Tensor] = []
+    highs: list[torch.Tensor] = []
+    for t in tensors:
+        t = t.detach()
+        if t.numel() == 0:
+            continue
+        bits = t.contiguous().view(_int_view_dtype(t.element_size())).reshape(-1).to(torch.int64)
+        # Low 24 bits (mantissa) and top 16 bits (sign, exponent): sums of at most 2**34
+        # elements stay below 2**58 and 2**49, so nothing overflows int64.
+        lows.append((bits & 0xFFFFFF).sum())
+        highs.append((bits >> max(0, 8 * t.element_size() - 16)).sum())
+    lo, hi = 0, 0
+    if lows:
+        for i, (a, b) in enumerate(
+            zip(torch.stack(lows).tolist(), torch.stack(highs).tolist(), strict=True)
+        ):
+            # Weighting by position makes swapped tensors differ too.
+            lo = (lo + (i + 1) * (a + 1)) % (1 << 62)
+            hi = (hi + (i + 1) * (b + 1)) % (1 << 62)
+    return lo, hi
+
+
+def _int_view_dtype(itemsize: int) -> torch.dtype:
+    return {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[itemsize]
+
+
+def _collective_device(group: Any, like: torch.device | None = None) -> torch.device:
+    """Where tensors for a collective of ``group`` must live (CUDA for NCCL, else the CPU)."""
+    if dist.get_backend(group) == "nccl":
+        if like is not None and like.type == "cuda":
+            return like
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def gather_losses(
-    local: torch.Tensor, start: int, pop_size: int, group: Any
+    local: torch.Tensor | None,
+    population: Population,
+    group: Any,
+    *,
+    error: BaseException | None = None,
+    check_params: bool = False,
 ) -> torch.Tensor:
     """All ranks' losses as one ``(pop_size,)`` tensor, identical on every rank.
 
-    Each rank writes its shard into a zero vector and the vectors are summed; every entry has
-    exactly one non-zero contributor, so the sum is exact. Before that, ranks agree on whether
-    every shard had the right length, so a wrong count raises on every rank instead of hanging.
+    Args:
+        local: ``(len(population),)`` this rank's losses, in member order (float32 or float64);
+            ``None`` when ``error`` is given.
+        population: this rank's population (its members, seed, generation and sizes).
+        group: the process group, or ``None`` for a single process (``local`` is returned).
+        error: the exception this rank's closure raised; the other ranks are told, and every
+            rank raises a :class:`RankError` naming it (``error`` is its ``__cause__`` here).
+        check_params: also check that every rank holds the same parameters (one pass over
+            them; the optimizer does it at its first step).
+
+    Returns:
+        The losses of all members, bit-identical to what each rank computed, in the widest
+        dtype any rank returned, on ``local``'s device.
+
+    Raises:
+        RankValueError: on every rank, when some rank returned a wrong number of losses or its
+            closure raised a ``ValueError``.
+        RankError: on every rank, when some rank's closure raised anything else, or the ranks
+            disagree on the seed, generation, population size or parameters.
     """
     if group is None:
+        if error is not None:
+            raise error
+        assert local is not None
         return local
-    full = torch.zeros(pop_size, dtype=torch.float64, device=_collective_device(local, group))
-    full[start : start + local.numel()] = local.to(full.device, torch.float64)
-    dist.all_reduce(full, group=group)
-    return full.to(local.device, local.dtype)
+    rank, world = world_info(group)
+    bounds = [
+        shard_bounds(population.pop_size, population.antithetic, r, world) for r in range(world)
+    ]
+    start, stop = bounds[rank]
+    device = _collective_device(group, local.device if local is not None else None)
+
+    header = torch.zeros(_HEADER, dtype=torch.int64)
+    header[_SEED] = _as_int64(population.seed)
+    header[_GENERATION] = population.generation
+    header[_POP] = population.pop_size
+    header[_ANTITHETIC] = int(population.antithetic)
+    if error is not None:
+        header[_STATUS] = _RAISED
+    else:
+        assert local is not None
+        header[_COUNT] = local.numel()
+        if local.dim() != 1 or local.numel() != stop - start:
+            header[_STATUS] = _BAD_COUNT
+        elif local.numel():
+            header[_DTYPE] = _dtype_code(local.dtype)
+    if check_params:
+        lo, hi = params_fingerprint(e.param for e in population.params)
+        header[_FP_SET], header[_FP_LO], header[_FP_HI] = 1, lo, hi
+    headers = _all_gather(header.to(device), world, group).cpu().view(world, _HEADER)
+
+    failed = [r for r in range(world) if int(headers[r, _STATUS]) != _OK]
+    if failed:
+        _raise_failures(headers, failed, bounds, population.pop_size, error, group, rank)
+    _check_agreement(headers)
+
+    width = max(b - a for a, b in bounds)
+    row = torch.zeros(width, dtype=torch.float64, device=device)
+    if local is not None and local.numel():
+        row[: local.numel()] = local.detach().to(device, torch.float64)
+    # The bits travel as int64 so every loss (and -0.0) arrives exactly as it left.
+    rows = _all_gather(row.view(torch.int64), world, group).view(torch.float64).view(world, width)
+    losses = torch.cat([rows[r, : b - a] for r, (a, b) in enumerate(bounds)])
+    codes = [int(c) for c in headers[:, _DTYPE].tolist() if int(c)]
+    dtype = _LOSS_DTYPES[max(codes) - 1]
+    out_device = local.device if local is not None else device
+    return losses.to(out_device, dtype)
 
 
-def _collective_device(t: torch.Tensor, group: Any) -> torch.device:
-    backend = dist.get_backend(group)
-    if backend == "nccl":
-        return t.device if t.device.type == "cuda" else torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
+def _all_gather(t: torch.Tensor, world: int, group: Any) -> torch.Tensor:
+    out = torch.empty(world * t.numel(), dtype=t.dtype, device=t.device)
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    gather(out, t, group=group)
+    return out
+
+
+def _as_int64(value: int) -> int:
+    """A non-negative Python int folded into the signed int64 range (the noise hashes ints
+    modulo 2**64, so equal folds mean equal noise)."""
+    v = int(value) & _MASK64
+    return v - (1 << 64) if v >= 1 << 63 else v
+
+
+def _dtype_code(dtype: torch.dtype) -> int:
+    if dtype not in _LOSS_DTYPES:
+        raise ValueError(f"Invalid losses dtype: {dtype} (expected float32 or float64)")
+    return _LOSS_DTYPES.index(dtype) + 1
+
+
+def _raise_failures(
+    headers: torch.Tensor,
+    failed: list[int],
+    bounds: list[tuple[int, int]],
+    pop_size: int,
+    error: BaseException | None,
+    group: Any,
+    rank: int,
+) -> None:
+    """Every rank raises the same error describing every failed rank."""
+    world = len(bounds)
+    # Only failing ranks have something to say; this collective runs only on this (rare) path,
+    # and every rank takes it because every rank saw the same headers.
+    mine = (
+        None if error is None else (type(error).__name__, str(error), isinstance(error, ValueError))
+    )
+    said: list[Any] = [None] * world
+    dist.all_gather_object(said, mine, group=group)
+    parts = []
+    all_value_errors = True
+    for r in failed:
+        a, b = bounds[r]
+        where = (
+            f"rank {r} of {world} (members {a}..{b - 1} of {pop_size})"
+            if b > a
+            else (f"rank {r} of {world} (no members)")
+        )
+        if int(headers[r, _STATUS]) == _BAD_COUNT:
+            parts.append(
+                f"{where} returned {int(headers[r, _COUNT])} losses for its {b - a} members"
+            )
+        else:
+            name, text, is_value = said[r] if said[r] is not None else ("Exception", "", False)
+            all_value_errors = all_value_errors and is_value
+            parts.append(f"{where} raised {name}: {text}")
+    if all_value_errors:
+        message = (
+            f"Invalid losses: {'; '.join(parts)} (every rank must return one loss per local member)"
+        )
+        raise RankValueError(message, failed) from error
+    raise RankError(f"Population evaluation failed: {'; '.join(parts)}", failed) from error
+
+
+def _check_agreement(headers: torch.Tensor) -> None:
+    names = {
+        _SEED: "seed",
+        _GENERATION: "generation",
+        _POP: "pop_size",
+        _ANTITHETIC: "antithetic",
+    }
+    for slot, name in names.items():
+        values = headers[:, slot].tolist()
+        if len(set(values)) > 1:
+            listing = ", ".join(f"rank {r}: {v}" for r, v in enumerate(values))
+            raise RankError(
+                f"Ranks disagree on {name} ({listing}): every rank must build the optimizer with "
+                "the same settings and load the same checkpoint",
+                [r for r, v in enumerate(values) if v != values[0]],
+            )
+    checked = [r for r in range(headers.shape[0]) if int(headers[r, _FP_SET])]
+    prints = {r: (int(headers[r, _FP_LO]), int(headers[r, _FP_HI])) for r in checked}
+    if len(set(prints.values())) > 1:
+        ref = prints[checked[0]]
+        raise RankError(
+            "Ranks hold different parameters (fingerprints differ on ranks "
+            f"{[r for r in checked if prints[r] != ref]} from rank {checked[0]}): initialize the "
+            "model identically on every rank (same torch.manual_seed before building it, or "
+            "torcheggroll.distributed.broadcast_parameters) and load the same checkpoint",
+            [r for r in checked if prints[r] != ref],
+        )
 
 
 def agree_on_seed(seed: int, group: Any) -> int:
     """``seed`` as chosen by rank 0 of ``group`` (unchanged for a single process)."""
     if group is None:
         return seed
-    value = torch.tensor([seed], dtype=torch.int64, device=_collective_device(torch.empty(0), group))
+    value = torch.tensor([_as_int64(seed)], dtype=torch.int64, device=_collective_device(group))
     dist.broadcast(value, src=dist.get_global_rank(group, 0), group=group)
-    return int(value.item())
+    return int(value.item()) & _MASK64
+
+
+def broadcast_parameters(tensors: Iterable[torch.Tensor], group: Any = None, src: int = 0) -> None:
+    """Copy rank ``src``'s values of ``tensors`` (e.g. ``model.state_dict().values()``) into every
+    rank, in place: one way to start all replicas from the same initialization.
+
+    Args:
+        tensors: the same tensors, in the same order, on every rank.
+        group: the process group (default: the world group).
+        src: the rank, in ``group``, whose values are kept.
+    """
+    group = resolve_group(group)
+    if group is None:
+        return
+    root = dist.get_global_rank(group, src)
+    with torch.no_grad():
+        for t in tensors:
+            device = _collective_device(group, t.device)
+            buf = t.detach().to(device).contiguous()
+            dist.broadcast(buf, src=root, group=group)
+            if buf.data_ptr() != t.data_ptr():
+                t.copy_(buf)

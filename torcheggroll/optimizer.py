@@ -286,13 +286,26 @@ class EggrollOptimizer(Optimizer):
         if closure is None or not callable(closure):
             raise TypeError(f"Invalid closure: {closure!r} (EggrollOptimizer.step requires a callable closure)")
         population = self.population()
-        with torch.no_grad():
-            if _takes_population(closure):
-                local = _as_losses(closure(population), len(population), "closure(population)")
-            else:
-                local = self._sequential(closure, population)
-        start = int(population.members[0]) if len(population) else 0
-        losses = _dist.gather_losses(local, start, self.pop_size, self._process_group)
+        pg = self._process_group
+        try:
+            with torch.no_grad():
+                if pg is not None and len(population) == 0:
+                    # A rank with no members (more ranks than draws) does not call the closure.
+                    local = torch.empty(0, device=self.param_groups[0]["params"][0].device)
+                elif _takes_population(closure):
+                    local = _as_losses(closure(population), len(population), "closure(population)")
+                else:
+                    local = self._sequential(closure, population)
+        except Exception as exc:
+            if pg is None:
+                raise
+            # Tell the other ranks, so every rank raises instead of waiting for the losses.
+            _dist.gather_losses(None, population, pg, error=exc)
+            raise
+        # At the first step, also check that every rank starts from the same parameters.
+        check = pg is not None and not self.__dict__.get("_replicas_checked", False)
+        losses = _dist.gather_losses(local, population, pg, check_params=check)
+        self._replicas_checked = True
         return losses, population
 
     def _sequential(self, closure: Closure, population: Population) -> torch.Tensor:
