@@ -1,5 +1,12 @@
 """torcheggroll: EGGROLL evolution strategies for PyTorch."""
 
+from .compat import (
+    TorchEggrollES,
+    compute_es_gradient,
+    generate_lora_noise,
+    generate_noise_for_shapes,
+    generate_standard_noise,
+)
 from .lowrank import LowRankFallbackError
 from .noise import ParamNoise, draw_noise
 from .optimizer import EggrollOptimizer
@@ -14,6 +21,11 @@ __all__ = [
     "NonFiniteLossWarning",
     "ParamNoise",
     "Population",
+    "TorchEggrollES",
     "__version__",
+    "compute_es_gradient",
     "draw_noise",
+    "generate_lora_noise",
+    "generate_noise_for_shapes",
+    "generate_standard_noise",
 ]
