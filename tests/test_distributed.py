@@ -296,15 +296,18 @@ def assert_same_run(got: dict[str, list[Any]], ref: dict[str, list[Any]]) -> Non
 
 
 # ---------------------------------------------------------------------- the tests
-def test_shard_bounds_cover_population_in_whole_pairs() -> None:
-    for pop_size in range(2, 40, 2):
+@pytest.mark.parametrize("antithetic", [True, False])
+def test_shard_bounds_cover_population_in_whole_pairs(antithetic: bool) -> None:
+    unit = 2 if antithetic else 1
+    for pop_size in range(2, 40, unit):
         for world in range(1, 8):
-            bounds = [tdist.shard_bounds(pop_size, True, r, world) for r in range(world)]
+            bounds = [tdist.shard_bounds(pop_size, antithetic, r, world) for r in range(world)]
             assert bounds[0][0] == 0 and bounds[-1][1] == pop_size
             assert all(a[1] == b[0] for a, b in itertools.pairwise(bounds))
-            assert all(start % 2 == 0 and stop % 2 == 0 for start, stop in bounds)
+            assert all(start % unit == 0 and stop % unit == 0 for start, stop in bounds)
             sizes = [stop - start for start, stop in bounds]
-            assert max(sizes) - min(sizes) <= 2
+            assert max(sizes) - min(sizes) <= unit
+            assert sizes == sorted(sizes, reverse=True)  # the first ranks take the extra draws
 
 
 def test_single_process_is_untouched() -> None:
