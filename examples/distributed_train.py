@@ -9,6 +9,11 @@ travel between ranks (see docs/distributed.md). Run it on the CPU with gloo:
 or on GPUs (one per process, NCCL) with ``--device cuda``. Without torchrun it runs as a single
 process, and gives the same result: the final line prints a fingerprint of the parameters, which
 is the same for any number of processes and for a run resumed from a checkpoint (on the CPU).
+To see how close runs on different numbers of GPUs are, record and compare them:
+
+    torchrun --nproc_per_node=1 examples/distributed_train.py --device cuda --record w1.pt
+    torchrun --nproc_per_node=2 examples/distributed_train.py --device cuda --record w2.pt
+    python examples/distributed_train.py --compare w1.pt w2.pt
 """
 
 from __future__ import annotations
@@ -58,7 +63,37 @@ def parse_args() -> argparse.Namespace:
     )
     p.add_argument("--timeout", type=float, default=300.0, help="collective timeout in seconds")
     p.add_argument("--log-every", type=int, default=10)
+    p.add_argument(
+        "--record",
+        type=Path,
+        default=None,
+        help="rank 0 saves every step's losses and the final parameters here",
+    )
+    p.add_argument(
+        "--compare",
+        type=Path,
+        nargs=2,
+        default=None,
+        metavar=("A", "B"),
+        help="instead of training: the largest differences between two --record files",
+    )
     return p.parse_args()
+
+
+def compare(a_path: Path, b_path: Path) -> None:
+    """Print how far apart two recorded runs are (0 everywhere: bit-identical)."""
+    a, b = torch.load(a_path), torch.load(b_path)
+    steps = min(len(a["losses"]), len(b["losses"]))
+    for i in range(steps):
+        la, lb = a["losses"][i], b["losses"][i]
+        rel = ((la - lb).abs() / lb.abs().clamp_min(1e-30)).max().item()
+        print(
+            f"step {a['start'] + i + 1:4d}  max |loss diff| {(la - lb).abs().max().item():.3e}  max rel {rel:.3e}"
+        )
+    d = (a["params"] - b["params"]).abs().max().item()
+    print(
+        f"final parameters: max |diff| {d:.3e}, bit-identical: {torch.equal(a['params'], b['params'])}"
+    )
 
 
 def setup(args: argparse.Namespace) -> tuple[int, int, torch.device]:
@@ -104,6 +139,9 @@ def mse_closure(
 
 def main() -> None:
     args = parse_args()
+    if args.compare:
+        compare(*args.compare)
+        return
     rank, world, device = setup(args)
     say = print if rank == 0 else (lambda *a, **k: None)
 
@@ -158,11 +196,14 @@ def main() -> None:
         if world > 1:
             dist.barrier()  # nobody runs ahead of a checkpoint that may still be needed
 
+    recorded: list[torch.Tensor] = []
     t0 = time.perf_counter()
     for step in range(start, args.steps):
         x, y = batch(step, args.batch, teacher, device)
 
         loss = opt.step(mse_closure(model, x, y, args.path))
+        if args.record is not None and opt.last_losses is not None:
+            recorded.append(opt.last_losses.double().cpu())  # all members', from every rank
         if (step + 1) % args.log_every == 0:
             say(
                 f"step {step + 1:4d}  mean population loss {loss.item():.5f}  "
@@ -176,6 +217,9 @@ def main() -> None:
         test = ((model(x) - y) ** 2).mean().item()
     lo, hi = params_fingerprint(model.parameters())
     say(f"done: {args.steps} steps, held-out loss {test:.5f}, parameter fingerprint {lo:x}-{hi:x}")
+    if args.record is not None and rank == 0:
+        flat = torch.cat([p.detach().double().cpu().reshape(-1) for p in model.parameters()])
+        torch.save({"start": start, "losses": recorded, "params": flat}, args.record)
     if world > 1:
         dist.destroy_process_group()
 
