@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
 import torch
 from hypothesis import HealthCheck, settings
@@ -19,12 +17,9 @@ settings.register_profile(
 )
 settings.load_profile("torcheggroll")
 
-# The low-rank population forward (torcheggroll/lowrank.py) is the default path when present;
-# the materialized reference path works without it.
-FORWARD_PATH = "auto" if importlib.util.find_spec("torcheggroll.lowrank") else "materialized"
-
 
 @pytest.fixture(autouse=True)
-def _fresh_threads() -> None:
-    # Two shared cores: more intra-op threads than that only adds contention.
-    torch.set_num_threads(min(2, torch.get_num_threads()))
+def _one_thread() -> None:
+    # The tests use tiny tensors, for which intra-op threads only add synchronization; on a
+    # busy 2-core machine two spinning OpenMP threads made a step 30x slower than one thread.
+    torch.set_num_threads(1)
