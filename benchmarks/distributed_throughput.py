@@ -50,7 +50,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--width", type=int, default=8192)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--rows", type=int, default=128, help="input rows per member")
-    p.add_argument("--pop-sizes", default="32,64,128", help="comma-separated global populations")
+    p.add_argument(
+        "--pop-sizes", default="32,64,128,256", help="comma-separated global populations"
+    )
     p.add_argument("--rank", type=int, default=4, help="perturbation rank")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--no-tf32", action="store_true", help="full-precision float32 GEMMs on GPU")
@@ -64,6 +66,13 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=10, help="timed steps per population size")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tiny", action="store_true", help="a seconds-long CPU smoke configuration")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch CPU threads per process (0: torch's default; --tiny: 1, as torchrun sets "
+        "only for more than one process)",
+    )
     p.add_argument("--out", type=Path, default=None, help="JSON results (written by rank 0)")
     p.add_argument(
         "--plot",
@@ -77,6 +86,7 @@ def parse_args() -> argparse.Namespace:
     if args.tiny:
         args.width, args.layers, args.rows, args.pop_sizes = 32, 2, 4, "8,16"
         args.warmup, args.steps = 2, 3
+        args.threads = args.threads or 1
     return args
 
 
@@ -92,6 +102,8 @@ def resolve_path(path: str) -> str:
 
 def setup(args: argparse.Namespace) -> tuple[int, int, torch.device]:
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     if "RANK" not in os.environ:  # plain `python`: one process, no process group
         rank, world, local = 0, 1, 0
     else:
@@ -214,6 +226,7 @@ def run(args: argparse.Namespace) -> None:
         "warmup": args.warmup,
         "steps": args.steps,
         "seed": args.seed,
+        "cpu_threads": torch.get_num_threads(),
         "nccl_nvls_enable": os.environ.get("NCCL_NVLS_ENABLE"),
     }
     if rank == 0:
@@ -274,9 +287,10 @@ def compare(paths: list[Path], png: Path | None) -> None:
             label=f"{r['meta']['world_size']} process(es)",
         )
         if r is not base:
+            shared = [x for x in r["results"] if x["pop_size"] in by_pop]
             axes[1].plot(
-                pops,
-                [x["members_per_s"] / by_pop[x["pop_size"]] for x in r["results"]],
+                [x["pop_size"] for x in shared],
+                [x["members_per_s"] / by_pop[x["pop_size"]] for x in shared],
                 "o-",
                 label=f"{r['meta']['world_size']} vs {base['meta']['world_size']}",
             )
@@ -285,16 +299,17 @@ def compare(paths: list[Path], png: Path | None) -> None:
             r["meta"]["world_size"] / base["meta"]["world_size"], color="grey", lw=0.8, ls="--"
         )
     axes[0].set(
-        xscale="log",
         yscale="log",
         xlabel="population size",
         ylabel="members / s",
         title="throughput",
     )
-    axes[1].set(
-        xscale="log", xlabel="population size", ylabel="speedup", title="speedup (dashed: linear)"
-    )
+    axes[1].set(xlabel="population size", ylabel="speedup", title="speedup (dashed: linear)")
+    axes[1].set_ylim(bottom=0)
+    all_pops = sorted({x["pop_size"] for r in runs for x in r["results"]})
     for ax in axes:
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(all_pops, [str(p) for p in all_pops])
         ax.legend()
         ax.grid(alpha=0.3)
     fig.suptitle(
