@@ -212,6 +212,19 @@ def run_rank(rank: int, out: Path) -> dict[str, Any]:
     if TorchEggrollES is not None:
         res["compat"] = compat_run()
 
+    # A subgroup: rank 0 alone in it trains as a single process; rank 1 may not use it.
+    solo = torch.distributed.new_group([0])
+    model = make_model()
+    if rank == 0:
+        opt = EggrollOptimizer(
+            model.parameters(), lr=0.1, sigma=0.05, rank=2, pop_size=6, seed=7, process_group=solo
+        )
+        res["subgroup"] = train(model, opt, pop_closure(model), 2)
+    else:
+        res["subgroup"] = capture(
+            lambda: EggrollOptimizer(model.parameters(), pop_size=6, process_group=solo)
+        )
+
     # Disagreements are caught before they silently diverge the replicas.
     model = make_model()
     if rank == 1:
@@ -343,6 +356,13 @@ def test_ranks_stay_identical_and_match_single_process(runs: dict[str, Any]) -> 
     # 3 pairs over 2 ranks: rank 0 evaluates members 0..3, rank 1 members 4..5, every step.
     assert r0["train_calls"] == [[0, 1, 2, 3]] * 3
     assert r1["train_calls"] == [[4, 5]] * 3
+
+
+def test_subgroup(runs: dict[str, Any]) -> None:
+    r0, r1 = runs["two"]
+    assert_same_run(r0["subgroup"], single(6, 2))
+    assert r1["subgroup"]["type"] == "ValueError"
+    assert "Invalid process_group" in r1["subgroup"]["message"]
 
 
 def test_compute_grad_matches_single_process(runs: dict[str, Any]) -> None:

@@ -65,6 +65,11 @@ def resolve_group(process_group: Any) -> Any:
     """The process group to shard over: the given one, else WORLD when torch.distributed is
     initialized, else ``None`` (a single process)."""
     if process_group is not None:
+        if dist.get_rank(process_group) < 0:
+            raise ValueError(
+                f"Invalid process_group: {process_group!r} (this process, global rank "
+                f"{dist.get_rank()}, is not a member)"
+            )
         return process_group
     if dist.is_available() and dist.is_initialized():
         return dist.group.WORLD
