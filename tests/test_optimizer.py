@@ -300,6 +300,10 @@ def test_unordered_or_empty_parameter_collections_are_rejected():
         EggrollOptimizer([])
     with pytest.raises(ValueError, match="Invalid params: EggrollOptimizer got no parameters"):
         EggrollOptimizer([{"params": []}])
+    # An empty first group is allowed as long as some group has parameters.
+    later = EggrollOptimizer([{"params": []}, {"params": [w]}], pop_size=4, seed=3)
+    later.step(lambda pop: torch.arange(4.0))
+    assert later.state[w] == {"seed": 3, "generation": 1}
     with pytest.raises(TypeError, match="Invalid param_group"):
         opt.add_param_group([torch.zeros(2)])  # type: ignore[arg-type]
 

@@ -75,7 +75,9 @@ class EggrollOptimizer(Optimizer):
         process_group: shard the population over this torch.distributed group; by default the
             world group when torch.distributed is initialized.
 
-    The closure (required) is called once per step, in one of two forms:
+    The closure (required) is called once per step, in one of two forms, told apart by its
+    signature (one required positional parameter or ``*args``: the population form; none: the
+    sequential form; parameters with defaults do not count):
 
     * ``closure(population) -> Tensor`` of shape ``(len(population),)``: evaluate every member
       at once, typically ``loss_fn(population.forward(model, x), y)``
@@ -85,7 +87,8 @@ class EggrollOptimizer(Optimizer):
       parameters bit-identically afterwards (also if the closure raises).
 
     Closures run under :func:`torch.no_grad`. Members whose loss is NaN or infinite are treated
-    as the worst member (the largest finite loss) and a :class:`~torcheggroll.NonFiniteLossWarning`
+    as the worst member (the largest finite loss, or the smallest fitness with ``maximize``) and
+    a :class:`~torcheggroll.NonFiniteLossWarning`
     is issued; if no member has a finite loss the update is skipped. Parameters are never written
     with a non-finite value by an update.
 
@@ -212,8 +215,11 @@ class EggrollOptimizer(Optimizer):
     def _global_state(self) -> dict[str, Any]:
         # As LBFGS does, optimizer-wide state lives in the state of the first parameter, so it
         # rides along in state_dict() as plain Python ints that load_state_dict never casts.
-        first = next(p for group in self.param_groups for p in group["params"])
-        return self.state[first]
+        return self.state[self._first_param()]
+
+    def _first_param(self) -> torch.Tensor:
+        # The first group may be empty; the constructor ensures some group is not.
+        return next(p for group in self.param_groups for p in group["params"])
 
     @property
     def seed(self) -> int:
@@ -284,14 +290,24 @@ class EggrollOptimizer(Optimizer):
             every rank under torch.distributed) and the local population.
         """
         if closure is None or not callable(closure):
-            raise TypeError(f"Invalid closure: {closure!r} (EggrollOptimizer.step requires a callable closure)")
+            raise TypeError(
+                f"Invalid closure: {closure!r} (EggrollOptimizer.step requires a callable closure)"
+            )
+        for group in self.param_groups:  # settings may have been changed since construction
+            _check_hyper(
+                lr=group["lr"],
+                sigma=group["sigma"],
+                rank=group["rank"],
+                weight_decay=group["weight_decay"],
+                shaping=group["shaping"],
+            )
         population = self.population()
         pg = self._process_group
         try:
             with torch.no_grad():
                 if pg is not None and len(population) == 0:
                     # A rank with no members (more ranks than draws) does not call the closure.
-                    local = torch.empty(0, device=self.param_groups[0]["params"][0].device)
+                    local = torch.empty(0, device=self._first_param().device)
                 elif _takes_population(closure):
                     local = _as_losses(closure(population), len(population), "closure(population)")
                 else:
