@@ -60,6 +60,7 @@ BAD_KWARGS: list[tuple[dict[str, Any], type[Exception], str]] = [
     ({"antithetic": 1}, ValueError, "Invalid antithetic: 1"),
     ({"weight_decay": -0.1}, ValueError, "Invalid weight_decay value: -0.1"),
     ({"shaping": "ranks"}, ValueError, "Invalid shaping: 'ranks'"),
+    ({"maximize": 1}, ValueError, "Invalid maximize: 1"),
     ({"seed": -1}, ValueError, "Invalid seed: -1"),
     ({"seed": 1.5}, ValueError, "Invalid seed: 1.5"),
 ]
@@ -67,7 +68,7 @@ BAD_IDS = [
     next(iter(k)) + "=" + repr(v) for k, _, _ in BAD_KWARGS for v in [next(iter(k.values()))]
 ]
 # Settings that live in param_groups and are re-checked at every step.
-GROUP_KEYS = ("lr", "sigma", "rank", "weight_decay", "shaping")
+GROUP_KEYS = ("lr", "sigma", "rank", "weight_decay", "shaping", "maximize")
 
 
 # --------------------------------------------------------------------------- helpers
@@ -300,6 +301,8 @@ def test_unordered_or_empty_parameter_collections_are_rejected():
         EggrollOptimizer([])
     with pytest.raises(ValueError, match="Invalid params: EggrollOptimizer got no parameters"):
         EggrollOptimizer([{"params": []}])
+    with pytest.raises(ValueError, match="appears more than once"):
+        EggrollOptimizer([w, w])
     # An empty first group is allowed as long as some group has parameters.
     later = EggrollOptimizer([{"params": []}, {"params": [w]}], pop_size=4, seed=3)
     later.step(lambda pop: torch.arange(4.0))

@@ -124,7 +124,14 @@ class EggrollOptimizer(Optimizer):
     ) -> None:
         if isinstance(params, (set, frozenset)):
             raise TypeError(_SET_ERROR)
-        _check_hyper(lr=lr, sigma=sigma, rank=rank, weight_decay=weight_decay, shaping=shaping)
+        _check_hyper(
+            lr=lr,
+            sigma=sigma,
+            rank=rank,
+            weight_decay=weight_decay,
+            shaping=shaping,
+            maximize=maximize,
+        )
         _check_population(pop_size, antithetic)
         if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or seed < 0):
             raise ValueError(f"Invalid seed: {seed!r} (expected a non-negative int or None)")
@@ -161,6 +168,7 @@ class EggrollOptimizer(Optimizer):
             rank=merged["rank"],
             weight_decay=merged["weight_decay"],
             shaping=merged["shaping"],
+            maximize=merged["maximize"],
         )
         _check_population(merged["pop_size"], merged["antithetic"])
         for key in _GLOBAL_KEYS:
@@ -180,6 +188,10 @@ class EggrollOptimizer(Optimizer):
                 raise TypeError(
                     f"Invalid parameter dtype: {t.dtype} (EggrollOptimizer needs real floating-point tensors)"
                 )
+        tensors = [p[1] if isinstance(p, tuple) else p for p in listed]
+        if len({id(t) for t in tensors}) != len(tensors):
+            # torch only warns; here each copy would get its own noise and its own update.
+            raise ValueError("Invalid params: a parameter appears more than once in the group")
         param_group = {**param_group, "params": listed}
         super().add_param_group(param_group)
 
@@ -300,6 +312,7 @@ class EggrollOptimizer(Optimizer):
                 rank=group["rank"],
                 weight_decay=group["weight_decay"],
                 shaping=group["shaping"],
+                maximize=group["maximize"],
             )
         population = self.population()
         pg = self._process_group
@@ -453,7 +466,9 @@ class EggrollOptimizer(Optimizer):
 
 
 # ---------------------------------------------------------------------- checks and helpers
-def _check_hyper(*, lr: Any, sigma: Any, rank: Any, weight_decay: Any, shaping: Any) -> None:
+def _check_hyper(
+    *, lr: Any, sigma: Any, rank: Any, weight_decay: Any, shaping: Any, maximize: Any = False
+) -> None:
     if isinstance(lr, torch.Tensor):
         if lr.numel() != 1:
             raise ValueError(
@@ -477,6 +492,8 @@ def _check_hyper(*, lr: Any, sigma: Any, rank: Any, weight_decay: Any, shaping: 
         raise ValueError(f"Invalid weight_decay value: {weight_decay}")
     if shaping not in SHAPINGS:
         raise ValueError(f"Invalid shaping: {shaping!r} (expected one of {sorted(SHAPINGS)})")
+    if not isinstance(maximize, bool):
+        raise ValueError(f"Invalid maximize: {maximize!r} (expected a bool)")
 
 
 def _check_population(pop_size: Any, antithetic: Any) -> None:
