@@ -570,6 +570,13 @@ def test_lr_may_be_a_tensor_and_matches_a_float():
         o1.param_groups[0]["lr"] *= 0.5
     assert isinstance(o2.param_groups[0]["lr"], torch.Tensor)
 
+    # Groups do not share the tensor: per-group schedules stay per group.
+    lr = torch.tensor(0.125)
+    o3 = EggrollOptimizer([{"params": m1[0].parameters()}, {"params": m1[2].parameters()}], lr=lr)
+    LambdaLR(o3, [lambda k: 1.0, lambda k: 0.5])
+    assert [float(g["lr"]) for g in o3.param_groups] == [0.125, 0.0625]
+    assert float(lr) == 0.125 and float(o3.defaults["lr"]) == 0.125
+
 
 # --------------------------------------------------------------------------- losses
 def test_step_returns_the_mean_loss_and_records_member_losses():

@@ -193,6 +193,10 @@ class EggrollOptimizer(Optimizer):
             # torch only warns; here each copy would get its own noise and its own update.
             raise ValueError("Invalid params: a parameter appears more than once in the group")
         param_group = {**param_group, "params": listed}
+        if "lr" not in param_group and isinstance(self.defaults["lr"], torch.Tensor):
+            # Each group gets its own tensor lr: a scheduler's in-place update of one group's lr
+            # must not change the others (torch's own optimizers share the default tensor).
+            param_group["lr"] = self.defaults["lr"].clone()
         super().add_param_group(param_group)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
