@@ -1,0 +1,81 @@
+"""Small helpers shared by the examples: device choice, forward path, progress bar, plots.
+
+Examples are run from the repository root as ``python examples/...``; this module makes
+``import torcheggroll`` work there even when the package is not installed.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+try:
+    import torcheggroll  # noqa: F401
+except ImportError:  # running from a source checkout without `pip install -e .`
+    sys.path.insert(0, str(REPO_ROOT))
+
+import torch  # noqa: E402
+
+
+def resolve_device(name: str) -> torch.device:
+    """``"auto"`` -> CUDA when present, else CPU; anything else is passed to ``torch.device``."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def lowrank_available() -> bool:
+    """Whether torcheggroll ships the low-rank population forward (``torcheggroll/lowrank.py``)."""
+    return importlib.util.find_spec("torcheggroll.lowrank") is not None
+
+
+def resolve_path(name: str) -> str:
+    """The ``population.forward`` path: ``"auto"`` falls back to ``"materialized"`` without lowrank.py."""
+    if name == "auto" and not lowrank_available():
+        return "materialized"
+    return name
+
+
+def progress(iterable: Iterable[Any], *, total: int | None = None, desc: str = "", quiet: bool = False) -> Any:
+    """A tqdm bar over ``iterable`` (disabled with ``quiet``)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, total=total, desc=desc, disable=quiet, dynamic_ncols=True, leave=True)
+
+
+def save_plot(
+    path: str | Path,
+    series: dict[str, tuple[Sequence[float], Sequence[float]]],
+    *,
+    title: str,
+    xlabel: str,
+    ylabel: str,
+    hline: tuple[float, str] | None = None,
+) -> Path:
+    """Write a PNG line plot: ``series`` maps a label to ``(x values, y values)``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
+    for label, (xs, ys) in series.items():
+        ax.plot(list(xs), list(ys), label=label, linewidth=1.8)
+    if hline is not None:
+        ax.axhline(hline[0], color="grey", linestyle="--", linewidth=1.0, label=hline[1])
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out)
+    plt.close(fig)
+    return out
