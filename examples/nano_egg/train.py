@@ -1,0 +1,209 @@
+#!/usr/bin/env python3
+"""nano_egg: a byte-level minGRU language model trained by EGGROLL evolution strategies.
+
+Quick test of the original torcheggroll example, on the file it used::
+
+    python examples/nano_egg/train.py --data /path/to/minipile_valid_1000.npy --mode float \\
+        --epochs 50 --hidden-dim 32 --n-layers 1 --pop-size 512 --max-docs 1000
+
+Without ``--data`` it trains on the Python sources of the standard library (no download).
+``--mode int`` runs int8 weights and activations with int32 accumulation (see mingru.py).
+
+One epoch is one ES generation, as in the original example: every member is scored on the same
+``--batch-size`` random windows of ``--seq-len`` bytes from the training split, and the
+parameters take one step. "train" is the population's mean loss on that batch; "valid" is the
+centre model's loss on a fixed set of ``--valid-windows`` windows of the validation split. Both
+are in bits per byte.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+_HERE = Path(__file__).resolve().parent
+for _p in (_HERE, _HERE.parent):
+    if str(_p) not in sys.path:
+        sys.path.insert(0, str(_p))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from _common import progress, resolve_device, resolve_path, save_plot  # noqa: E402
+from corpus import load_corpus, split_documents  # noqa: E402
+from mingru import build_model  # noqa: E402
+from torch import nn  # noqa: E402
+
+from torcheggroll import EggrollOptimizer, Population  # noqa: E402
+
+LN2 = math.log(2.0)
+# Per-mode defaults: int master weights live on the int8 scale (16 = 1.0), so sigma is in those units.
+MODE_DEFAULTS = {"float": {"lr": 1.0, "sigma": 0.05}, "int": {"lr": 1.0, "sigma": 2.0}}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--mode", choices=["float", "int"], default="float")
+    p.add_argument("--epochs", type=int, default=60, help="ES generations (one batch each)")
+    p.add_argument("--hidden-dim", type=int, default=32)
+    p.add_argument("--n-layers", type=int, default=1)
+    p.add_argument("--pop-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=None, help="default: 1.0 (float and int)")
+    p.add_argument("--sigma", type=float, default=None, help="default: 0.05 (float), 2.0 (int)")
+    p.add_argument("--rank", type=int, default=4)
+    p.add_argument("--seq-len", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=32, help="windows per generation")
+    p.add_argument("--chunk", type=int, default=2, help="windows per population forward (bounds memory)")
+    p.add_argument("--valid-windows", type=int, default=64)
+    p.add_argument("--data", default=None, help=".npy of uint8 bytes, 0 before each document")
+    p.add_argument("--max-docs", type=int, default=0, help="keep the first N documents (0: all)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, ...")
+    p.add_argument("--path", choices=["auto", "lowrank", "materialized"], default="materialized",
+                   help="population.forward path (materialized is faster at small widths: docs/examples.md)")
+    p.add_argument("--plot", default=None, help="save a PNG training curve here")
+    p.add_argument("--json", default=None, help="save the per-epoch history here")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
+    args = p.parse_args(argv)
+    for key, value in MODE_DEFAULTS[args.mode].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.batch_size % args.chunk and args.chunk < args.batch_size:
+        p.error(f"--batch-size {args.batch_size} must be a multiple of --chunk {args.chunk}")
+    return args
+
+
+def windows(data: np.ndarray, starts: np.ndarray, seq_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs and next-byte targets, both ``(len(starts), seq_len)`` int64."""
+    idx = starts[:, None] + np.arange(seq_len + 1)[None, :]
+    w = torch.from_numpy(data[idx].astype(np.int64)).to(device)
+    return w[:, :-1], w[:, 1:]
+
+
+class WindowLoss(nn.Module):
+    """``(batch, seq)`` inputs and targets -> ``(batch,)`` summed next-byte NLL in nats.
+
+    Wraps the language model so that ``population.forward`` returns one number per window
+    instead of ``(pop, batch, seq, 256)`` logits, and runs the windows ``chunk`` at a time inside
+    the forward: the per-member weights (or low-rank factors) are prepared once per generation
+    while the logits held in memory stay at ``pop * chunk * seq * 256`` floats.
+    """
+
+    def __init__(self, model: nn.Module, chunk: int) -> None:
+        super().__init__()
+        self.model = model
+        self.chunk = chunk
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        parts = []
+        for s in range(0, x.shape[0], self.chunk):
+            logits = self.model(x[s : s + self.chunk])
+            nll = F.cross_entropy(logits.flatten(0, 1), y[s : s + self.chunk].flatten(), reduction="none")
+            parts.append(nll.view(logits.shape[0], -1).sum(-1))
+        return torch.cat(parts)
+
+
+def population_bpb(population: Population, loss: WindowLoss, x: torch.Tensor, y: torch.Tensor, path: str) -> torch.Tensor:
+    """``(len(population),)`` mean bits per byte of every member on ``x -> y`` (``(batch, seq)``)."""
+    return population.forward(loss, x, y, path=path).sum(-1) / (y.numel() * LN2)
+
+
+@torch.no_grad()
+def centre_bpb(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, chunk: int) -> float:
+    nll = 0.0
+    for s in range(0, x.shape[0], chunk * 8):
+        logits = model(x[s : s + chunk * 8])
+        nll += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y[s : s + chunk * 8].reshape(-1), reduction="sum"))
+    return nll / (y.numel() * LN2)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    device = resolve_device(args.device)
+    path = resolve_path(args.path)
+    torch.manual_seed(args.seed)
+    rng = np.random.default_rng(args.seed)
+
+    data = load_corpus(args.data)
+    train, valid = split_documents(data, args.max_docs)
+    if min(train.size, valid.size) <= args.seq_len + 1:
+        raise ValueError(f"Invalid data: splits of {train.size} and {valid.size} bytes are shorter than --seq-len")
+    vx, vy = windows(valid, rng.integers(0, valid.size - args.seq_len - 1, args.valid_windows), args.seq_len, device)
+
+    model = build_model(args.mode, args.hidden_dim, args.n_layers).to(device)
+    n_params = sum(p.numel() for p in model.parameters())
+    window_loss = WindowLoss(model, args.chunk)
+    opt = EggrollOptimizer(
+        model.parameters(), lr=args.lr, sigma=args.sigma, rank=args.rank, pop_size=args.pop_size, seed=args.seed
+    )
+    source = args.data or "Python standard library sources"
+    if not args.quiet:
+        print(
+            f"nano_egg: mode={args.mode} params={n_params:,} pop={args.pop_size} lr={args.lr} sigma={args.sigma} "
+            f"rank={args.rank} device={device} path={path}\n"
+            f"data: {source}: train {train.size:,} bytes, valid {valid.size:,} bytes"
+        )
+
+    history: dict[str, list[float]] = {"epoch": [], "train_bpb": [], "valid_bpb": [], "tokens_per_s": []}
+    start = time.perf_counter()
+    bar = progress(range(1, args.epochs + 1), total=args.epochs, desc=f"nano_egg[{args.mode}]", quiet=args.quiet)
+    for epoch in bar:
+        t0 = time.perf_counter()
+        x, y = windows(train, rng.integers(0, train.size - args.seq_len - 1, args.batch_size), args.seq_len, device)
+
+        def closure(population: Population, x: torch.Tensor = x, y: torch.Tensor = y) -> torch.Tensor:
+            return population_bpb(population, window_loss, x, y, path)
+
+        train_bpb = float(opt.step(closure))
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        tok_s = args.pop_size * x.numel() / (time.perf_counter() - t0)
+        valid_bpb = centre_bpb(model, vx, vy, args.chunk)
+        for key, val in zip(history, (epoch, train_bpb, valid_bpb, tok_s), strict=True):
+            history[key].append(val)
+        if not args.quiet:
+            bar.set_postfix(train=f"{train_bpb:.3f}", valid=f"{valid_bpb:.3f}", tok_s=f"{tok_s:,.0f}")
+            bar.write(f"epoch {epoch:4d} | train {train_bpb:.3f} bpb | valid {valid_bpb:.3f} bpb | {tok_s:,.0f} tok/s")
+    elapsed = time.perf_counter() - start
+
+    result: dict[str, Any] = {
+        "mode": args.mode,
+        "epochs": args.epochs,
+        "final_train_bpb": history["train_bpb"][-1],
+        "final_valid_bpb": history["valid_bpb"][-1],
+        "best_valid_bpb": min(history["valid_bpb"]),
+        "initial_valid_bpb": history["valid_bpb"][0],
+        "mean_tokens_per_s": float(np.mean(history["tokens_per_s"])),
+        "seconds": elapsed,
+        "device": str(device),
+        "args": vars(args),
+        "history": history,
+    }
+    print(
+        f"nano_egg summary: mode={args.mode} epochs={args.epochs} train={result['final_train_bpb']:.3f} bpb "
+        f"valid={result['final_valid_bpb']:.3f} bpb (best {result['best_valid_bpb']:.3f}) "
+        f"{result['mean_tokens_per_s']:,.0f} tok/s {elapsed:.1f}s on {device}"
+    )
+    if args.plot:
+        save_plot(
+            args.plot,
+            {"train (population mean)": (history["epoch"], history["train_bpb"]),
+             "valid (centre)": (history["epoch"], history["valid_bpb"])},
+            title=f"nano_egg minGRU ({args.mode}), pop {args.pop_size}, hidden {args.hidden_dim}",
+            xlabel="epoch (ES generation)",
+            ylabel="bits per byte",
+            hline=(8.0, "uniform (8 bits)"),
+        )
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=1))
+    return result
+
+
+if __name__ == "__main__":
+    main()
