@@ -783,3 +783,45 @@ def test_raw_update_agrees_with_autograd():
     min_cos = 1 / math.sqrt(1 + 2 * perp_bound / (1 - 6 * math.sqrt((kurt - 1) / k)) ** 2)
     assert cos >= min_cos, (cos, min_cos)
     assert min_cos > 0.9  # the check above is not vacuous at this N
+
+
+# --------------------------------------------------------------------------- CUDA
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_lockstep_through_a_cpu_checkpoint_and_sgd_equivalence():
+    dev = torch.device("cuda")
+    (x, y), m1, m2 = make_data(), make_model().to(dev), make_model().to(dev)
+    x, y = x.to(dev), y.to(dev)
+    opt = EggrollOptimizer(m1.parameters(), lr=torch.tensor(0.0625), seed=2**40 + 1)
+    est = EggrollOptimizer(m2.parameters(), seed=2**40 + 1)
+    sgd = torch.optim.SGD(m2.parameters(), lr=0.0625)
+    for _ in range(2):
+        opt.step(pop_closure(m1, x, y))
+        sgd.zero_grad()
+        est.compute_grad(pop_closure(m2, x, y))
+        sgd.step()
+    assert_bitwise(params_of(m1), params_of(m2))
+
+    buf = io.BytesIO()
+    torch.save({"model": m1.state_dict(), "opt": opt.state_dict()}, buf)
+    buf.seek(0)
+    ckpt = torch.load(buf, map_location="cpu", weights_only=True)
+    assert ckpt["opt"]["state"][0] == {"seed": 2**40 + 1, "generation": 2}
+    m3 = make_model(seed=9).to(dev)
+    m3.load_state_dict(ckpt["model"])
+    resumed = EggrollOptimizer(m3.parameters(), seed=0)
+    resumed.load_state_dict(ckpt["opt"])
+    with pytest.warns(NonFiniteLossWarning):  # the cross-device non-finite path, too
+
+        def half_nan(closure):
+            def wrapped(pop):
+                losses = closure(pop)
+                losses[0] = float("nan")
+                return losses
+
+            return wrapped
+
+        opt.step(half_nan(pop_closure(m1, x, y)))
+        resumed.step(half_nan(pop_closure(m3, x, y)))
+    assert_bitwise(params_of(m1), params_of(m3))
+    assert all(torch.isfinite(p).all() for p in m1.parameters())
