@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from torcheggroll import EggrollOptimizer  # noqa: E402
+from torcheggroll import EggrollOptimizer
 
 METHODS = ("inference", "lowrank-fwd", "lowrank-step", "materialized-fwd", "materialized-step")
 

@@ -14,7 +14,7 @@ from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from torcheggroll import EggrollOptimizer  # noqa: E402
+from torcheggroll import EggrollOptimizer
 
 
 def main(argv: list[str] | None = None) -> None:

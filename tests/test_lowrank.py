@@ -133,7 +133,7 @@ def _reference(population: Any, model: nn.Module, inputs: tuple[Any, ...], kwarg
     outs = []
     for j in range(len(population)):
         xs = tuple(x[j] for x in inputs) if per_member else inputs
-        kw = pytree.tree_map(lambda t: t[j] if isinstance(t, torch.Tensor) else t, kwargs) if per_member else kwargs
+        kw = pytree.tree_map(lambda t, j=j: t[j] if isinstance(t, torch.Tensor) else t, kwargs) if per_member else kwargs
         params = {k: v[j] for k, v in stacked.items()}
         outs.append(torch.func.functional_call(copy.deepcopy(model), params, xs, kw, tie_weights=False))
     return pytree.tree_map(lambda *ys: torch.stack(ys) if ys[0] is not None else None, *outs) if isinstance(outs[0], tuple) else torch.stack(outs)
@@ -284,7 +284,7 @@ def test_step_through_either_path_gives_the_same_parameters() -> None:
         model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 2))
         opt = EggrollOptimizer(model.parameters(), lr=0.1, sigma=0.05, pop_size=POP, seed=7, shaping="centered_rank")
         for _ in range(3):
-            opt.step(lambda pop, path=path: ((pop.forward(model, x, path=path) - y) ** 2).mean(dim=(1, 2)))
+            opt.step(lambda pop, path=path, model=model: ((pop.forward(model, x, path=path) - y) ** 2).mean(dim=(1, 2)))
         results.append([p.detach().clone() for p in model.parameters()])
     for a, b in zip(*results, strict=True):
         # centered ranks are exact as long as the member order of the losses agrees

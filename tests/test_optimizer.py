@@ -825,3 +825,13 @@ def test_cuda_lockstep_through_a_cpu_checkpoint_and_sgd_equivalence():
         resumed.step(half_nan(pop_closure(m3, x, y)))
     assert_bitwise(params_of(m1), params_of(m3))
     assert all(torch.isfinite(p).all() for p in m1.parameters())
+
+
+def test_state_dict_snapshot_keeps_its_generation() -> None:
+    """A state_dict taken earlier is not advanced by later steps (its ints are not shared)."""
+    model = torch.nn.Linear(3, 2)
+    opt = EggrollOptimizer(model.parameters(), pop_size=4, seed=0)
+    snapshot = opt.state_dict()
+    opt.step(lambda pop: torch.arange(4.0))
+    assert snapshot["state"][0]["generation"] == 0
+    assert opt.state_dict()["state"][0]["generation"] == 1

@@ -144,21 +144,26 @@ class ParamNoise:
         e = torch.bmm(a, self.b.transpose(1, 2)) * self.factor_scale
         return e.reshape(-1, *self.shape)
 
-    def weighted_sum(self, coeffs: torch.Tensor) -> torch.Tensor:
+    def weighted_sum(self, coeffs: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
         """``sum_k coeffs[k] * E_k`` with the shape of the parameter.
 
         For low-rank noise this is computed in factored form,
         ``(A * c) reshaped to (m, draws * r) @ B reshaped to (draws * r, n)``: it never builds
-        ``draws`` full matrices. ``coeffs`` is ``(draws,)`` in the noise dtype.
+        ``draws`` full matrices. ``coeffs`` is ``(draws,)`` in the noise dtype. With
+        ``out_dtype`` (a parameter's bf16 or fp16) the factors are rounded to it first and the
+        GEMM runs in that dtype (with float32 accumulation on GPUs) instead of float32.
         """
         if self.dense is not None:
-            return torch.tensordot(coeffs, self.dense, dims=1)
+            out = torch.tensordot(coeffs, self.dense, dims=1)
+            return out if out_dtype is None else out.to(out_dtype)
         assert self.a is not None and self.b is not None
         d, m, r = self.a.shape
         n = self.b.shape[1]
-        a = (self.a * coeffs.view(-1, 1, 1)).permute(1, 0, 2).reshape(m, d * r)
+        a = (self.a * (coeffs * self.factor_scale).view(-1, 1, 1)).permute(1, 0, 2).reshape(m, d * r)
         b = self.b.permute(1, 0, 2).reshape(n, d * r)
-        return (a @ b.T * self.factor_scale).reshape(self.shape)
+        if out_dtype is not None:
+            a, b = a.to(out_dtype), b.to(out_dtype)
+        return (a @ b.T).reshape(self.shape)
 
 
 def matrix_shape(shape: torch.Size | tuple[int, ...]) -> tuple[int, int]:

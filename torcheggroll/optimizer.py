@@ -397,14 +397,21 @@ class EggrollOptimizer(Optimizer):
                 )
                 coeffs = torch.zeros(noise.num_draws, dtype=torch.float64, device=ref.device)
                 coeffs.index_add_(0, member_pairs(members, self.antithetic), weights)
-                g = noise.weighted_sum(coeffs.to(ref.dtype)) * (entry.sigma / math.sqrt(n))
+                # Half-precision parameters get their update GEMM in their own dtype: the
+                # update is rounded to it anyway, and a float32 GEMM of (m, draws*r) x
+                # (draws*r, n) would cost more than the population's forward.
+                low = p.dtype if p.dtype in (torch.float16, torch.bfloat16) else None
+                g = noise.weighted_sum(coeffs.to(ref.dtype) * (entry.sigma / math.sqrt(n)), low)
                 if group["weight_decay"] != 0:
-                    g = g.add(p.detach().to(ref.dtype), alpha=group["weight_decay"])
+                    g = g.add(p.detach().to(g.dtype), alpha=group["weight_decay"])
                 out.append((p, group, g))
         return out
 
     def _finish(self, losses: torch.Tensor) -> torch.Tensor:
-        self._global_state()["generation"] += 1
+        # A new dict rather than an in-place increment: a state_dict() taken earlier shares the
+        # old one and must keep the generation it was taken at.
+        first = self._first_param()
+        self.state[first] = {**self.state[first], "generation": int(self.state[first]["generation"]) + 1}
         return losses.detach().mean()
 
     @torch.no_grad()
@@ -429,8 +436,7 @@ class EggrollOptimizer(Optimizer):
                 if _nonzero(group["lr"])
             ]
             del directions
-            finite = [(v.isfinite() | ~p.isfinite()).all() for p, v in new_values]
-            if finite and not bool(torch.stack([f.to(finite[0].device) for f in finite]).all()):
+            if new_values and not _all_stay_finite(new_values):
                 warnings.warn(
                     "the ES update overflowed to a non-finite value; the parameters were left unchanged",
                     RuntimeWarning,
@@ -507,6 +513,19 @@ def _check_population(pop_size: Any, antithetic: Any) -> None:
         raise ValueError(f"Invalid antithetic: {antithetic!r} (expected a bool)")
     if antithetic and pop_size % 2:
         raise ValueError(f"Invalid pop_size: {pop_size} (must be even with antithetic=True)")
+
+
+def _all_stay_finite(new_values: list[tuple[torch.Tensor, torch.Tensor]]) -> bool:
+    """Whether every new value is finite wherever the old one was (one host sync).
+
+    A finite sum proves every element finite with one cheap reduction; only if some sum is not
+    finite (an element is, or the sum overflowed) are the elements compared one by one.
+    """
+    sums = torch.stack([v.sum(dtype=torch.float64).to(new_values[0][1].device) for _, v in new_values])
+    if bool(sums.isfinite().all()):
+        return True
+    checks = [(v.isfinite() | ~p.isfinite()).all().to(new_values[0][1].device) for p, v in new_values]
+    return bool(torch.stack(checks).all())
 
 
 def _nonzero(lr: Any) -> bool:

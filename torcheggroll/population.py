@@ -11,7 +11,7 @@ from torch import nn
 
 from .noise import ParamNoise, compute_dtype, member_pairs, member_signs
 
-__all__ = ["Population", "PerturbedParam"]
+__all__ = ["PerturbedParam", "Population"]
 
 ForwardPath = Literal["auto", "lowrank", "materialized"]
 
