@@ -233,6 +233,15 @@ def run_rank(rank: int, out: Path) -> dict[str, Any]:
     res["params_differ"] = capture(lambda: make_opt(model, 6).step(pop_closure(model)))
     model = make_model()
     res["seed_differs"] = capture(lambda: make_opt(model, 6, seed=rank).step(pop_closure(model)))
+
+    # process_group=False opts out: each process evaluates the whole population by itself.
+    model = make_model()
+    opt = EggrollOptimizer(
+        model.parameters(), lr=0.1, sigma=0.05, rank=2, pop_size=6, seed=7, process_group=False
+    )
+    calls = []
+    res["opt_out"] = train(model, opt, pop_closure(model, calls), 2)
+    res["opt_out_calls"] = calls
     return res
 
 
@@ -456,3 +465,10 @@ def test_disagreeing_ranks_are_caught(runs: dict[str, Any]) -> None:
 
 if __name__ == "__main__":
     worker_main(Path(sys.argv[1]), Path(sys.argv[2]))
+
+
+def test_process_group_false_opts_out(runs: dict[str, Any]) -> None:
+    ref = single(6, 2)
+    for res in runs["two"]:
+        assert res["opt_out_calls"] == [[0, 1, 2, 3, 4, 5]] * 2
+        assert_same_run(res["opt_out"], ref)

@@ -63,7 +63,10 @@ class RankValueError(RankError, ValueError):
 
 def resolve_group(process_group: Any) -> Any:
     """The process group to shard over: the given one, else WORLD when torch.distributed is
-    initialized, else ``None`` (a single process)."""
+    initialized, else ``None`` (a single process). ``False`` opts out: every process evaluates
+    the whole population on its own (for programs that use torch.distributed for other work)."""
+    if process_group is False:
+        return None
     if process_group is not None:
         if dist.get_rank(process_group) < 0:
             raise ValueError(

@@ -73,7 +73,8 @@ class EggrollOptimizer(Optimizer):
         weight_decay: L2 penalty added to the update as in SGD (default: 0).
         maximize: the closure returns a fitness to maximize instead of a loss (default: False).
         process_group: shard the population over this torch.distributed group; by default the
-            world group when torch.distributed is initialized.
+            world group when torch.distributed is initialized. ``False`` turns sharding off
+            (each process then evaluates the whole population itself).
 
     The closure (required) is called once per step, in one of two forms, told apart by its
     signature (one required positional parameter or ``*args``: the population form; none: the
