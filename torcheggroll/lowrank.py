@@ -129,10 +129,17 @@ class _LowRankMode(TorchFunctionMode):
 _METADATA = {
     torch.Tensor.size,
     torch.Tensor.dim,
+    torch.Tensor.ndimension,
     torch.Tensor.numel,
+    torch.Tensor.nelement,
     torch.Tensor.stride,
+    torch.Tensor.storage_offset,
+    torch.Tensor.untyped_storage,
     torch.Tensor.is_floating_point,
+    torch.Tensor.is_complex,
     torch.Tensor.is_contiguous,
+    torch.Tensor.is_pinned,
+    torch.Tensor.is_shared,
     torch.Tensor.element_size,
     torch.Tensor.get_device,
     torch.Tensor.__len__,
@@ -417,7 +424,26 @@ def _recurrent_handler(cell: Callable[..., Any], is_lstm: bool) -> Callable[...,
     return handler
 
 
+def _h_skip_flatten(mode: _LowRankMode, weights: Any, *args: Any, **kwargs: Any) -> Any:
+    """``torch._cudnn_rnn_flatten_weight`` (nn.RNNBase.flatten_parameters): only a memory-layout
+    optimisation whose result is discarded; skipped when owned or per-member weights take part."""
+    if any(mode.factor(w) is not None for w in weights) or torch._C._functorch.is_batchedtensor(weights[-1]):
+        return None
+    return NotImplemented
+
+
+def _h_data_ptr(mode: _LowRankMode, t: torch.Tensor) -> Any:
+    """``Tensor.data_ptr``: the centre's for an owned weight; for a per-member (batched) tensor,
+    which has no single storage, a stand-in that is unique while it lives (RNN modules only
+    compare pointers to decide whether to re-pack their weights for cuDNN)."""
+    if torch._C._functorch.is_batchedtensor(t):
+        return id(t)
+    return NotImplemented if mode.factor(t) is None else t.data_ptr()
+
+
 _HANDLERS: dict[Any, Callable[..., Any]] = {
+    torch._cudnn_rnn_flatten_weight: _h_skip_flatten,
+    torch.Tensor.data_ptr: _h_data_ptr,
     F.linear: _h_linear,
     F.embedding: _h_embedding,
     F.conv1d: _conv_handler(F.conv1d, 1),

@@ -14,7 +14,7 @@ from torch.optim import Optimizer
 from . import distributed as _dist
 from .noise import compute_dtype, draw_noise, member_pairs, member_signs, num_draws
 from .population import PerturbedParam, Population
-from .shaping import SHAPINGS, replace_nonfinite, shape_losses, warn_nonfinite
+from .shaping import SHAPINGS, mask_nonfinite, shape_losses, warn_nonfinite
 
 __all__ = ["EggrollOptimizer"]
 
@@ -367,24 +367,24 @@ class EggrollOptimizer(Optimizer):
     # ------------------------------------------------------------------ the update
     def _directions(
         self, losses: torch.Tensor, population: Population
-    ) -> list[tuple[torch.Tensor, dict[str, Any], torch.Tensor]] | None:
-        """``[(param, group, g)]`` with ``g`` the per-parameter update of the class docstring
-        (before ``lr``), or None when no member had a finite loss."""
+    ) -> tuple[list[tuple[torch.Tensor, dict[str, Any], torch.Tensor]], torch.Tensor]:
+        """``([(param, group, g)], bad)`` with ``g`` the per-parameter update of the class
+        docstring (before ``lr``) and ``bad`` a 0-d tensor counting the non-finite losses.
+
+        No host sync: when every loss is non-finite the directions are meaningless and the
+        caller must discard them.
+        """
         self.last_losses = losses.detach().clone()
-        bad = int((~torch.isfinite(losses)).sum())
-        if bad:
-            warn_nonfinite(bad, losses.numel())
-            if bad == losses.numel():
-                return None
         n = self.pop_size
         all_members = torch.arange(n, device=losses.device)
         out: list[tuple[torch.Tensor, dict[str, Any], torch.Tensor]] = []
+        bad = (~torch.isfinite(losses)).sum()
         entries = iter(population.params)
         for group in self.param_groups:
             # Negate before replacing non-finite values, so that they become the worst member
             # (the largest loss) also when the closure returns a fitness to maximize.
             signed_losses = -losses.detach() if group["maximize"] else losses.detach()
-            clean, _ = replace_nonfinite(signed_losses)
+            clean, _ = mask_nonfinite(signed_losses)
             shaped = shape_losses(clean.to(torch.float64), group["shaping"])
             for p in group["params"]:
                 entry = next(entries)
@@ -406,7 +406,7 @@ class EggrollOptimizer(Optimizer):
                 if group["weight_decay"] != 0:
                     g = g.add(p.detach().to(g.dtype), alpha=group["weight_decay"])
                 out.append((p, group, g))
-        return out
+        return out, bad
 
     def _finish(self, losses: torch.Tensor) -> torch.Tensor:
         # A new dict rather than an in-place increment: a state_dict() taken earlier shares the
@@ -427,25 +427,32 @@ class EggrollOptimizer(Optimizer):
             The mean loss over the population (a 0-d tensor; NaN if some member's loss was NaN).
         """
         losses, population = self.evaluate(closure)
-        directions = self._directions(losses, population)
-        if directions is not None:
-            # p - lr * g computed exactly as torch.optim.SGD does (add with alpha), out of place
-            # so that nothing is written unless every new value is finite where the old one was.
-            new_values = [
-                (p, p.add(g.to(p.dtype), alpha=-group["lr"]))
-                for p, group, g in directions
-                if _nonzero(group["lr"])
-            ]
-            del directions
-            if new_values and not _all_stay_finite(new_values):
-                warnings.warn(
-                    "the ES update overflowed to a non-finite value; the parameters were left unchanged",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
-            else:
-                for p, v in new_values:
-                    p.copy_(v)
+        directions, bad_count = self._directions(losses, population)
+        # p - lr * g computed exactly as torch.optim.SGD does (add with alpha), out of place so
+        # that nothing is written unless every new value is finite where the old one was.
+        new_values = [
+            (p, p.add(g.to(p.dtype), alpha=-group["lr"]))
+            for p, group, g in directions
+            if _nonzero(group["lr"])
+        ]
+        del directions
+        # One host sync for the step: the non-finite count and one sum per updated tensor.
+        device = bad_count.device
+        flags = torch.stack([bad_count.to(device, torch.float64)] + [v.sum().to(device, torch.float64) for _, v in new_values]).tolist()
+        bad = int(flags[0])
+        if bad:
+            warn_nonfinite(bad, losses.numel())
+        if bad == losses.numel():
+            return self._finish(losses)
+        if not all(math.isfinite(x) for x in flags[1:]) and not _all_stay_finite(new_values):
+            warnings.warn(
+                "the ES update overflowed to a non-finite value; the parameters were left unchanged",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        else:
+            for p, v in new_values:
+                p.copy_(v)
         return self._finish(losses)
 
     @torch.no_grad()
@@ -465,8 +472,11 @@ class EggrollOptimizer(Optimizer):
             The mean loss over the population (a 0-d tensor).
         """
         losses, population = self.evaluate(closure)
-        directions = self._directions(losses, population)
-        if directions is not None:
+        directions, bad_count = self._directions(losses, population)
+        bad = int(bad_count)
+        if bad:
+            warn_nonfinite(bad, losses.numel())
+        if bad < losses.numel():
             for p, _, g in directions:
                 g = g.to(p.dtype)
                 if p.grad is None:
@@ -517,15 +527,12 @@ def _check_population(pop_size: Any, antithetic: Any) -> None:
 
 
 def _all_stay_finite(new_values: list[tuple[torch.Tensor, torch.Tensor]]) -> bool:
-    """Whether every new value is finite wherever the old one was (one host sync).
+    """Whether every new value is finite wherever the old one was (elementwise; one host sync).
 
-    A finite sum proves every element finite with one cheap reduction; only if some sum is not
-    finite (an element is, or the sum overflowed) are the elements compared one by one.
+    Only called when some tensor's sum is not finite (an element is, or the sum overflowed).
     """
-    sums = torch.stack([v.sum(dtype=torch.float64).to(new_values[0][1].device) for _, v in new_values])
-    if bool(sums.isfinite().all()):
-        return True
-    checks = [(v.isfinite() | ~p.isfinite()).all().to(new_values[0][1].device) for p, v in new_values]
+    device = new_values[0][1].device
+    checks = [(v.isfinite() | ~p.isfinite()).all().to(device) for p, v in new_values]
     return bool(torch.stack(checks).all())
 
 

@@ -15,6 +15,7 @@ __all__ = [
     "NonFiniteLossWarning",
     "centered",
     "centered_rank",
+    "mask_nonfinite",
     "raw",
     "replace_nonfinite",
     "shape_losses",
@@ -68,20 +69,31 @@ def raw(losses: torch.Tensor) -> torch.Tensor:
 SHAPINGS = {"zscore": zscore, "centered_rank": centered_rank, "centered": centered, "raw": raw}
 
 
+def mask_nonfinite(losses: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Replace NaN and ±inf losses by the worst (largest) finite loss, without a host sync.
+
+    Returns the cleaned losses and a 0-d int64 tensor counting the replaced ones. When no loss
+    is finite the cleaned losses are meaningless (the caller must skip the update).
+    """
+    finite = torch.isfinite(losses)
+    lowest = torch.finfo(losses.dtype).min if losses.is_floating_point() else 0
+    worst = torch.where(finite, losses, lowest).max()
+    return torch.where(finite, losses, worst), (~finite).sum()
+
+
 def replace_nonfinite(losses: torch.Tensor) -> tuple[torch.Tensor, int]:
     """Replace NaN and ±inf losses by the worst (largest) finite loss.
 
     Returns the cleaned losses and how many were replaced. If no loss is finite, every loss is
     replaced by 0 (so shaping yields a zero update). This needs one host sync (the count).
     """
-    finite = torch.isfinite(losses)
-    bad = int((~finite).sum())
+    clean, bad_count = mask_nonfinite(losses)
+    bad = int(bad_count)
     if bad == 0:
         return losses, 0
     if bad == losses.numel():
         return torch.zeros_like(losses), bad
-    worst = losses[finite].max()
-    return torch.where(finite, losses, worst), bad
+    return clean, bad
 
 
 def shape_losses(losses: torch.Tensor, shaping: str) -> torch.Tensor:
