@@ -136,10 +136,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--mode", choices=["sequential", "vectorized"], default="vectorized")
     p.add_argument("--steps", type=int, default=100, help="most ES steps; stops once solved")
     p.add_argument("--pop-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=0.5)
+    p.add_argument("--lr", type=float, default=0.25)
     p.add_argument("--sigma", type=float, default=0.1)
     p.add_argument("--rank", type=int, default=2)
     p.add_argument("--hidden", type=int, default=16)
+    p.add_argument("--shaping", choices=["zscore", "centered_rank"], default="zscore")
     p.add_argument("--eval-episodes", type=int, default=10)
     p.add_argument("--no-stop", action="store_true", help="keep training after solving")
     p.add_argument("--seed", type=int, default=0)
@@ -160,7 +161,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     policy = make_policy(args.hidden).to(device)
     opt = EggrollOptimizer(
         policy.parameters(), lr=args.lr, sigma=args.sigma, rank=args.rank, pop_size=args.pop_size,
-        seed=args.seed, maximize=True,
+        seed=args.seed, maximize=True, shaping=args.shaping,
     )
 
     if args.mode == "sequential":

@@ -62,7 +62,8 @@ def test_classifier_learns_and_plots(classifier, tmp_path):
 
 
 # ------------------------------------------------------------------ nano_egg
-TINY_LM = ["--epochs", "6", "--pop-size", "32", "--batch-size", "4", "--chunk", "2", "--seq-len", "32",
+# A larger step than the default suits these few tiny generations.
+TINY_LM = ["--lr", "1.0", "--epochs", "6", "--pop-size", "32", "--batch-size", "4", "--chunk", "2", "--seq-len", "32",
            "--hidden-dim", "16", "--valid-windows", "32", "--quiet"]
 
 
@@ -121,13 +122,15 @@ def test_int_matmul_rejects_inexact_width():
 def test_cartpole_vectorized_learns(cartpole):
     # An untrained or random policy lasts about 10-40 steps (a uniformly random one averages
     # about 22); 150 is far outside that. Seed 0 reaches 500 within 4 steps here.
-    r = cartpole.main(["--mode", "vectorized", "--steps", "8", "--pop-size", "16", "--eval-episodes", "4", "--quiet"])
+    r = cartpole.main(["--mode", "vectorized", "--steps", "8", "--pop-size", "16", "--lr", "0.5",
+                       "--eval-episodes", "4", "--quiet"])
     assert r["best_eval_return"] >= 150
 
 
 def test_cartpole_sequential_learns(cartpole):
     pytest.importorskip("gymnasium")
-    r = cartpole.main(["--mode", "sequential", "--steps", "8", "--pop-size", "16", "--eval-episodes", "4", "--quiet"])
+    r = cartpole.main(["--mode", "sequential", "--steps", "8", "--pop-size", "16", "--lr", "0.5",
+                       "--eval-episodes", "4", "--quiet"])
     assert r["best_eval_return"] >= 150
 
 

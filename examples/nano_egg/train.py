@@ -43,7 +43,7 @@ from torcheggroll import EggrollOptimizer, Population  # noqa: E402
 
 LN2 = math.log(2.0)
 # Per-mode defaults: int master weights live on the int8 scale (16 = 1.0), so sigma is in those units.
-MODE_DEFAULTS = {"float": {"lr": 1.0, "sigma": 0.05}, "int": {"lr": 1.0, "sigma": 2.0}}
+MODE_DEFAULTS = {"float": {"lr": 0.3, "sigma": 0.05}, "int": {"lr": 1.0, "sigma": 2.0}}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -53,7 +53,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--hidden-dim", type=int, default=32)
     p.add_argument("--n-layers", type=int, default=1)
     p.add_argument("--pop-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=None, help="default: 1.0 (float and int)")
+    p.add_argument("--lr", type=float, default=None, help="default: 0.3 (float), 1.0 (int)")
     p.add_argument("--sigma", type=float, default=None, help="default: 0.05 (float), 2.0 (int)")
     p.add_argument("--rank", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=64)
