@@ -219,7 +219,9 @@ def plot(results: list[dict[str, Any]], path: Path, title: str) -> None:
         ax.set_xticks([i + 0.27 for i in range(len(targets))], labels)
         ax.set_ylabel("ms per iteration")
         ax.set_yscale("log")
-    axes[0][0].legend(fontsize=7)
+        ax.legend(fontsize=7)
+    if sweeps:
+        axes[0][0].legend(fontsize=7)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -90,8 +90,8 @@ class EggrollOptimizer(Optimizer):
     Closures run under :func:`torch.no_grad`. Members whose loss is NaN or infinite are treated
     as the worst member (the largest finite loss, or the smallest fitness with ``maximize``) and
     a :class:`~torcheggroll.NonFiniteLossWarning`
-    is issued; if no member has a finite loss the update is skipped. Parameters are never written
-    with a non-finite value by an update.
+    is issued; if no member has a finite loss the update is skipped. A non-finite update (or one
+    that overflows a float16 parameter) is not applied, with a ``RuntimeWarning``.
 
     Example:
         >>> model = torch.nn.Linear(4, 1)
@@ -428,31 +428,40 @@ class EggrollOptimizer(Optimizer):
         """
         losses, population = self.evaluate(closure)
         directions, bad_count = self._directions(losses, population)
-        # p - lr * g computed exactly as torch.optim.SGD does (add with alpha), out of place so
-        # that nothing is written unless every new value is finite where the old one was.
-        new_values = [
-            (p, p.add(g.to(p.dtype), alpha=-group["lr"]))
-            for p, group, g in directions
-            if _nonzero(group["lr"])
-        ]
+        # p - lr * g computed exactly as torch.optim.SGD does (add with alpha). Nothing is
+        # written unless every new value is finite where the old one was. float16 can overflow
+        # in the addition itself, so its new values are built out of place and checked; wider
+        # dtypes only need a finite update, which is then added in place (no copy of p).
+        updates = [(p, g.to(p.dtype), -group["lr"]) for p, group, g in directions if _nonzero(group["lr"])]
         del directions
-        # One host sync for the step: the non-finite count and one sum per updated tensor.
+        careful = any(p.dtype not in _WIDE_DTYPES for p, _, _ in updates)
+        checked = [p.add(g, alpha=alpha) for p, g, alpha in updates] if careful else [g for _, g, _ in updates]
+        # One host sync for the step: the non-finite count and one sum per checked tensor.
         device = bad_count.device
-        flags = torch.stack([bad_count.to(device, torch.float64)] + [v.sum().to(device, torch.float64) for _, v in new_values]).tolist()
+        flags = torch.stack(
+            [bad_count.to(device, torch.float64)] + [c.sum().to(device, torch.float64) for c in checked]
+        ).tolist()
         bad = int(flags[0])
         if bad:
             warn_nonfinite(bad, losses.numel())
         if bad == losses.numel():
             return self._finish(losses)
-        if not all(math.isfinite(x) for x in flags[1:]) and not _all_stay_finite(new_values):
+        ok = all(math.isfinite(x) for x in flags[1:])
+        if not ok and checked:  # a sum is not finite: an element is, or the sum overflowed
+            pairs = [(p, c) for (p, _, _), c in zip(updates, checked, strict=True)]
+            ok = _all_stay_finite(pairs) if careful else _all_finite(checked)
+        if not ok:
             warnings.warn(
                 "the ES update overflowed to a non-finite value; the parameters were left unchanged",
                 RuntimeWarning,
                 stacklevel=2,
             )
-        else:
-            for p, v in new_values:
+        elif careful:
+            for (p, _, _), v in zip(updates, checked, strict=True):
                 p.copy_(v)
+        else:
+            for p, g, alpha in updates:
+                p.add_(g, alpha=alpha)
         return self._finish(losses)
 
     @torch.no_grad()
@@ -524,6 +533,14 @@ def _check_population(pop_size: Any, antithetic: Any) -> None:
         raise ValueError(f"Invalid antithetic: {antithetic!r} (expected a bool)")
     if antithetic and pop_size % 2:
         raise ValueError(f"Invalid pop_size: {pop_size} (must be even with antithetic=True)")
+
+
+_WIDE_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
+
+
+def _all_finite(tensors: list[torch.Tensor]) -> bool:
+    device = tensors[0].device
+    return bool(torch.stack([t.isfinite().all().to(device) for t in tensors]).all())
 
 
 def _all_stay_finite(new_values: list[tuple[torch.Tensor, torch.Tensor]]) -> bool:
