@@ -117,7 +117,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--plot", default=None, help="save a PNG training curve here")
     p.add_argument("--json", default=None, help="save the history here")
     p.add_argument("--quiet", action="store_true")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    for name in ('steps', 'pop_size', 'hidden', 'n_per_class'):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    return args
 
 
 @torch.no_grad()

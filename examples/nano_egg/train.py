@@ -58,7 +58,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--rank", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=32, help="windows per generation")
-    p.add_argument("--chunk", type=int, default=2, help="windows per population forward (bounds memory)")
+    p.add_argument("--chunk", type=int, default=2, help="windows evaluated at a time inside the forward (bounds memory)")
     p.add_argument("--valid-windows", type=int, default=64)
     p.add_argument("--data", default=None, help=".npy of uint8 bytes, 0 before each document")
     p.add_argument("--max-docs", type=int, default=0, help="keep the first N documents (0: all)")
@@ -73,8 +73,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for key, value in MODE_DEFAULTS[args.mode].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    if args.batch_size % args.chunk and args.chunk < args.batch_size:
-        p.error(f"--batch-size {args.batch_size} must be a multiple of --chunk {args.chunk}")
+    for name in ("epochs", "pop_size", "batch_size", "chunk", "seq_len", "valid_windows", "hidden_dim", "n_layers"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     return args
 
 
