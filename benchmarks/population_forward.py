@@ -11,8 +11,10 @@ For every configuration it times, on the same device in the same process:
   (``path="materialized"``), skipped when those weights would not fit ``--mem-limit-gib``.
 
 Every member gets its own ``rows`` input rows (``per_member=True``), as in RL or LM rollouts, so
-inference and ES process the same number of rows. Peak memory is CUDA's max_memory_allocated on
-GPU; on CPU each measurement runs in a subprocess and reports the growth of its peak RSS.
+inference and ES process the same number of rows. Peak memory is what one iteration adds on top
+of the model, its inputs and the optimizer: CUDA's max_memory_allocated minus what was
+allocated before the call on GPU; on CPU each measurement runs in a subprocess and reports the
+growth of its peak RSS from just before the timed calls.
 
 Examples::
 
@@ -132,8 +134,8 @@ def measure(cfg: dict[str, Any], method: str, device: torch.device, warmup: int,
             # configuration first, so the peak-RSS growth below is the real configuration's.
             tiny = dict(cfg, width=8, pop=4, rows=1)
             make_runner(tiny, method, device)()
-            base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
             fn = make_runner(cfg, method, device)
+            base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
             ms = time_cpu(fn, warmup, repeats)
             peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base_rss) / 1024
     return {"ms": ms, "peak_mib": peak}

@@ -1,0 +1,48 @@
+"""The README's code blocks run as written."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def _python_blocks() -> list[str]:
+    return re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+
+
+def _block_containing(text: str) -> str:
+    (block,) = [b for b in _python_blocks() if text in b]
+    return block
+
+
+def test_drop_in_example() -> None:
+    torch.manual_seed(0)
+    namespace: dict = {}
+    exec(compile(_block_containing("Before: backprop"), "README.md", "exec"), namespace)
+    model, x, y = namespace["model"], namespace["x"], namespace["y"]
+    with torch.no_grad():
+        final = float(((model(x) - y) ** 2).mean())
+        baseline = float(((y - y.mean()) ** 2).mean())  # predicting the mean
+    # 300 ES steps must beat the best constant predictor clearly.
+    assert final < 0.5 * baseline, (final, baseline)
+    assert namespace["opt"].generation == 300
+
+
+def test_original_api_snippet(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 2)
+    x, y = torch.randn(16, 4), torch.randn(16, 2)
+
+    def score(params: dict) -> float:
+        out = torch.func.functional_call(model, params, (x,))
+        return -float(((out - y) ** 2).mean())
+
+    namespace = {"model": model, "x": x, "y": y, "score": score, "torch": torch}
+    monkeypatch.chdir(tmp_path)  # the snippet saves es.pt
+    exec(compile(_block_containing("TorchEggrollES(model"), "README.md", "exec"), namespace)
+    assert (tmp_path / "es.pt").exists()
+    assert namespace["es"].optimizer.generation == 2
