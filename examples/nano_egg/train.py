@@ -65,7 +65,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, ...")
     p.add_argument("--path", choices=["auto", "lowrank", "materialized"], default="materialized",
-                   help="population.forward path (materialized is faster at small widths: docs/examples.md)")
+                   help="population.forward path for float mode (int mode always materializes); "
+                   "materialized is faster at small widths on CPU: docs/examples.md")
     p.add_argument("--plot", default=None, help="save a PNG training curve here")
     p.add_argument("--json", default=None, help="save the per-epoch history here")
     p.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
@@ -126,7 +127,8 @@ def centre_bpb(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, chunk: 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     device = resolve_device(args.device)
-    path = resolve_path(args.path)
+    # round(W + sigma E_i) is not low rank: int mode always runs per-member (materialized) weights.
+    path = "materialized" if args.mode == "int" else resolve_path(args.path)
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
 
