@@ -1,4 +1,4 @@
-"""Small helpers shared by the examples: device choice, forward path, progress bar, plots.
+"""Small helpers shared by the examples: device choice, progress bar, plots.
 
 Examples are run from the repository root as ``python examples/...``; this module makes
 ``import torcheggroll`` work there even when the package is not installed.
@@ -6,7 +6,6 @@ Examples are run from the repository root as ``python examples/...``; this modul
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -27,18 +26,6 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
-
-
-def lowrank_available() -> bool:
-    """Whether torcheggroll ships the low-rank population forward (``torcheggroll/lowrank.py``)."""
-    return importlib.util.find_spec("torcheggroll.lowrank") is not None
-
-
-def resolve_path(name: str) -> str:
-    """The ``population.forward`` path: ``"auto"`` falls back to ``"materialized"`` without lowrank.py."""
-    if name == "auto" and not lowrank_available():
-        return "materialized"
-    return name
 
 
 def progress(iterable: Iterable[Any], *, total: int | None = None, desc: str = "", quiet: bool = False) -> Any:

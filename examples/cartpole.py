@@ -27,7 +27,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch
-from _common import progress, resolve_device, resolve_path, save_plot
+from _common import progress, resolve_device, save_plot
 from torch import nn
 
 from torcheggroll import EggrollOptimizer, Population
@@ -160,7 +160,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     device = resolve_device(args.device) if args.mode == "vectorized" else torch.device("cpu")
-    path = resolve_path(args.path)
+    path = args.path
     torch.manual_seed(args.seed)
     policy = make_policy(args.hidden).to(device)
     opt = EggrollOptimizer(

@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import numpy as np
 import torch
 import torch.nn.functional as F
-from _common import progress, resolve_device, resolve_path, save_plot
+from _common import progress, resolve_device, save_plot
 from torch import nn
 
 from torcheggroll import EggrollOptimizer, Population
@@ -132,7 +132,7 @@ def accuracy(model: nn.Module, rgb: torch.Tensor, comp: torch.Tensor, labels: to
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     device = resolve_device(args.device)
-    path = resolve_path(args.path)
+    path = args.path
     torch.manual_seed(args.seed)
     rgb, comp, labels = (t.to(device) for t in make_dataset(args.n_per_class, args.seed))
     t_rgb, t_comp, t_labels = (t.to(device) for t in make_dataset(20, args.seed + 1))

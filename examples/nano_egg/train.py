@@ -34,7 +34,7 @@ for _p in (_HERE, _HERE.parent):
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from _common import progress, resolve_device, resolve_path, save_plot  # noqa: E402
+from _common import progress, resolve_device, save_plot  # noqa: E402
 from corpus import load_corpus, split_documents  # noqa: E402
 from mingru import build_model  # noqa: E402
 from torch import nn  # noqa: E402
@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     device = resolve_device(args.device)
     # round(W + sigma E_i) is not low rank: int mode always runs per-member (materialized) weights.
-    path = "materialized" if args.mode == "int" else resolve_path(args.path)
+    path = "materialized" if args.mode == "int" else args.path
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
 
