@@ -1,6 +1,8 @@
-"""Where an EggrollOptimizer step spends its time: phases timed with device syncs, plus cProfile.
+"""Where an EggrollOptimizer step spends its time: phases timed with device syncs, then cProfile
+(host time by Python function) or, with --torch-profiler, torch.profiler (time by kernel).
 
     python benchmarks/step_phases.py --device cuda --width 8192 --pop 256 --rows 16
+    python benchmarks/step_phases.py --device cuda --width 8192 --pop 256 --torch-profiler
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rank", type=int, default=4)
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--torch-profiler", action="store_true", help="per-kernel table instead of cProfile")
     args = p.parse_args(argv)
     torch.manual_seed(0)
     dev, dtype = torch.device(args.device), getattr(torch, args.dtype)
@@ -67,6 +70,17 @@ def main(argv: list[str] | None = None) -> None:
                     phases[k].append(v * 1e3)
         for k, v in phases.items():
             print(f"{k:<14} median {sorted(v)[len(v) // 2]:8.3f} ms")
+        if args.torch_profiler:
+            from torch.profiler import ProfilerActivity, profile
+
+            acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+            with profile(activities=acts) as tprof:
+                for _ in range(args.iters):
+                    opt.step(closure)
+                sync()
+            key = "cuda_time_total" if dev.type == "cuda" else "cpu_time_total"
+            print(tprof.key_averages().table(sort_by=key, row_limit=25))
+            return
         prof = cProfile.Profile()
         prof.enable()
         for _ in range(args.iters):

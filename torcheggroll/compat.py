@@ -95,10 +95,15 @@ def generate_lora_noise(
     r = _check_rank(rank)
     if r == 0:
         raise ValueError(f"Invalid rank: {rank} (low-rank noise needs rank >= 1)")
+    return _single_draw(param, r, sigma, seed, device)
+
+
+def _single_draw(param: Tensor, rank: int, sigma: float, seed: int, device: torch.device | str) -> Tensor:
+    """``sigma`` times one unit-variance draw of rank ``rank`` (0: dense) shaped like ``param``."""
     s = _check_sigma(sigma)
     noise = draw_noise(
         param.shape,
-        r,
+        rank,
         1,
         seed=_as_int(seed, "seed"),
         generation=0,
@@ -117,19 +122,7 @@ def generate_standard_noise(
     ``eps`` has iid N(0, 1) entries and is a pure function of ``(seed, shape)``; the global RNG
     is neither read nor advanced.
     """
-    s = _check_sigma(sigma)
-    noise = draw_noise(
-        param.shape,
-        0,
-        1,
-        seed=_as_int(seed, "seed"),
-        generation=0,
-        param_index=0,
-        device=device,
-        dtype=compute_dtype(param.dtype),
-    )
-    assert noise.dense is not None
-    return (noise.dense[0] * s).to(param.dtype)
+    return _single_draw(param, 0, sigma, seed, device)
 
 
 def generate_noise_for_shapes(

@@ -163,14 +163,7 @@ class EggrollOptimizer(Optimizer):
                 f"Invalid param_group: expected a dict, got {type(param_group).__name__}"
             )
         merged = {**self.defaults, **param_group}
-        _check_hyper(
-            lr=merged["lr"],
-            sigma=merged["sigma"],
-            rank=merged["rank"],
-            weight_decay=merged["weight_decay"],
-            shaping=merged["shaping"],
-            maximize=merged["maximize"],
-        )
+        _check_group(merged)
         _check_population(merged["pop_size"], merged["antithetic"])
         for key in _GLOBAL_KEYS:
             for other in self.param_groups:
@@ -311,14 +304,7 @@ class EggrollOptimizer(Optimizer):
                 f"Invalid closure: {closure!r} (EggrollOptimizer.step requires a callable closure)"
             )
         for group in self.param_groups:  # settings may have been changed since construction
-            _check_hyper(
-                lr=group["lr"],
-                sigma=group["sigma"],
-                rank=group["rank"],
-                weight_decay=group["weight_decay"],
-                shaping=group["shaping"],
-                maximize=group["maximize"],
-            )
+            _check_group(group)
         population = self.population()
         pg = self._process_group
         try:
@@ -524,6 +510,18 @@ def _check_hyper(
         raise ValueError(f"Invalid shaping: {shaping!r} (expected one of {sorted(SHAPINGS)})")
     if not isinstance(maximize, bool):
         raise ValueError(f"Invalid maximize: {maximize!r} (expected a bool)")
+
+
+def _check_group(group: dict[str, Any]) -> None:
+    """Check a (complete) param group's per-group settings."""
+    _check_hyper(
+        lr=group["lr"],
+        sigma=group["sigma"],
+        rank=group["rank"],
+        weight_decay=group["weight_decay"],
+        shaping=group["shaping"],
+        maximize=group["maximize"],
+    )
 
 
 def _check_population(pop_size: Any, antithetic: Any) -> None:
