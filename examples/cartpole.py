@@ -145,7 +145,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-stop", action="store_true", help="keep training after solving")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
-    p.add_argument("--path", choices=["auto", "lowrank", "materialized"], default="materialized",
+    p.add_argument("--path", choices=["auto", "lowrank", "materialized"], default="auto",
                    help="population.forward path (vectorized mode; see docs/examples.md)")
     p.add_argument("--plot", default=None, help="save a PNG training curve here")
     p.add_argument("--json", default=None, help="save the history here")

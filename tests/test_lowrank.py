@@ -312,3 +312,18 @@ def test_noise_memory_is_factored() -> None:
     assert noise.is_low_rank and noise.dense is None
     assert noise.a is not None and noise.b is not None
     assert noise.a.shape == (POP // 2, 128, 2) and noise.b.shape == (POP // 2, 64, 2)
+
+
+def test_per_generation_cache_follows_in_place_changes() -> None:
+    """Repeated forwards reuse the member factors, but an in-place change of the centre is seen."""
+    model, opt = _setup(lambda: nn.Linear(3, 2), torch.device("cpu"))
+    x = torch.randn(4, 3)
+    population = opt.population()
+    first = population.forward(model, x)
+    assert torch.equal(population.forward(model, x), first)
+    with torch.no_grad():
+        model.weight.add_(1.0)
+        model.bias.add_(1.0)
+    moved = population.forward(model, x)
+    torch.testing.assert_close(moved, _reference(population, model, (x,), {}, False), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(moved, first)

@@ -492,12 +492,10 @@ def lowrank_forward(
         if population.noise(t).is_low_rank:
             if id(t) not in lazy_names:
                 lazy_names[id(t)] = name
-                noise = population.local_noise(t)
-                assert noise.a is not None and noise.b is not None
-                coeff = population.coefficients(t) * noise.factor_scale
+                a, b = population.lowrank_factors(t)
                 lazy.append(t)
-                a_list.append((noise.a * coeff.view(-1, 1, 1)).to(t.dtype))
-                b_list.append(noise.b.to(t.dtype))
+                a_list.append(a)
+                b_list.append(b)
         else:
             batched[name] = population.perturbed(t)
     batched.update(scratch_buffers(module, size))

@@ -61,6 +61,7 @@ class Population:
         self._by_id = {id(p.param): p for p in params}
         self._on_device: dict[torch.device, torch.Tensor] = {}
         self.last_fallbacks: list[str] = []
+        self._cache: dict[tuple[str, int, int], Any] = {}
 
     def _members_on(self, device: torch.device | None) -> torch.Tensor:
         # Member indices are made on each device once (arange, no host-to-device copy: a copy
@@ -143,10 +144,37 @@ class Population:
         """
         return self.local_noise(param).materialize(self.coefficients(param))
 
+    def _cached(self, kind: str, param: torch.Tensor, build: Any) -> Any:
+        # Per-generation cache for closures that call forward many times (an RL rollout, a
+        # chunked sequence). The key includes the tensor's version counter, so an in-place
+        # change of the centre invalidates it.
+        key = (kind, id(param), param._version)
+        if key not in self._cache:
+            self._cache[key] = build()
+        return self._cache[key]
+
     def perturbed(self, param: torch.Tensor) -> torch.Tensor:
         """``(size, *param.shape)`` each local member's value of ``param``, in ``param.dtype``."""
-        centre = param.detach().to(compute_dtype(param.dtype))
-        return (centre.unsqueeze(0) + self.perturbation(param)).to(param.dtype)
+
+        def build() -> torch.Tensor:
+            centre = param.detach().to(compute_dtype(param.dtype))
+            return (centre.unsqueeze(0) + self.perturbation(param)).to(param.dtype)
+
+        return self._cached("perturbed", param, build)
+
+    def lowrank_factors(self, param: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each local member's factors of a low-rank ``param`` in its dtype: ``a`` of shape
+        ``(size, m, r)`` already scaled by ``sigma * sign / sqrt(r)``, and ``b`` ``(size, n, r)``,
+        so that member ``j``'s weight is ``param + (a[j] @ b[j].T).reshape(param.shape)``."""
+
+        def build() -> tuple[torch.Tensor, torch.Tensor]:
+            noise = self.local_noise(param)
+            if noise.a is None or noise.b is None:
+                raise ValueError("lowrank_factors needs a parameter with low-rank noise")
+            coeff = self.coefficients(param) * noise.factor_scale
+            return (noise.a * coeff.view(-1, 1, 1)).to(param.dtype), noise.b.to(param.dtype)
+
+        return self._cached("factors", param, build)
 
     def member_value(self, param: torch.Tensor, position: int) -> torch.Tensor:
         """The value of ``param`` for the local member at ``position`` (``0 <= position < size``)."""

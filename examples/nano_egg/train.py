@@ -64,9 +64,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-docs", type=int, default=0, help="keep the first N documents (0: all)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, ...")
-    p.add_argument("--path", choices=["auto", "lowrank", "materialized"], default="materialized",
+    p.add_argument("--path", choices=["auto", "lowrank", "materialized"], default="auto",
                    help="population.forward path for float mode (int mode always materializes); "
-                   "materialized is faster at small widths on CPU: docs/examples.md")
+                   "materialized can be faster at small widths on CPU: docs/examples.md")
     p.add_argument("--plot", default=None, help="save a PNG training curve here")
     p.add_argument("--json", default=None, help="save the per-epoch history here")
     p.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
