@@ -191,7 +191,8 @@ class Population:
         """Each local member's parameters and buffers of ``module``: name -> ``(size, *shape)``.
 
         Owned parameters carry their member's perturbation; everything else is broadcast with
-        ``expand`` (a view, not a copy). The result is ready for
+        ``expand`` (a view, not a copy). The tensors are cached for the generation: treat them
+        as read-only. The result is ready for
         ``torch.func.vmap(torch.func.functional_call(module, ...))``.
         """
         out: dict[str, torch.Tensor] = {}
