@@ -66,3 +66,33 @@ def save_plot(
     fig.savefig(out)
     plt.close(fig)
     return out
+
+
+def add_common_args(parser: Any, *, path_help: str | None = None) -> None:
+    """The options every example shares: --device, --path, --plot, --json, --quiet."""
+    parser.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, ...")
+    parser.add_argument(
+        "--path",
+        choices=["auto", "lowrank", "materialized"],
+        default="auto",
+        help=path_help or "population.forward path (see docs/examples.md)",
+    )
+    parser.add_argument("--plot", default=None, help="save a PNG training curve here")
+    parser.add_argument("--json", default=None, help="save the result and history here")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar or per-step lines")
+
+
+def require_positive(parser: Any, args: Any, names: Sequence[str]) -> None:
+    """Exit with an argparse error naming the first of ``names`` that is below 1."""
+    for name in names:
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+
+
+def save_json(path: str | Path, result: dict[str, Any]) -> None:
+    """Write ``result`` as indented JSON, creating the folder."""
+    import json
+
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))

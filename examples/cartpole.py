@@ -17,7 +17,6 @@ least 475 over ``--eval-episodes`` fresh episodes (gymnasium's threshold for Car
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import time
@@ -27,7 +26,14 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch
-from _common import progress, resolve_device, save_plot
+from _common import (
+    add_common_args,
+    progress,
+    require_positive,
+    resolve_device,
+    save_json,
+    save_plot,
+)
 from torch import nn
 
 from torcheggroll import EggrollOptimizer, Population
@@ -144,16 +150,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--eval-episodes", type=int, default=10)
     p.add_argument("--no-stop", action="store_true", help="keep training after solving")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--path", choices=["auto", "lowrank", "materialized"], default="auto",
-                   help="population.forward path (vectorized mode; see docs/examples.md)")
-    p.add_argument("--plot", default=None, help="save a PNG training curve here")
-    p.add_argument("--json", default=None, help="save the history here")
-    p.add_argument("--quiet", action="store_true")
+    add_common_args(p, path_help="population.forward path (vectorized mode; see docs/examples.md)")
     args = p.parse_args(argv)
-    for name in ('steps', 'pop_size', 'hidden', 'eval_episodes'):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    require_positive(p, args, ("steps", "pop_size", "hidden", "eval_episodes"))
     return args
 
 
@@ -244,7 +243,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             hline=(SOLVED, "solved (475)"),
         )
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1))
+        save_json(args.json, result)
     return result
 
 

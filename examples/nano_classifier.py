@@ -18,7 +18,6 @@ The data are generated here with numpy (fixed seed); accuracy is reported on a h
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -29,7 +28,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import numpy as np
 import torch
 import torch.nn.functional as F
-from _common import progress, resolve_device, save_plot
+from _common import (
+    add_common_args,
+    progress,
+    require_positive,
+    resolve_device,
+    save_json,
+    save_plot,
+)
 from torch import nn
 
 from torcheggroll import EggrollOptimizer, Population
@@ -112,15 +118,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--hidden", type=int, default=16)
     p.add_argument("--n-per-class", type=int, default=40, help="training images per class")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--path", choices=["auto", "lowrank", "materialized"], default="auto")
-    p.add_argument("--plot", default=None, help="save a PNG training curve here")
-    p.add_argument("--json", default=None, help="save the history here")
-    p.add_argument("--quiet", action="store_true")
+    add_common_args(p)
     args = p.parse_args(argv)
-    for name in ('steps', 'pop_size', 'hidden', 'n_per_class'):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    require_positive(p, args, ("steps", "pop_size", "hidden", "n_per_class"))
     return args
 
 
@@ -197,7 +197,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             hline=(0.1, "chance"),
         )
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1))
+        save_json(args.json, result)
     return result
 
 

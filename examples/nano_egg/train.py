@@ -19,7 +19,6 @@ are in bits per byte.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import time
@@ -34,7 +33,14 @@ for _p in (_HERE, _HERE.parent):
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from _common import progress, resolve_device, save_plot  # noqa: E402
+from _common import (  # noqa: E402
+    add_common_args,
+    progress,
+    require_positive,
+    resolve_device,
+    save_json,
+    save_plot,
+)
 from corpus import load_corpus, split_documents  # noqa: E402
 from mingru import build_model  # noqa: E402
 from torch import nn  # noqa: E402
@@ -63,20 +69,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--data", default=None, help=".npy of uint8 bytes, 0 before each document")
     p.add_argument("--max-docs", type=int, default=0, help="keep the first N documents (0: all)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, ...")
-    p.add_argument("--path", choices=["auto", "lowrank", "materialized"], default="auto",
-                   help="population.forward path for float mode (int mode always materializes); "
-                   "materialized can be faster at small widths on CPU: docs/examples.md")
-    p.add_argument("--plot", default=None, help="save a PNG training curve here")
-    p.add_argument("--json", default=None, help="save the per-epoch history here")
-    p.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
+    add_common_args(
+        p,
+        path_help="population.forward path for float mode (int mode always materializes); "
+        "materialized can be faster at small widths on CPU: docs/examples.md",
+    )
     args = p.parse_args(argv)
     for key, value in MODE_DEFAULTS[args.mode].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    for name in ("epochs", "pop_size", "batch_size", "chunk", "seq_len", "valid_windows", "hidden_dim", "n_layers"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    require_positive(
+        p, args, ("epochs", "pop_size", "batch_size", "chunk", "seq_len", "valid_windows", "hidden_dim", "n_layers")
+    )
     return args
 
 
@@ -203,8 +207,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             hline=(8.0, "uniform (8 bits)"),
         )
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=1))
+        save_json(args.json, result)
     return result
 
 
