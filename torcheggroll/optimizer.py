@@ -125,17 +125,6 @@ class EggrollOptimizer(Optimizer):
     ) -> None:
         if isinstance(params, (set, frozenset)):
             raise TypeError(_SET_ERROR)
-        _check_hyper(
-            lr=lr,
-            sigma=sigma,
-            rank=rank,
-            weight_decay=weight_decay,
-            shaping=shaping,
-            maximize=maximize,
-        )
-        _check_population(pop_size, antithetic)
-        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or seed < 0):
-            raise ValueError(f"Invalid seed: {seed!r} (expected a non-negative int or None)")
         defaults = dict(
             lr=lr,
             sigma=sigma,
@@ -146,6 +135,10 @@ class EggrollOptimizer(Optimizer):
             weight_decay=weight_decay,
             maximize=maximize,
         )
+        _check_group(defaults)
+        _check_population(pop_size, antithetic)
+        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or seed < 0):
+            raise ValueError(f"Invalid seed: {seed!r} (expected a non-negative int or None)")
         super().__init__(params, defaults)
         if not any(group["params"] for group in self.param_groups):
             raise ValueError("Invalid params: EggrollOptimizer got no parameters")
