@@ -328,9 +328,7 @@ class EggrollOptimizer(Optimizer):
         try:
             for position in range(len(population)):
                 for p, c in zip(params, centres, strict=True):
-                    # member_value perturbs the tensor's current value: start from the centre.
-                    p.copy_(c)
-                    p.copy_(population.member_value(p, position))
+                    p.copy_(population.member_value(p, position, centre=c))
                 values.append(_as_scalar_loss(closure(), position))
         finally:
             for p, c in zip(params, centres, strict=True):

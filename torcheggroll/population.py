@@ -176,16 +176,22 @@ class Population:
 
         return self._cached("factors", param, build)
 
-    def member_value(self, param: torch.Tensor, position: int) -> torch.Tensor:
-        """The value of ``param`` for the local member at ``position`` (``0 <= position < size``)."""
+    def member_value(
+        self, param: torch.Tensor, position: int, centre: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The value of ``param`` for the local member at ``position`` (``0 <= position < size``).
+
+        The perturbation is added to ``centre`` (same shape as ``param``), by default the
+        parameter's current value.
+        """
         e = self.entry(param)
         ref = e.noise.a if e.noise.a is not None else e.noise.dense
         assert ref is not None
         member = self._members_on(ref.device)[position : position + 1]
         noise = e.noise.select(member_pairs(member, self.antithetic))
         coeff = e.sigma * member_signs(member, self.antithetic, ref.dtype)
-        centre = param.detach().to(compute_dtype(param.dtype))
-        return (centre + noise.materialize(coeff)[0]).to(param.dtype)
+        base = (param if centre is None else centre).detach().to(compute_dtype(param.dtype))
+        return (base + noise.materialize(coeff)[0]).to(param.dtype)
 
     def stacked(self, module: nn.Module) -> dict[str, torch.Tensor]:
         """Each local member's parameters and buffers of ``module``: name -> ``(size, *shape)``.
