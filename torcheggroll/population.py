@@ -105,6 +105,8 @@ class Population:
         return id(tensor) in self._by_id
 
     def entry(self, param: torch.Tensor) -> PerturbedParam:
+        """The optimizer's record of ``param`` (its index, group sigma and noise); KeyError if
+        the optimizer does not own it."""
         try:
             return self._by_id[id(param)]
         except KeyError:
