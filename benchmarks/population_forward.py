@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from torcheggroll import EggrollOptimizer
+from torcheggroll import EggrollOptimizer, fused_linear
 
 METHODS = ("inference", "lowrank-fwd", "lowrank-step", "materialized-fwd", "materialized-step")
 
@@ -163,11 +163,13 @@ def configs(args: argparse.Namespace) -> list[dict[str, Any]]:
     base = dict(width=args.width, layers=args.layers, pop=args.pop, rank=args.rank, rows=args.rows, dtype=args.dtype, bias=not args.no_bias, seed=0)
     if args.preset == "cpu-target":
         return [dict(base, width=1024, layers=3, pop=64, rows=8, rank=4, dtype="float32", bias=True, sweep="target")]
-    if args.preset == "gpu":
+    if args.preset in ("gpu", "gpu-target"):
         out = [
             dict(base, width=2048, layers=3, pop=64, rows=32, rank=4, dtype="float32", bias=True, sweep="target-mlp"),
             dict(base, width=8192, layers=1, pop=256, rows=16, rank=4, dtype="bfloat16", bias=False, sweep="target-linear"),
         ]
+        if args.preset == "gpu-target":
+            return out
         sweep_base = dict(base, width=2048, layers=1, pop=256, rows=16, rank=4, dtype="bfloat16", bias=False)
         out += [dict(sweep_base, width=w, sweep="width") for w in (256, 512, 1024, 2048, 4096, 8192)]
         out += [dict(sweep_base, pop=p, sweep="pop") for p in (64, 256, 1024, 4096)]
@@ -231,7 +233,7 @@ def plot(results: list[dict[str, Any]], path: Path, title: str) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", choices=["cpu-target", "cpu-sweep", "gpu", "none"], default="none")
+    p.add_argument("--preset", choices=["cpu-target", "cpu-sweep", "gpu", "gpu-target", "none"], default="none")
     p.add_argument("--device", default="cpu")
     p.add_argument("--width", type=int, default=1024)
     p.add_argument("--layers", type=int, default=3)
@@ -259,7 +261,8 @@ def main(argv: list[str] | None = None) -> None:
     methods = args.methods.split(",")
     results = []
     header = f"{'sweep':<14}{'width':>6}{'L':>3}{'pop':>6}{'r':>4}{'rows':>5} {'dtype':<9}" + "".join(f"{m:>19}" for m in methods)
-    print(f"device: {device_name(device)}; torch {torch.__version__}")
+    fused = fused_linear._triton_enabled() and fused_linear._kernels() is not None
+    print(f"device: {device_name(device)}; torch {torch.__version__}; fused Triton kernels: {'on' if fused else 'off'}")
     print("ms per iteration (peak MiB)")
     print(header)
     for cfg in configs(args):
@@ -299,6 +302,7 @@ def main(argv: list[str] | None = None) -> None:
         "torch": torch.__version__,
         "timing": "triton.testing.do_bench median" if device.type == "cuda" else "perf_counter median",
         "date": time.strftime("%Y-%m-%d"),
+        "fused_kernels": fused_linear._triton_enabled() and fused_linear._kernels() is not None,
     }
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -34,6 +34,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
+from .fused_linear import fused_available, lowrank_linear
 from .noise import compute_dtype
 
 __all__ = ["LowRankFallbackError", "lowrank_forward"]
@@ -45,21 +46,46 @@ class LowRankFallbackError(RuntimeError):
 
 @dataclass
 class _Factor:
-    """One owned matrix inside the vmapped forward: per-member (unbatched view) factors."""
+    """One owned matrix inside the vmapped forward.
+
+    Either this member's factors are given (``cached`` holds ``a`` and ``b``, batched over
+    members), or the draws are: ``a_draws`` ``(D, m, r)`` and ``b_draws`` ``(D, n, r)`` are the
+    generation's noise (unbatched), ``draw`` and ``coeff`` this member's draw index and scale
+    ``sigma * sign / sqrt(r)`` (0-d, batched). The fused linear reads the draws directly; other
+    layers get :attr:`a`, :attr:`b` built from them when they first need them.
+    """
 
     weight: torch.Tensor  # the shared centre, shape of the parameter
-    a: torch.Tensor  # (m, r), already scaled by sigma * sign / sqrt(r)
-    b: torch.Tensor  # (n, r)
     name: str
-    cached: torch.Tensor | None = field(default=None)
+    a_draws: torch.Tensor | None = None
+    b_draws: torch.Tensor | None = None
+    draw: torch.Tensor | None = None
+    coeff: torch.Tensor | None = None
+    cached: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def a(self) -> torch.Tensor:
+        """``(m, r)`` this member's ``A`` scaled by its coefficient, in the weight's dtype."""
+        if "a" not in self.cached:
+            assert self.a_draws is not None and self.draw is not None and self.coeff is not None
+            self.cached["a"] = (self.a_draws[self.draw] * self.coeff).to(self.weight.dtype)
+        return self.cached["a"]
+
+    @property
+    def b(self) -> torch.Tensor:
+        """``(n, r)`` this member's ``B``, in the weight's dtype."""
+        if "b" not in self.cached:
+            assert self.b_draws is not None and self.draw is not None
+            self.cached["b"] = self.b_draws[self.draw].to(self.weight.dtype)
+        return self.cached["b"]
 
     def materialized(self) -> torch.Tensor:
         """This member's full weight ``W + a b^T`` (the fallback), cached per forward."""
-        if self.cached is None:
+        if "w" not in self.cached:
             w = self.weight
             delta = (self.a.to(compute_dtype(w.dtype)) @ self.b.to(compute_dtype(w.dtype)).T)
-            self.cached = (w.to(delta.dtype) + delta.reshape(w.shape)).to(w.dtype)
-        return self.cached
+            self.cached["w"] = (w.to(delta.dtype) + delta.reshape(w.shape)).to(w.dtype)
+        return self.cached["w"]
 
     def correction(self, x: torch.Tensor) -> torch.Tensor:
         """``(x B) A^T`` for ``x`` of shape ``(..., n)``: the rank-r part of ``x W_i^T``."""
@@ -68,12 +94,23 @@ class _Factor:
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None, rows: slice | None = None) -> torch.Tensor:
         """``x W_i[rows]^T + bias``: the shared GEMM plus the rank-r correction."""
         w = self.weight if rows is None else self.weight[rows]
+        if self.a_draws is not None and _fusable(x, w, bias):
+            a_draws = self.a_draws if rows is None else self.a_draws[:, rows]
+            return lowrank_linear(x, w, bias, a_draws, self.b_draws, self.draw, self.coeff)
         a = self.a if rows is None else self.a[rows]
         base = F.linear(x, w, bias)
         h = x @ self.b.to(x.dtype)
         if x.dim() == 2:
             return torch.addmm(base, h, a.to(x.dtype).T)
         return base + h @ a.to(x.dtype).T
+
+
+def _fusable(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """Whether a linear layer can go to the fused kernels: per-member input rows (a shared input
+    is better served by one small GEMM and a broadcast correction) and nothing recording grads."""
+    if not torch._C._functorch.is_batchedtensor(x) or not fused_available(x):
+        return False
+    return not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, w, bias)))
 
 
 class _LowRankMode(TorchFunctionMode):
@@ -482,27 +519,47 @@ def lowrank_forward(
 
     size = len(population)
     batched: dict[str, torch.Tensor] = {}
+    # Owned low-rank matrices stay shared. Those the fused kernels may evaluate (CUDA, half
+    # precision) pass the generation's draws plus each member's draw index and scale; the others
+    # pass each member's factors, built once per generation (cheaper than a gather under vmap).
     lazy_names: dict[int, str] = {}
-    lazy: list[torch.Tensor] = []
-    a_list: list[torch.Tensor] = []
-    b_list: list[torch.Tensor] = []
+    drawn: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (centre, draws of A, of B)
+    coeffs: list[torch.Tensor] = []
+    given: list[torch.Tensor] = []
+    factors_ab: list[tuple[torch.Tensor, torch.Tensor]] = []
     for name, t in _named_tensors(module):
         if not population.owns(t):
             continue
-        if population.noise(t).is_low_rank:
-            if id(t) not in lazy_names:
-                lazy_names[id(t)] = name
-                a, b = population.lowrank_factors(t)
-                lazy.append(t)
-                a_list.append(a)
-                b_list.append(b)
-        else:
+        noise = population.noise(t)
+        if not noise.is_low_rank:
             batched[name] = population.perturbed(t)
+        elif id(t) not in lazy_names:
+            lazy_names[id(t)] = name
+            if fused_available(t):
+                drawn.append((t, noise.a, noise.b))
+                coeffs.append(population.coefficients(t) * noise.factor_scale)
+            else:
+                given.append(t)
+                factors_ab.append(population.lowrank_factors(t))
     batched.update(scratch_buffers(module, size))
+    draws = population.pairs(coeffs[0].device) if coeffs else None
     fallbacks: set[str] = set()
 
-    def call(params: dict[str, torch.Tensor], a_s: list[torch.Tensor], b_s: list[torch.Tensor], xs: tuple[Any, ...], kw: dict[str, Any]) -> Any:
-        factors = {id(w): _Factor(w, a, b, lazy_names[id(w)]) for w, a, b in zip(lazy, a_s, b_s, strict=True)}
+    def call(
+        params: dict[str, torch.Tensor],
+        draw: torch.Tensor | None,
+        cs: list[torch.Tensor],
+        ab: list[tuple[torch.Tensor, torch.Tensor]],
+        xs: tuple[Any, ...],
+        kw: dict[str, Any],
+    ) -> Any:
+        factors = {
+            id(w): _Factor(w, lazy_names[id(w)], a_draws=a, b_draws=b, draw=draw, coeff=c)
+            for (w, a, b), c in zip(drawn, cs, strict=True)
+        }
+        factors.update(
+            {id(w): _Factor(w, lazy_names[id(w)], cached={"a": a, "b": b}) for w, (a, b) in zip(given, ab, strict=True)}
+        )
         with _LowRankMode(factors, strict, fallbacks):
             if not params:
                 return module(*xs, **kw)
@@ -511,17 +568,18 @@ def lowrank_forward(
     kw = dict(kwargs)
     if size == 0:
         raise ValueError("Invalid population: it has no local members to evaluate")
-    if not lazy and not batched and not per_member:
+    if not lazy_names and not batched and not per_member:
         from .population import _materialized_forward
 
         return _materialized_forward(population, module, args, kw, per_member, randomness)
     out = vmap_members(
         call,
-        (0, 0, 0, _in_dims(args, per_member), _in_dims(kw, per_member)),
+        (0, None if draws is None else 0, 0, 0, _in_dims(args, per_member), _in_dims(kw, per_member)),
         randomness,
         batched,
-        a_list,
-        b_list,
+        draws,
+        coeffs,
+        factors_ab,
         args,
         kw,
     )

@@ -1,0 +1,204 @@
+"""The fused low-rank linear (Triton) against the PyTorch reference, and its use by the forward.
+
+On CUDA the compiled kernels run (``-m cuda``). Without a GPU the same kernels run in Triton's
+CPU interpreter (float16 only: the interpreter has no bfloat16 products), so CI checks the
+kernels' indexing, masks and tile bounds too.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import nn
+
+from torcheggroll import EggrollOptimizer, fused_linear
+
+HAVE_TRITON = importlib.util.find_spec("triton") is not None
+
+
+def _interpreter_usable() -> bool:
+    import numpy as np
+
+    # Triton 3.6's interpreter converts 1-element arrays with int(), which numpy 2.4 refuses.
+    return tuple(int(v) for v in np.__version__.split(".")[:2]) < (2, 4)
+
+
+@pytest.fixture
+def kernels_on(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> torch.device:
+    """The device the fused kernels run on for this test: CUDA (compiled) or CPU (interpreted,
+    as conftest.py arranges where there is no GPU)."""
+    if not HAVE_TRITON:
+        pytest.skip("Triton is not installed")
+    if request.param == "cuda":
+        if not torch.cuda.is_available():
+            pytest.skip("CUDA is not available")
+        return torch.device("cuda")
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("Triton's interpreter is off (TRITON_INTERPRET is not 1)")
+    if not _interpreter_usable():
+        pytest.skip("Triton's interpreter needs numpy < 2.4")
+    monkeypatch.setenv("TORCHEGGROLL_FUSED", "interpret")
+    return torch.device("cpu")
+
+
+BOTH = pytest.mark.parametrize(
+    "kernels_on", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)], indirect=True
+)
+
+
+def _dtypes(device: torch.device) -> list[torch.dtype]:
+    return [torch.float16] if device.type == "cpu" else [torch.float16, torch.bfloat16]
+
+
+def _tolerance(dtype: torch.dtype) -> float:
+    # Inputs and the output are rounded to dtype (the products accumulate in float32): a few
+    # units of the output's last place, relative to its largest entry.
+    return 4 * torch.finfo(dtype).eps
+
+
+def _problem(P: int, R: int, n: int, m: int, r: int, bias: str | None, device: torch.device, dtype: torch.dtype, seed: int = 0):  # type: ignore[no-untyped-def]
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(P, R, n, generator=g).to(device, dtype)
+    w = (torch.randn(m, n, generator=g) / n**0.5).to(device, dtype)
+    a = torch.randn((P + 1) // 2, m, r, generator=g).to(device)
+    b = (torch.randn((P + 1) // 2, n, r, generator=g) / n**0.5).to(device)
+    draw = (torch.arange(P) // 2).to(device)
+    coeff = torch.randn(P, generator=g).to(device)
+    bb = None if bias is None else torch.randn(m if bias == "shared" else (P, m), generator=g).to(device, dtype)
+    return x, w, bb, a, b, draw, coeff
+
+
+def _reference(x, w, bb, a, b, draw, coeff) -> torch.Tensor:  # type: ignore[no-untyped-def]
+    a_p, b_p = fused_linear.member_factors(a, b, draw, coeff, torch.float32)
+    return fused_linear.lowrank_linear_reference(x.float(), w.float(), None if bb is None else bb.float(), a_p, b_p)
+
+
+# Rows per member that divide the tile, that do not, and that exceed it; odd widths; ranks 1..16.
+CASES = [
+    (8, 16, 64, 48, 4, None),
+    (5, 3, 40, 33, 3, "shared"),
+    (9, 1, 32, 24, 1, "member"),
+    (3, 40, 72, 20, 2, "member"),
+    (2, 70, 16, 16, 16, None),
+]
+
+
+@BOTH
+@pytest.mark.parametrize("backend", fused_linear.GEMM_BACKENDS)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "P{}-R{}-n{}-m{}-r{}-bias{}".format(*c))
+def test_fused_matches_reference(kernels_on: torch.device, backend: str, case: tuple, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(fused_linear, "GEMM_BACKEND", backend)
+    for dtype in _dtypes(kernels_on):
+        args = _problem(*case, kernels_on, dtype)
+        assert fused_linear.fused_available(args[0])
+        y = fused_linear.lowrank_linear_fused(*args)
+        assert y.dtype == dtype and y.shape == (case[0], case[1], case[3])
+        ref = _reference(*args)
+        err = ((y.float() - ref).abs().max() / ref.abs().max()).item()
+        assert err < _tolerance(dtype), (dtype, err)
+
+
+@BOTH
+def test_projection_matches_reference(kernels_on: torch.device) -> None:
+    x, _, _, _, b, draw, coeff = _problem(6, 5, 48, 8, 3, None, kernels_on, torch.float16)
+    h = fused_linear.member_projection_fused(x, b, draw, coeff).float()
+    _, b_p = fused_linear.member_factors(b, b, draw, coeff, torch.float32)
+    ref = (torch.bmm(x.float(), b_p) * coeff.view(-1, 1, 1)).reshape(30, 3)
+    assert ((h - ref).abs().max() / ref.abs().max()).item() < _tolerance(torch.float16)
+
+
+@given(
+    log_block=st.integers(4, 8),
+    rows=st.integers(1, 300),
+    rank=st.integers(1, 16),
+    tile=st.integers(0, 1000),
+)
+def test_members_per_tile_bounds_every_tile(log_block: int, rows: int, rank: int, tile: int) -> None:
+    pytest.importorskip("triton")
+    from torcheggroll._triton_kernels import members_per_tile
+
+    block = 2**log_block
+    rank_p2 = 1 << (rank - 1).bit_length()
+    bound = members_per_tile(block, rows, rank_p2)
+    first, last = tile * block, tile * block + block - 1
+    assert last // rows - first // rows + 1 <= bound
+    assert bound & (bound - 1) == 0 and bound * rank_p2 >= 16
+
+
+def test_fused_rejects_mismatched_shapes() -> None:
+    x, w, bb, a, b, draw, coeff = _problem(4, 2, 16, 8, 2, None, torch.device("cpu"), torch.float32)
+    with pytest.raises(ValueError, match="Invalid shapes"):
+        fused_linear.lowrank_linear_fused(x, w.T, bb, a, b, draw, coeff)
+    with pytest.raises(ValueError, match="Invalid shapes"):
+        fused_linear.lowrank_linear_fused(x, w, bb, a, b, draw[:3], coeff)
+
+
+def test_op_batching_rule_without_kernels() -> None:
+    """The op under vmap (shared or per-member input) equals the per-member composite, also
+    where the kernels do not run (float32 on CPU)."""
+    x, w, bb, a, b, draw, coeff = _problem(4, 3, 16, 8, 2, "member", torch.device("cpu"), torch.float32)
+    expected = torch.stack([fused_linear.lowrank_linear_member(x[i], w, bb[i], a, b, draw[i], coeff[i]) for i in range(4)])
+    got = torch.vmap(fused_linear.lowrank_linear, in_dims=(0, None, 0, None, None, 0, 0))(x, w, bb, a, b, draw, coeff)
+    torch.testing.assert_close(got, expected)
+    shared = torch.vmap(fused_linear.lowrank_linear, in_dims=(None, None, 0, None, None, 0, 0))(x[0], w, bb, a, b, draw, coeff)
+    expected0 = torch.stack([fused_linear.lowrank_linear_member(x[0], w, bb[i], a, b, draw[i], coeff[i]) for i in range(4)])
+    torch.testing.assert_close(shared, expected0)
+
+
+class _Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(11, 24)
+        self.l1 = nn.Linear(24, 40)
+        self.l2 = nn.Linear(40, 8, bias=False)
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        return self.l2(torch.relu(self.l1(self.emb(t))))
+
+
+@BOTH
+@pytest.mark.parametrize("per_member", [True, False], ids=["per-member", "broadcast"])
+def test_forward_uses_fused_and_matches_materialized(kernels_on: torch.device, per_member: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[int] = []
+    original = fused_linear.lowrank_linear_fused
+
+    def counting(*args):  # type: ignore[no-untyped-def]
+        calls.append(1)
+        return original(*args)
+
+    monkeypatch.setattr(fused_linear, "lowrank_linear_fused", counting)
+    for dtype in _dtypes(kernels_on):
+        torch.manual_seed(0)
+        net = _Net().to(kernels_on, dtype).requires_grad_(False)
+        opt = EggrollOptimizer(net.parameters(), lr=0.1, sigma=0.1, rank=2, pop_size=6, seed=3)
+        pop = opt.population()
+        t = torch.randint(0, 11, (6, 5) if per_member else (5,), device=kernels_on)
+        calls.clear()
+        fast = pop.forward(net, t, per_member=per_member)
+        # The embedding's output differs per member, so both linears see per-member rows.
+        assert len(calls) == 2
+        slow = pop.forward(net, t, per_member=per_member, path="materialized")
+        err = ((fast.float() - slow.float()).abs().max() / slow.float().abs().max()).item()
+        assert err < 2 * _tolerance(dtype), (dtype, err)
+
+
+@BOTH
+def test_forward_recording_gradients_does_not_use_the_op(kernels_on: torch.device, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[int] = []
+    monkeypatch.setattr(fused_linear, "lowrank_linear_fused", lambda *a: calls.append(1))
+    net = nn.Linear(16, 8).to(kernels_on, torch.float16)
+    opt = EggrollOptimizer(net.parameters(), lr=0.1, sigma=0.1, rank=2, pop_size=4)
+    x = torch.randn(4, 3, 16, device=kernels_on, dtype=torch.float16)
+    out = opt.population().forward(net, x, per_member=True)
+    assert not calls and out.shape == (4, 3, 8)
+
+
+@BOTH
+def test_disabled_by_environment(kernels_on: torch.device, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TORCHEGGROLL_FUSED", "0")
+    assert not fused_linear.fused_available(torch.zeros(2, device=kernels_on, dtype=torch.float16))

@@ -1,0 +1,349 @@
+"""Triton kernels behind :mod:`torcheggroll.fused_linear` (imported only where Triton is).
+
+Layouts (all row-major, last dimension contiguous):
+    x (M, K) with M = P * ROWS, rows of member p at [p * ROWS, (p + 1) * ROWS)
+    w (N, K) the shared matrix, y = x w^T is (M, N)
+    a (D, N, RANK), b (D, K, RANK): the generation's noise draws (any float dtype; antithetic
+        members share a draw), draw (P,) int64: member p's draw, coeff (P,) float32: member p's
+        scale sigma * sign / sqrt(RANK)
+    h (M, RANK) = coeff[p] * x_p b[draw[p]] per row
+    bias (N,) shared or (P, N) per member
+
+A tile of BLOCK_M rows meets at most MEMBERS consecutive members (a compile-time bound, see
+:func:`members_per_tile`); a member's factor columns are addressed as ``c = j * RANK_P2 + k``
+for the j-th member of the tile and rank index k (RANK_P2 is RANK rounded up to a power of two;
+the padding columns are masked to zero).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+import triton
+import triton.language as tl
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def members_per_tile(block_m: int, rows: int, rank_p2: int) -> int:
+    """A power-of-two bound on the members among ``block_m`` consecutive rows of a tile that
+    starts at a multiple of ``block_m``, widened so the factor block is at least 16 columns
+    (the smallest ``tl.dot``)."""
+    if block_m % rows == 0:
+        members = block_m // rows
+    elif rows % block_m == 0:
+        members = 1
+    else:
+        members = -(-(block_m - 1) // rows) + 1
+    members = triton.next_power_of_2(members)
+    while members * rank_p2 < 16:
+        members *= 2
+    return members
+
+
+def _heuristics() -> dict[str, Any]:
+    return {
+        "MEMBERS": lambda a: members_per_tile(a["BLOCK_M"], a["ROWS"], a["RANK_P2"]),
+        "EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0,
+    }
+
+
+# ---------------------------------------------------------------------------- shared pieces
+@triton.jit
+def _tile_of(tile, num_m, num_n, GROUP_M: tl.constexpr):
+    """Grouped ordering: GROUP_M row-tiles share their column tiles of w while they are in L2."""
+    per_group = GROUP_M * num_n
+    group = tile // per_group
+    first_m = group * GROUP_M
+    size_m = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (tile % per_group) % size_m
+    pid_n = (tile % per_group) // size_m
+    return pid_m, pid_n
+
+
+@triton.jit
+def _epilogue(
+    acc, pid_m, offs_m, offs_n, h_ptr, a_ptr, draw_ptr, bias_ptr, M, N, P, ROWS, stride_bias,
+    HAS_BIAS: tl.constexpr, RANK: tl.constexpr, RANK_P2: tl.constexpr, MEMBERS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
+    """acc (BLOCK_M, BLOCK_N) += block-diagonal h @ the tile's A slab (+ each row's bias)."""
+    c = tl.arange(0, MEMBERS * RANK_P2)
+    member = (pid_m * BLOCK_M) // ROWS + c // RANK_P2
+    k = c % RANK_P2
+    col_ok = (member < P) & (k < RANK)
+    draw = tl.load(draw_ptr + member, mask=col_ok, other=0)
+    row_member = offs_m // ROWS
+    h_mask = (row_member[:, None] == member[None, :]) & (k < RANK)[None, :] & (offs_m < M)[:, None]
+    h = tl.load(h_ptr + offs_m[:, None].to(tl.int64) * RANK + k[None, :], mask=h_mask, other=0.0)
+    a_off = draw[:, None].to(tl.int64) * N * RANK + offs_n[None, :] * RANK + k[:, None]
+    a = tl.load(a_ptr + a_off, mask=col_ok[:, None] & (offs_n < N)[None, :], other=0.0)
+    acc = tl.dot(h, a.to(h.dtype), acc)
+    if HAS_BIAS:
+        b_mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
+        bias = tl.load(bias_ptr + row_member[:, None].to(tl.int64) * stride_bias + offs_n[None, :], mask=b_mask, other=0.0)
+        acc += bias.to(tl.float32)
+    return acc
+
+
+# ---------------------------------------------------------------------------- h = x_p b_p
+def _projection_configs() -> list[triton.Config]:
+    if _INTERPRET:
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_K": 32}, num_warps=4, num_stages=1)]
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+        for bm in (16, 32)
+        for bk in (128, 256)
+        for w, s in ((4, 3),)
+    ]
+
+
+@triton.autotune(configs=_projection_configs(), key=["M", "K", "ROWS", "RANK"])
+@triton.heuristics(_heuristics())
+@triton.jit
+def _projection_kernel(
+    x_ptr, b_ptr, draw_ptr, coeff_ptr, h_ptr, M, K, P, ROWS, stride_xm,
+    RANK: tl.constexpr, RANK_P2: tl.constexpr, MEMBERS: tl.constexpr, EVEN_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    c = tl.arange(0, MEMBERS * RANK_P2)
+    member = (pid * BLOCK_M) // ROWS + c // RANK_P2
+    k = c % RANK_P2
+    col_ok = (member < P) & (k < RANK)
+    draw = tl.load(draw_ptr + member, mask=col_ok, other=0)
+    offs_k = tl.arange(0, BLOCK_K)
+    x_ptrs = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :]
+    b_ptrs = b_ptr + draw[None, :].to(tl.int64) * K * RANK + offs_k[:, None] * RANK + k[None, :]
+    acc = tl.zeros((BLOCK_M, MEMBERS * RANK_P2), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        if EVEN_K:
+            xt = tl.load(x_ptrs, mask=(offs_m < M)[:, None], other=0.0)
+            bt = tl.load(b_ptrs, mask=col_ok[None, :], other=0.0)
+        else:
+            k_ok = offs_k < K - k0
+            xt = tl.load(x_ptrs, mask=(offs_m < M)[:, None] & k_ok[None, :], other=0.0)
+            bt = tl.load(b_ptrs, mask=col_ok[None, :] & k_ok[:, None], other=0.0)
+        acc = tl.dot(xt, bt.to(xt.dtype), acc)
+        x_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K * RANK
+    own = (offs_m // ROWS)[:, None] == member[None, :]
+    acc = tl.where(own, acc, 0.0)
+    h = tl.sum(tl.reshape(acc, (BLOCK_M, MEMBERS, RANK_P2)), axis=1)
+    h *= tl.load(coeff_ptr + offs_m // ROWS, mask=offs_m < M, other=0.0)[:, None]
+    kk = tl.arange(0, RANK_P2)
+    out = h_ptr + offs_m[:, None].to(tl.int64) * RANK + kk[None, :]
+    tl.store(out, h.to(h_ptr.dtype.element_ty), mask=(offs_m < M)[:, None] & (kk < RANK)[None, :])
+
+
+def member_projection(
+    x: torch.Tensor, b: torch.Tensor, draw: torch.Tensor, coeff: torch.Tensor, h: torch.Tensor, rows: int
+) -> None:
+    """Write ``h[p * rows + i] = coeff[p] * x[p * rows + i] @ b[draw[p]]``; ``x`` (M, K),
+    ``b`` (D, K, r), ``draw`` and ``coeff`` (P,)."""
+    M, K = x.shape
+    P = draw.shape[0]
+    r = b.shape[-1]
+
+    def grid(meta: dict[str, Any]) -> tuple[int]:
+        return (triton.cdiv(M, meta["BLOCK_M"]),)
+
+    _projection_kernel[grid](x, b, draw, coeff, h, M, K, P, rows, x.stride(0), RANK=r, RANK_P2=triton.next_power_of_2(r))
+
+
+# ---------------------------------------------------------------------------- y = x w^T + ...
+def _linear_configs() -> list[triton.Config]:
+    if _INTERPRET:
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2}, num_warps=4, num_stages=1)]
+    shapes = [
+        (128, 256, 64, 3, 8),
+        (128, 256, 64, 4, 8),
+        (256, 128, 64, 3, 8),
+        (128, 128, 64, 4, 4),
+        (128, 128, 64, 4, 8),
+        (64, 256, 64, 4, 4),
+        (128, 128, 128, 3, 8),
+        (64, 128, 64, 4, 4),
+    ]
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
+        for bm, bn, bk, s, w in shapes
+    ]
+
+
+@triton.autotune(configs=_linear_configs(), key=["M", "N", "K", "ROWS", "RANK", "HAS_BIAS"])
+@triton.heuristics(_heuristics())
+@triton.jit
+def _linear_kernel(
+    x_ptr, w_ptr, bias_ptr, h_ptr, a_ptr, draw_ptr, y_ptr, M, N, K, P, ROWS,
+    stride_xm, stride_wn, stride_ym, stride_bias,
+    HAS_BIAS: tl.constexpr, RANK: tl.constexpr, RANK_P2: tl.constexpr, MEMBERS: tl.constexpr,
+    EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    pid_m, pid_n = _tile_of(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    # Out-of-range rows/columns read a valid row (wrapped) and are never stored.
+    xm = tl.max_contiguous(tl.multiple_of(offs_m % M, BLOCK_M), BLOCK_M)
+    wn = tl.max_contiguous(tl.multiple_of(offs_n % N, BLOCK_N), BLOCK_N)
+    x_ptrs = x_ptr + xm[:, None].to(tl.int64) * stride_xm + offs_k[None, :]
+    w_ptrs = w_ptr + wn[None, :].to(tl.int64) * stride_wn + offs_k[:, None]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        if EVEN_K:
+            xt = tl.load(x_ptrs)
+            wt = tl.load(w_ptrs)
+        else:
+            k_ok = offs_k < K - k0
+            xt = tl.load(x_ptrs, mask=k_ok[None, :], other=0.0)
+            wt = tl.load(w_ptrs, mask=k_ok[:, None], other=0.0)
+        acc = tl.dot(xt, wt, acc)
+        x_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+    acc = _epilogue(acc, pid_m, offs_m, offs_n, h_ptr, a_ptr, draw_ptr, bias_ptr, M, N, P, ROWS, stride_bias,
+                    HAS_BIAS, RANK, RANK_P2, MEMBERS, BLOCK_M)
+    y_ptrs = y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :]
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=(offs_m < M)[:, None] & (offs_n < N)[None, :])
+
+
+def lowrank_linear(
+    x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, h: torch.Tensor, a: torch.Tensor,
+    draw: torch.Tensor, y: torch.Tensor, rows: int,
+) -> None:
+    """Write ``y = x w^T + bias[p] + h a[draw[p]]^T`` (row-wise member ``p = row // rows``)."""
+    M, K = x.shape
+    N = w.shape[0]
+    P, r = draw.shape[0], a.shape[-1]
+
+    def grid(meta: dict[str, Any]) -> tuple[int]:
+        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+
+    stride_bias = 0 if bias is None or bias.dim() == 1 else bias.stride(0)
+    _linear_kernel[grid](
+        x, w, y if bias is None else bias, h, a, draw, y, M, N, K, P, rows,
+        x.stride(0), w.stride(0), y.stride(0), stride_bias,
+        HAS_BIAS=bias is not None, RANK=r, RANK_P2=triton.next_power_of_2(r),
+    )
+
+
+# ---------------------------------------------------------------------------- TMA, persistent
+def _tma_configs() -> list[triton.Config]:
+    def set_blocks(nargs: dict[str, Any]) -> None:
+        nargs["x_desc"].block_shape = [nargs["BLOCK_M"], nargs["BLOCK_K"]]
+        nargs["w_desc"].block_shape = [nargs["BLOCK_N"], nargs["BLOCK_K"]]
+
+    shapes = [
+        (128, 256, 64, 3, 8, True),
+        (128, 256, 64, 4, 8, True),
+        (128, 256, 64, 3, 8, False),
+        (128, 128, 64, 4, 8, True),
+        (64, 128, 64, 4, 4, True),
+    ]
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "FLATTEN": fl},
+                      num_warps=w, num_stages=s, pre_hook=set_blocks)
+        for bm, bn, bk, s, w, fl in shapes
+    ]
+
+
+@triton.autotune(configs=_tma_configs(), key=["M", "N", "K", "ROWS", "RANK", "HAS_BIAS"])
+@triton.heuristics({"MEMBERS": _heuristics()["MEMBERS"]})
+@triton.jit
+def _linear_tma_kernel(
+    x_desc, w_desc, bias_ptr, h_ptr, a_ptr, draw_ptr, y_ptr, M, N, K, P, ROWS, stride_ym, stride_bias,
+    HAS_BIAS: tl.constexpr, RANK: tl.constexpr, RANK_P2: tl.constexpr, MEMBERS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    FLATTEN: tl.constexpr, NUM_SMS: tl.constexpr,
+):
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    for tile in tl.range(tl.program_id(0), num_m * num_n, NUM_SMS, flatten=FLATTEN):
+        pid_m, pid_n = _tile_of(tile, num_m, num_n, GROUP_M)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for ki in range(k_tiles):
+            xt = x_desc.load([pid_m * BLOCK_M, ki * BLOCK_K])
+            wt = w_desc.load([pid_n * BLOCK_N, ki * BLOCK_K])
+            acc = tl.dot(xt, wt.T, acc)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        acc = _epilogue(acc, pid_m, offs_m, offs_n, h_ptr, a_ptr, draw_ptr, bias_ptr, M, N, P, ROWS, stride_bias,
+                        HAS_BIAS, RANK, RANK_P2, MEMBERS, BLOCK_M)
+        y_ptrs = y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :]
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=(offs_m < M)[:, None] & (offs_n < N)[None, :])
+
+
+def lowrank_linear_tma(
+    x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, h: torch.Tensor, a: torch.Tensor,
+    draw: torch.Tensor, y: torch.Tensor, rows: int,
+) -> None:
+    """:func:`lowrank_linear` with tensor-memory-accelerator loads and a persistent grid (sm90+)."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    M, K = x.shape
+    N = w.shape[0]
+    P, r = draw.shape[0], a.shape[-1]
+    sms = torch.cuda.get_device_properties(x.device).multi_processor_count
+    x_desc = TensorDescriptor.from_tensor(x, [16, 16])  # block shapes set per config
+    w_desc = TensorDescriptor.from_tensor(w, [16, 16])
+
+    def grid(meta: dict[str, Any]) -> tuple[int]:
+        return (min(sms, triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"])),)
+
+    stride_bias = 0 if bias is None or bias.dim() == 1 else bias.stride(0)
+    _linear_tma_kernel[grid](
+        x_desc, w_desc, y if bias is None else bias, h, a, draw, y, M, N, K, P, rows, y.stride(0), stride_bias,
+        HAS_BIAS=bias is not None, RANK=r, RANK_P2=triton.next_power_of_2(r), NUM_SMS=sms,
+    )
+
+
+# ---------------------------------------------------------------------------- y += h a^T in place
+def _add_configs() -> list[triton.Config]:
+    if _INTERPRET:
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4)]
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w)
+        for bm, bn, w in ((64, 128, 4), (128, 128, 8), (64, 256, 8), (128, 256, 8), (32, 256, 4))
+    ]
+
+
+@triton.autotune(configs=_add_configs(), key=["M", "N", "ROWS", "RANK", "HAS_BIAS"], restore_value=["y_ptr"])
+@triton.heuristics({"MEMBERS": _heuristics()["MEMBERS"]})
+@triton.jit
+def _correction_add_kernel(
+    y_ptr, bias_ptr, h_ptr, a_ptr, draw_ptr, M, N, P, ROWS, stride_ym, stride_bias,
+    HAS_BIAS: tl.constexpr, RANK: tl.constexpr, RANK_P2: tl.constexpr, MEMBERS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    y_ptrs = y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :]
+    mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
+    acc = tl.load(y_ptrs, mask=mask, other=0.0).to(tl.float32)
+    acc = _epilogue(acc, pid_m, offs_m, offs_n, h_ptr, a_ptr, draw_ptr, bias_ptr, M, N, P, ROWS, stride_bias,
+                    HAS_BIAS, RANK, RANK_P2, MEMBERS, BLOCK_M)
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def correction_add(
+    y: torch.Tensor, bias: torch.Tensor | None, h: torch.Tensor, a: torch.Tensor, draw: torch.Tensor, rows: int
+) -> None:
+    """In place ``y += bias[p] + h a[draw[p]]^T`` (row-wise member ``p = row // rows``); ``y`` (M, N)."""
+    M, N = y.shape
+    P, r = draw.shape[0], a.shape[-1]
+
+    def grid(meta: dict[str, Any]) -> tuple[int, int]:
+        return (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]))
+
+    stride_bias = 0 if bias is None or bias.dim() == 1 else bias.stride(0)
+    _correction_add_kernel[grid](
+        y, y if bias is None else bias, h, a, draw, M, N, P, rows, y.stride(0), stride_bias,
+        HAS_BIAS=bias is not None, RANK=r, RANK_P2=triton.next_power_of_2(r),
+    )
