@@ -135,9 +135,11 @@ def noise_draw(n: int, pop: int, rank: int, dev: torch.device, dt: torch.dtype):
 def check_fused(dev: torch.device, dt: torch.dtype) -> dict[str, float]:
     """Max error of the fused kernels against the float32 reference, relative to max |y|, for
     shapes that exercise the tile edges (rows per member that do not divide the tile, odd
-    widths, rank 1 and 3, shared and per-member bias)."""
+    widths, rank 1 and 3, shared and per-member bias, one row per member at ranks 4 and 16 where
+    the tiles gather each row's factors)."""
     cases = [(256, 16, 512, 384, 4, None), (7, 5, 200, 136, 3, "shared"), (33, 1, 64, 72, 1, "member"),
-             (4, 300, 256, 96, 2, "member"), (3, 9, 1000, 24, 16, None)]
+             (4, 300, 256, 96, 2, "member"), (3, 9, 1000, 24, 16, None), (300, 1, 256, 200, 4, "member"),
+             (130, 1, 520, 136, 16, None)]
     out = {}
     g = torch.Generator(device=dev).manual_seed(0)
     for P, R, n, m, r, bias in cases:

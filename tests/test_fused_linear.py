@@ -78,13 +78,17 @@ def _reference(x, w, bb, a, b, draw, coeff) -> torch.Tensor:  # type: ignore[no-
     return fused_linear.lowrank_linear_reference(x.float(), w.float(), None if bb is None else bb.float(), a_p, b_p)
 
 
-# Rows per member that divide the tile, that do not, and that exceed it; odd widths; ranks 1..16.
+# Rows per member that divide the tile, that do not, and that exceed it; odd widths; ranks 1..16;
+# one row per member at ranks 8 and 16, where a tile gathers each row's factors (block-diagonal
+# off) in the GEMM epilogue (8 and 16) and in the projection (16).
 CASES = [
     (8, 16, 64, 48, 4, None),
     (5, 3, 40, 33, 3, "shared"),
     (9, 1, 32, 24, 1, "member"),
     (3, 40, 72, 20, 2, "member"),
     (2, 70, 16, 16, 16, None),
+    (40, 1, 40, 36, 8, "member"),
+    (35, 1, 24, 20, 16, None),
 ]
 
 
@@ -104,12 +108,22 @@ def test_fused_matches_reference(kernels_on: torch.device, backend: str, case: t
 
 
 @BOTH
-def test_projection_matches_reference(kernels_on: torch.device) -> None:
-    x, _, _, _, b, draw, coeff = _problem(6, 5, 48, 8, 3, None, kernels_on, torch.float16)
+@pytest.mark.parametrize("P, R, r", [(6, 5, 3), (20, 1, 16)], ids=["block-diagonal", "row-wise"])
+def test_projection_matches_reference(kernels_on: torch.device, P: int, R: int, r: int) -> None:
+    x, _, _, _, b, draw, coeff = _problem(P, R, 48, 8, r, None, kernels_on, torch.float16)
     h = fused_linear.member_projection_fused(x, b, draw, coeff).float()
     _, b_p = fused_linear.member_factors(b, b, draw, coeff, torch.float32)
-    ref = (torch.bmm(x.float(), b_p) * coeff.view(-1, 1, 1)).reshape(30, 3)
+    ref = (torch.bmm(x.float(), b_p) * coeff.view(-1, 1, 1)).reshape(P * R, r)
     assert ((h - ref).abs().max() / ref.abs().max()).item() < _tolerance(torch.float16)
+
+
+@pytest.mark.parametrize("block_m, rows, rank_p2, expected", [(128, 16, 4, True), (128, 1, 4, False),
+                                                              (128, 16, 16, True), (128, 8, 16, False)])
+def test_block_diagonal_switch(block_m: int, rows: int, rank_p2: int, expected: bool) -> None:
+    pytest.importorskip("triton")
+    from torcheggroll._triton_kernels import block_diagonal
+
+    assert block_diagonal(block_m, rows, rank_p2) is expected
 
 
 @given(

@@ -10,9 +10,13 @@ Layouts (all row-major, last dimension contiguous):
     bias (N,) shared or (P, N) per member
 
 A tile of BLOCK_M rows meets at most MEMBERS consecutive members (a compile-time bound, see
-:func:`members_per_tile`); a member's factor columns are addressed as ``c = j * RANK_P2 + k``
-for the j-th member of the tile and rank index k (RANK_P2 is RANK rounded up to a power of two;
-the padding columns are masked to zero).
+:func:`members_per_tile`). Where MEMBERS * RANK_P2 is small (many rows per member), the tile's
+factors form one block-diagonal matrix product: a member's factor columns are addressed as
+``c = j * RANK_P2 + k`` for the j-th member of the tile and rank index k (RANK_P2 is RANK rounded
+up to a power of two; the padding columns are masked to zero). Where it is large (few rows per
+member, as in RL with one observation per member) that product would be mostly zeros and would
+not fit in shared memory, so each row gathers its own member's factors instead, one rank index
+at a time (``BLOCK_DIAG`` off).
 """
 
 from __future__ import annotations
@@ -43,11 +47,31 @@ def members_per_tile(block_m: int, rows: int, rank_p2: int) -> int:
     return members
 
 
+# The widest block-diagonal factor block (MEMBERS * RANK_P2 columns) a tile multiplies; wider
+# ones switch to the row-wise gather.
+MAX_BLOCK_DIAG_COLUMNS = 128
+
+
+def block_diagonal(block_m: int, rows: int, rank_p2: int) -> bool:
+    """Whether a tile of ``block_m`` rows takes its factors as one block-diagonal product."""
+    return members_per_tile(block_m, rows, rank_p2) * rank_p2 <= MAX_BLOCK_DIAG_COLUMNS
+
+
 def _heuristics() -> dict[str, Any]:
+    def diag(a: dict[str, Any]) -> bool:
+        return block_diagonal(a["BLOCK_M"], a["ROWS"], a["RANK_P2"])
+
     return {
-        "MEMBERS": lambda a: members_per_tile(a["BLOCK_M"], a["ROWS"], a["RANK_P2"]),
+        "BLOCK_DIAG": diag,
+        # Unused by the row-wise gather; 1 there keeps its (uncompiled) block shapes small.
+        "MEMBERS": lambda a: members_per_tile(a["BLOCK_M"], a["ROWS"], a["RANK_P2"]) if diag(a) else 1,
         "EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0,
     }
+
+
+def _epilogue_heuristics() -> dict[str, Any]:
+    h = _heuristics()
+    return {"BLOCK_DIAG": h["BLOCK_DIAG"], "MEMBERS": h["MEMBERS"]}
 
 
 # ---------------------------------------------------------------------------- shared pieces
@@ -67,20 +91,30 @@ def _tile_of(tile, num_m, num_n, GROUP_M: tl.constexpr):
 def _epilogue(
     acc, pid_m, offs_m, offs_n, h_ptr, a_ptr, draw_ptr, bias_ptr, M, N, P, ROWS, stride_bias,
     HAS_BIAS: tl.constexpr, RANK: tl.constexpr, RANK_P2: tl.constexpr, MEMBERS: tl.constexpr,
-    BLOCK_M: tl.constexpr,
+    BLOCK_DIAG: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
-    """acc (BLOCK_M, BLOCK_N) += block-diagonal h @ the tile's A slab (+ each row's bias)."""
-    c = tl.arange(0, MEMBERS * RANK_P2)
-    member = (pid_m * BLOCK_M) // ROWS + c // RANK_P2
-    k = c % RANK_P2
-    col_ok = (member < P) & (k < RANK)
-    draw = tl.load(draw_ptr + member, mask=col_ok, other=0)
+    """acc (BLOCK_M, BLOCK_N) += each row's h @ its member's A slab^T (+ each row's bias)."""
     row_member = offs_m // ROWS
-    h_mask = (row_member[:, None] == member[None, :]) & (k < RANK)[None, :] & (offs_m < M)[:, None]
-    h = tl.load(h_ptr + offs_m[:, None].to(tl.int64) * RANK + k[None, :], mask=h_mask, other=0.0)
-    a_off = draw[:, None].to(tl.int64) * N * RANK + offs_n[None, :] * RANK + k[:, None]
-    a = tl.load(a_ptr + a_off, mask=col_ok[:, None] & (offs_n < N)[None, :], other=0.0)
-    acc = tl.dot(h, a.to(h.dtype), acc)
+    if BLOCK_DIAG:
+        c = tl.arange(0, MEMBERS * RANK_P2)
+        member = (pid_m * BLOCK_M) // ROWS + c // RANK_P2
+        k = c % RANK_P2
+        col_ok = (member < P) & (k < RANK)
+        draw = tl.load(draw_ptr + member, mask=col_ok, other=0)
+        h_mask = (row_member[:, None] == member[None, :]) & (k < RANK)[None, :] & (offs_m < M)[:, None]
+        h = tl.load(h_ptr + offs_m[:, None].to(tl.int64) * RANK + k[None, :], mask=h_mask, other=0.0)
+        a_off = draw[:, None].to(tl.int64) * N * RANK + offs_n[None, :] * RANK + k[:, None]
+        a = tl.load(a_ptr + a_off, mask=col_ok[:, None] & (offs_n < N)[None, :], other=0.0)
+        acc = tl.dot(h, a.to(h.dtype), acc)
+    else:
+        row_ok = offs_m < M
+        draw = tl.load(draw_ptr + row_member, mask=row_ok, other=0)
+        a_rows = a_ptr + draw[:, None].to(tl.int64) * N * RANK + offs_n[None, :] * RANK
+        a_mask = row_ok[:, None] & (offs_n < N)[None, :]
+        for k in tl.static_range(RANK):
+            hk = tl.load(h_ptr + offs_m.to(tl.int64) * RANK + k, mask=row_ok, other=0.0)
+            ak = tl.load(a_rows + k, mask=a_mask, other=0.0)
+            acc += hk.to(tl.float32)[:, None] * ak.to(tl.float32)
     if HAS_BIAS:
         b_mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
         bias = tl.load(bias_ptr + row_member[:, None].to(tl.int64) * stride_bias + offs_n[None, :], mask=b_mask, other=0.0)
@@ -105,11 +139,30 @@ def _projection_configs() -> list[triton.Config]:
 @triton.jit
 def _projection_kernel(
     x_ptr, b_ptr, draw_ptr, coeff_ptr, h_ptr, M, K, P, ROWS, stride_xm,
-    RANK: tl.constexpr, RANK_P2: tl.constexpr, MEMBERS: tl.constexpr, EVEN_K: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    RANK: tl.constexpr, RANK_P2: tl.constexpr, MEMBERS: tl.constexpr, BLOCK_DIAG: tl.constexpr,
+    EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid = tl.program_id(0)
     offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    if BLOCK_DIAG:
+        h = _projection_block_diag(x_ptr, b_ptr, draw_ptr, pid, offs_m, M, K, P, ROWS, stride_xm,
+                                   RANK, RANK_P2, MEMBERS, EVEN_K, BLOCK_M, BLOCK_K)
+    else:
+        h = _projection_rowwise(x_ptr, b_ptr, draw_ptr, offs_m, M, K, ROWS, stride_xm, RANK, RANK_P2, BLOCK_M, BLOCK_K)
+    h *= tl.load(coeff_ptr + offs_m // ROWS, mask=offs_m < M, other=0.0)[:, None]
+    kk = tl.arange(0, RANK_P2)
+    out = h_ptr + offs_m[:, None].to(tl.int64) * RANK + kk[None, :]
+    tl.store(out, h.to(h_ptr.dtype.element_ty), mask=(offs_m < M)[:, None] & (kk < RANK)[None, :])
+
+
+@triton.jit
+def _projection_block_diag(
+    x_ptr, b_ptr, draw_ptr, pid, offs_m, M, K, P, ROWS, stride_xm,
+    RANK: tl.constexpr, RANK_P2: tl.constexpr, MEMBERS: tl.constexpr, EVEN_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """(BLOCK_M, RANK_P2) x_row b[draw]: one product against the tile's members' factors side
+    by side, of which each row keeps its own member's columns."""
     c = tl.arange(0, MEMBERS * RANK_P2)
     member = (pid * BLOCK_M) // ROWS + c // RANK_P2
     k = c % RANK_P2
@@ -132,11 +185,32 @@ def _projection_kernel(
         b_ptrs += BLOCK_K * RANK
     own = (offs_m // ROWS)[:, None] == member[None, :]
     acc = tl.where(own, acc, 0.0)
-    h = tl.sum(tl.reshape(acc, (BLOCK_M, MEMBERS, RANK_P2)), axis=1)
-    h *= tl.load(coeff_ptr + offs_m // ROWS, mask=offs_m < M, other=0.0)[:, None]
+    return tl.sum(tl.reshape(acc, (BLOCK_M, MEMBERS, RANK_P2)), axis=1)
+
+
+@triton.jit
+def _projection_rowwise(
+    x_ptr, b_ptr, draw_ptr, offs_m, M, K, ROWS, stride_xm,
+    RANK: tl.constexpr, RANK_P2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """(BLOCK_M, RANK_P2) x_row b[draw]: each row against its own member's factor, one rank
+    index at a time."""
+    row_ok = offs_m < M
+    draw = tl.load(draw_ptr + offs_m // ROWS, mask=row_ok, other=0)
+    offs_k = tl.arange(0, BLOCK_K)
     kk = tl.arange(0, RANK_P2)
-    out = h_ptr + offs_m[:, None].to(tl.int64) * RANK + kk[None, :]
-    tl.store(out, h.to(h_ptr.dtype.element_ty), mask=(offs_m < M)[:, None] & (kk < RANK)[None, :])
+    x_ptrs = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :]
+    b_ptrs = b_ptr + draw[:, None].to(tl.int64) * K * RANK + offs_k[None, :] * RANK
+    h = tl.zeros((BLOCK_M, RANK_P2), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        mask = row_ok[:, None] & (offs_k < K - k0)[None, :]
+        xt = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)
+        for k in tl.static_range(RANK):
+            bk = tl.load(b_ptrs + k, mask=mask, other=0.0).to(tl.float32)
+            h += tl.where(kk[None, :] == k, tl.sum(xt * bk, axis=1)[:, None], 0.0)
+        x_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K * RANK
+    return h
 
 
 def member_projection(
@@ -181,7 +255,7 @@ def _linear_kernel(
     x_ptr, w_ptr, bias_ptr, h_ptr, a_ptr, draw_ptr, y_ptr, M, N, K, P, ROWS,
     stride_xm, stride_wn, stride_ym, stride_bias,
     HAS_BIAS: tl.constexpr, RANK: tl.constexpr, RANK_P2: tl.constexpr, MEMBERS: tl.constexpr,
-    EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_DIAG: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
     pid_m, pid_n = _tile_of(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
@@ -206,7 +280,7 @@ def _linear_kernel(
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
     acc = _epilogue(acc, pid_m, offs_m, offs_n, h_ptr, a_ptr, draw_ptr, bias_ptr, M, N, P, ROWS, stride_bias,
-                    HAS_BIAS, RANK, RANK_P2, MEMBERS, BLOCK_M)
+                    HAS_BIAS, RANK, RANK_P2, MEMBERS, BLOCK_DIAG, BLOCK_M)
     y_ptrs = y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :]
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=(offs_m < M)[:, None] & (offs_n < N)[None, :])
 
@@ -252,13 +326,13 @@ def _tma_configs() -> list[triton.Config]:
 
 
 @triton.autotune(configs=_tma_configs(), key=["M", "N", "K", "ROWS", "RANK", "HAS_BIAS"])
-@triton.heuristics({"MEMBERS": _heuristics()["MEMBERS"]})
+@triton.heuristics(_epilogue_heuristics())
 @triton.jit
 def _linear_tma_kernel(
     x_desc, w_desc, bias_ptr, h_ptr, a_ptr, draw_ptr, y_ptr, M, N, K, P, ROWS, stride_ym, stride_bias,
     HAS_BIAS: tl.constexpr, RANK: tl.constexpr, RANK_P2: tl.constexpr, MEMBERS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    FLATTEN: tl.constexpr, NUM_SMS: tl.constexpr,
+    BLOCK_DIAG: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr, FLATTEN: tl.constexpr, NUM_SMS: tl.constexpr,
 ):
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
@@ -273,7 +347,7 @@ def _linear_tma_kernel(
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         acc = _epilogue(acc, pid_m, offs_m, offs_n, h_ptr, a_ptr, draw_ptr, bias_ptr, M, N, P, ROWS, stride_bias,
-                        HAS_BIAS, RANK, RANK_P2, MEMBERS, BLOCK_M)
+                        HAS_BIAS, RANK, RANK_P2, MEMBERS, BLOCK_DIAG, BLOCK_M)
         y_ptrs = y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :]
         tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=(offs_m < M)[:, None] & (offs_n < N)[None, :])
 
@@ -313,12 +387,12 @@ def _add_configs() -> list[triton.Config]:
 
 
 @triton.autotune(configs=_add_configs(), key=["M", "N", "ROWS", "RANK", "HAS_BIAS"], restore_value=["y_ptr"])
-@triton.heuristics({"MEMBERS": _heuristics()["MEMBERS"]})
+@triton.heuristics(_epilogue_heuristics())
 @triton.jit
 def _correction_add_kernel(
     y_ptr, bias_ptr, h_ptr, a_ptr, draw_ptr, M, N, P, ROWS, stride_ym, stride_bias,
     HAS_BIAS: tl.constexpr, RANK: tl.constexpr, RANK_P2: tl.constexpr, MEMBERS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_DIAG: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -328,7 +402,7 @@ def _correction_add_kernel(
     mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
     acc = tl.load(y_ptrs, mask=mask, other=0.0).to(tl.float32)
     acc = _epilogue(acc, pid_m, offs_m, offs_n, h_ptr, a_ptr, draw_ptr, bias_ptr, M, N, P, ROWS, stride_bias,
-                    HAS_BIAS, RANK, RANK_P2, MEMBERS, BLOCK_M)
+                    HAS_BIAS, RANK, RANK_P2, MEMBERS, BLOCK_DIAG, BLOCK_M)
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
