@@ -24,6 +24,9 @@ settings.load_profile("torcheggroll")
 # any test imports it.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# On a GPU, compile one configuration per kernel rather than autotune each of the suite's many
+# small shapes (benchmarks/correction_kernels.py checks the autotuned kernels).
+os.environ.setdefault("TORCHEGGROLL_AUTOTUNE", "0")
 
 
 @pytest.fixture(autouse=True)
