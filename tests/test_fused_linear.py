@@ -80,7 +80,7 @@ def _reference(x, w, bb, a, b, draw, coeff) -> torch.Tensor:  # type: ignore[no-
 
 # Rows per member that divide the tile, that do not, and that exceed it; odd widths; ranks 1..16;
 # one row per member at ranks 8 and 16, where a tile gathers each row's factors (block-diagonal
-# off) in the GEMM epilogue (8 and 16) and in the projection (16).
+# off) in the GEMM epilogue and in the projection.
 CASES = [
     (8, 16, 64, 48, 4, None),
     (5, 3, 40, 33, 3, "shared"),
@@ -118,7 +118,7 @@ def test_projection_matches_reference(kernels_on: torch.device, P: int, R: int, 
 
 
 @pytest.mark.parametrize("block_m, rows, rank_p2, expected", [(128, 16, 4, True), (128, 1, 4, False),
-                                                              (128, 16, 16, True), (128, 8, 16, False)])
+                                                              (128, 32, 16, True), (128, 16, 16, False)])
 def test_block_diagonal_switch(block_m: int, rows: int, rank_p2: int, expected: bool) -> None:
     pytest.importorskip("triton")
     from torcheggroll._triton_kernels import block_diagonal
@@ -162,6 +162,33 @@ def test_op_batching_rule_without_kernels() -> None:
     shared = torch.vmap(fused_linear.lowrank_linear, in_dims=(None, None, 0, None, None, 0, 0))(x[0], w, bb, a, b, draw, coeff)
     expected0 = torch.stack([fused_linear.lowrank_linear_member(x[0], w, bb[i], a, b, draw[i], coeff[i]) for i in range(4)])
     torch.testing.assert_close(shared, expected0)
+
+
+def test_batched_shortcut_matches_the_op_and_declines_outside_its_level() -> None:
+    """The low-rank forward's shortcut past the operator dispatch gives the batching rule's
+    result, and returns None where its inputs are not batched at the innermost vmap level."""
+    x, w, bb, a, b, draw, coeff = _problem(4, 3, 16, 8, 2, "member", torch.device("cpu"), torch.float32)
+    dims = (0, None, 0, None, None, 0, 0)
+    expected = torch.vmap(fused_linear.lowrank_linear, in_dims=dims)(x, w, bb, a, b, draw, coeff)
+    got = torch.vmap(fused_linear.lowrank_linear_batched, in_dims=dims)(x, w, bb, a, b, draw, coeff)
+    torch.testing.assert_close(got, expected)
+    shared_bias = torch.vmap(fused_linear.lowrank_linear_batched, in_dims=(0, None, None, None, None, 0, 0))
+    torch.testing.assert_close(
+        shared_bias(x, w, bb[0], a, b, draw, coeff),
+        torch.vmap(fused_linear.lowrank_linear, in_dims=(0, None, None, None, None, 0, 0))(x, w, bb[0], a, b, draw, coeff),
+    )
+    assert fused_linear.lowrank_linear_batched(x[0], w, bb[0], a, b, draw[0], coeff[0]) is None  # not under vmap
+
+    seen: list[object] = []
+
+    def record(xp: torch.Tensor, d: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        def per_row(row: torch.Tensor) -> torch.Tensor:
+            seen.append(fused_linear.lowrank_linear_batched(row, w, None, a, b, d, c))
+            return row
+        return torch.vmap(per_row)(xp)
+
+    torch.vmap(record)(x, draw, coeff)
+    assert seen == [None]
 
 
 class _Net(nn.Module):

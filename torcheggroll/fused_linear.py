@@ -39,6 +39,7 @@ import torch.nn.functional as F
 __all__ = [
     "fused_available",
     "lowrank_linear",
+    "lowrank_linear_batched",
     "lowrank_linear_fused",
     "lowrank_linear_member",
     "lowrank_linear_reference",
@@ -272,3 +273,51 @@ def _lowrank_linear_vmap(
 
 
 lowrank_linear.register_vmap(_lowrank_linear_vmap)
+
+
+class _VmapInfo:
+    def __init__(self, batch_size: int) -> None:
+        self.batch_size = batch_size
+
+
+_BATCHED_KEY = torch._C.DispatchKeySet(torch._C.DispatchKey.FuncTorchBatched)
+
+
+def lowrank_linear_batched(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    draw: torch.Tensor,
+    coeff: torch.Tensor,
+) -> torch.Tensor | None:
+    """:func:`lowrank_linear` called per member inside the innermost :func:`torch.func.vmap`,
+    without the operator dispatch: the batching rule applied to the unwrapped tensors directly.
+
+    The low-rank forward calls this once per linear layer; going through the operator instead
+    costs a few hundred microseconds of Python per call (argument trees unwrapped and rewrapped),
+    as much as the whole GPU work of an 8192-wide layer. Returns ``None`` where the shortcut
+    does not apply (``draw`` not batched at the innermost vmap level, ``weight``, ``a`` or ``b``
+    batched, or tensors batched at an outer level too); call the operator then.
+    """
+    fx = torch._C._functorch
+    level = fx.maybe_get_level(draw)
+    if level < 0 or level != fx.maybe_current_level() or fx.maybe_get_level(x) != level:
+        return None
+    if any(fx.is_batchedtensor(t) for t in (weight, a, b)):
+        return None
+    x_val, x_dim = fx._unwrap_batched(x, level)
+    draw_val, draw_dim = fx._unwrap_batched(draw, level)
+    coeff_val, coeff_dim = fx._unwrap_batched(coeff, level)
+    bias_val, bias_dim = (None, None) if bias is None else fx._unwrap_batched(bias, level)
+    values = (x_val, draw_val, coeff_val) if bias_val is None else (x_val, draw_val, coeff_val, bias_val)
+    if any(fx.is_batchedtensor(t) for t in values):
+        return None
+    in_dims = (x_dim, None, bias_dim, None, None, draw_dim, coeff_dim)
+    assert x_dim is not None
+    with torch._C._ExcludeDispatchKeyGuard(_BATCHED_KEY):
+        out, out_dim = _lowrank_linear_vmap(
+            _VmapInfo(x_val.shape[x_dim]), in_dims, x_val, weight, bias_val, a, b, draw_val, coeff_val
+        )
+    return fx._add_batch_dim(out, out_dim, level)

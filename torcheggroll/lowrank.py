@@ -34,7 +34,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
-from .fused_linear import fused_available, lowrank_linear
+from .fused_linear import fused_available, lowrank_linear, lowrank_linear_batched
 from .noise import compute_dtype
 
 __all__ = ["LowRankFallbackError", "lowrank_forward"]
@@ -96,7 +96,11 @@ class _Factor:
         w = self.weight if rows is None else self.weight[rows]
         if self.a_draws is not None and _fusable(x, w, bias):
             a_draws = self.a_draws if rows is None else self.a_draws[:, rows]
-            return lowrank_linear(x, w, bias, a_draws, self.b_draws, self.draw, self.coeff)
+            assert self.b_draws is not None and self.draw is not None and self.coeff is not None
+            out = lowrank_linear_batched(x, w, bias, a_draws, self.b_draws, self.draw, self.coeff)
+            if out is None:
+                out = lowrank_linear(x, w, bias, a_draws, self.b_draws, self.draw, self.coeff)
+            return out
         a = self.a if rows is None else self.a[rows]
         base = F.linear(x, w, bias)
         h = x @ self.b.to(x.dtype)
@@ -515,7 +519,7 @@ def lowrank_forward(
     the only per-member data); owned dense-noise tensors are passed per member. Records the
     names of matrices that had to be materialized in ``population.last_fallbacks``.
     """
-    from .population import _in_dims, _named_tensors, scratch_buffers, vmap_members
+    from .population import _named_tensors, scratch_buffers, vmap_members
 
     size = len(population)
     batched: dict[str, torch.Tensor] = {}
@@ -537,12 +541,12 @@ def lowrank_forward(
             lazy_names[id(t)] = name
             if fused_available(t):
                 drawn.append((t, noise.a, noise.b))
-                coeffs.append(population.coefficients(t) * noise.factor_scale)
+                coeffs.append(population.coefficients(t, noise.factor_scale))
             else:
                 given.append(t)
                 factors_ab.append(population.lowrank_factors(t))
     batched.update(scratch_buffers(module, size))
-    draws = population.pairs(coeffs[0].device) if coeffs else None
+    draws = population._table("pairs", coeffs[0].device, torch.int64) if coeffs else None
     fallbacks: set[str] = set()
 
     def call(
@@ -572,17 +576,7 @@ def lowrank_forward(
         from .population import _materialized_forward
 
         return _materialized_forward(population, module, args, kw, per_member, randomness)
-    out = vmap_members(
-        call,
-        (0, None if draws is None else 0, 0, 0, _in_dims(args, per_member), _in_dims(kw, per_member)),
-        randomness,
-        batched,
-        draws,
-        coeffs,
-        factors_ab,
-        args,
-        kw,
-    )
+    out = vmap_members(call, randomness, (batched, draws, coeffs, factors_ab), (args, kw), per_member)
     population.last_fallbacks = sorted(fallbacks)
     return out
 

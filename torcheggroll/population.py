@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -24,6 +25,22 @@ class PerturbedParam:
     index: int
     sigma: float
     noise: ParamNoise
+
+
+def _member_table(kind: str, members: torch.Tensor, antithetic: bool, dtype: torch.dtype) -> torch.Tensor:
+    if kind == "signs":
+        return member_signs(members, antithetic, dtype)
+    return member_pairs(members, antithetic)
+
+
+@functools.lru_cache(maxsize=128)
+def _range_table(
+    kind: str, start: int, stop: int, antithetic: bool, device: torch.device, dtype: torch.dtype
+) -> torch.Tensor:
+    # Signs and draw indices of the members start..stop-1, made once per process: every layer of
+    # every forward asks for them, and the few tiny kernels that make them add up to a noticeable
+    # share of a small forward's host time. Never handed out without a copy.
+    return _member_table(kind, torch.arange(start, stop, device=device), antithetic, dtype)
 
 
 class Population:
@@ -62,6 +79,12 @@ class Population:
         self._on_device: dict[torch.device, torch.Tensor] = {}
         self.last_fallbacks: list[str] = []
         self._cache: dict[tuple[str, int, int], Any] = {}
+        self._tables: dict[tuple[str, torch.device, torch.dtype], torch.Tensor] = {}
+        n = len(members)
+        contiguous = n > 0 and members.device.type == "cpu" and bool(
+            torch.equal(members, torch.arange(int(members[0]), int(members[0]) + n, dtype=members.dtype))
+        )
+        self._range = (int(members[0]), int(members[0]) + n) if contiguous else None
 
     def _members_on(self, device: torch.device | None) -> torch.Tensor:
         # Member indices are made on each device once (arange, no host-to-device copy: a copy
@@ -116,27 +139,38 @@ class Population:
         """The unit-variance noise of ``param`` for every draw of the generation (all pairs)."""
         return self.entry(param).noise
 
+    def _table(self, kind: str, device: torch.device | None, dtype: torch.dtype) -> torch.Tensor:
+        """The members' signs or draw indices on ``device``: shared, not to be modified."""
+        dev = self.members.device if device is None else torch.device(device)
+        if self._range is not None:
+            return _range_table(kind, *self._range, self.antithetic, dev, dtype)
+        key = (kind, dev, dtype)
+        if key not in self._tables:
+            self._tables[key] = _member_table(kind, self._members_on(dev), self.antithetic, dtype)
+        return self._tables[key]
+
     def signs(self, device: torch.device | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """``(size,)`` the sign ``+1``/``-1`` of each local member's perturbation."""
-        return member_signs(self._members_on(device), self.antithetic, dtype)
+        return self._table("signs", device, dtype).clone()
 
     def pairs(self, device: torch.device | None = None) -> torch.Tensor:
         """``(size,)`` the noise draw each local member uses."""
-        return member_pairs(self._members_on(device), self.antithetic)
+        return self._table("pairs", device, torch.int64).clone()
 
-    def coefficients(self, param: torch.Tensor) -> torch.Tensor:
-        """``(size,)`` ``sigma * sign_i`` of each local member for ``param``, in the noise dtype."""
+    def coefficients(self, param: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+        """``(size,)`` ``scale * sigma * sign_i`` of each local member for ``param``, in the
+        noise dtype."""
         e = self.entry(param)
         ref = e.noise.a if e.noise.a is not None else e.noise.dense
         assert ref is not None
-        return e.sigma * self.signs(ref.device, ref.dtype)
+        return self._table("signs", ref.device, ref.dtype) * (e.sigma * scale)
 
     def local_noise(self, param: torch.Tensor) -> ParamNoise:
         """The noise draw of each local member, in member order (a gather of :meth:`noise`)."""
         e = self.entry(param)
         ref = e.noise.a if e.noise.a is not None else e.noise.dense
         assert ref is not None
-        return e.noise.select(self.pairs(ref.device))
+        return e.noise.select(self._table("pairs", ref.device, torch.int64))
 
     # ------------------------------------------------------------------ materialized path
     def perturbation(self, param: torch.Tensor) -> torch.Tensor:
@@ -173,7 +207,7 @@ class Population:
             noise = self.local_noise(param)
             if noise.a is None or noise.b is None:
                 raise ValueError("lowrank_factors needs a parameter with low-rank noise")
-            coeff = self.coefficients(param) * noise.factor_scale
+            coeff = self.coefficients(param, noise.factor_scale)
             return (noise.a * coeff.view(-1, 1, 1)).to(param.dtype), noise.b.to(param.dtype)
 
         return self._cached("factors", param, build)
@@ -279,12 +313,6 @@ def _check_per_member(size: int, args: tuple[Any, ...], kwargs: Mapping[str, Any
             )
 
 
-def _in_dims(tree: Any, per_member: bool) -> Any:
-    return torch.utils._pytree.tree_map(
-        lambda x: 0 if (per_member and isinstance(x, torch.Tensor)) else None, tree
-    )
-
-
 def _materialized_forward(
     population: Population,
     module: nn.Module,
@@ -298,26 +326,43 @@ def _materialized_forward(
     def call(params: dict[str, torch.Tensor], a: tuple[Any, ...], kw: dict[str, Any]) -> Any:
         return torch.func.functional_call(module, params, a, kw, tie_weights=False)
 
-    kw = dict(kwargs)
-    return vmap_members(
-        call, (0, _in_dims(args, per_member), _in_dims(kw, per_member)), randomness, stacked, args, kw
-    )
+    return vmap_members(call, randomness, (stacked,), (args, dict(kwargs)), per_member)
 
 
 _TENSOR = object()
 
 
-def vmap_members(fn: Any, in_dims: tuple[Any, ...], randomness: str, *inputs: Any) -> Any:
-    """``torch.func.vmap(fn, in_dims)(*inputs)`` that also accepts outputs with non-tensor leaves
-    (``None``, ints ...), which are returned as they are instead of being batched."""
+def vmap_members(
+    fn: Any, randomness: str, members: tuple[Any, ...], data: tuple[Any, ...], per_member: bool
+) -> Any:
+    """``torch.func.vmap(fn)(*members, *data)`` over the population: every tensor in ``members``
+    is batched along dim 0, those in ``data`` too if ``per_member`` (else shared). Outputs may
+    have non-tensor leaves (``None``, ints ...), which are returned as they are.
+
+    The argument trees are flattened here, once, and vmap sees a flat tuple of tensors: vmap's
+    own handling of nested inputs and ``in_dims`` costs more host time than a small layer's GPU
+    work.
+    """
+    m_leaves, m_spec = torch.utils._pytree.tree_flatten(members)
+    d_leaves, d_spec = torch.utils._pytree.tree_flatten(data)
+    m_at = [i for i, x in enumerate(m_leaves) if isinstance(x, torch.Tensor)]
+    d_at = [i for i, x in enumerate(d_leaves) if isinstance(x, torch.Tensor)]
     spec: list[Any] = []
 
-    def tensors_only(*xs: Any) -> list[torch.Tensor]:
-        leaves, tree = torch.utils._pytree.tree_flatten(fn(*xs))
+    def flat_fn(*tensors: torch.Tensor) -> list[torch.Tensor]:
+        ms, ds = list(m_leaves), list(d_leaves)
+        for i, t in zip(m_at, tensors, strict=False):
+            ms[i] = t
+        for i, t in zip(d_at, tensors[len(m_at):], strict=True):
+            ds[i] = t
+        out = fn(*torch.utils._pytree.tree_unflatten(ms, m_spec), *torch.utils._pytree.tree_unflatten(ds, d_spec))
+        leaves, tree = torch.utils._pytree.tree_flatten(out)
         spec[:] = [tree, [_TENSOR if isinstance(x, torch.Tensor) else x for x in leaves]]
         return [x for x in leaves if isinstance(x, torch.Tensor)]
 
-    flat = iter(torch.func.vmap(tensors_only, in_dims=in_dims, randomness=randomness)(*inputs))
+    in_dims = (0,) * len(m_at) + (0 if per_member else None,) * len(d_at)
+    inputs = [m_leaves[i] for i in m_at] + [d_leaves[i] for i in d_at]
+    flat = iter(torch.func.vmap(flat_fn, in_dims=in_dims, randomness=randomness)(*inputs))
     tree, others = spec
     leaves = [next(flat) if x is _TENSOR else x for x in others]
     return torch.utils._pytree.tree_unflatten(leaves, tree)
