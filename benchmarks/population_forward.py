@@ -115,29 +115,55 @@ def time_cpu(fn: Any, warmup: int, repeats: int) -> float:
     return statistics.median(times)
 
 
-def measure(cfg: dict[str, Any], method: str, device: torch.device, warmup: int, repeats: int) -> dict[str, float]:
-    """Median milliseconds per iteration and peak memory (MiB) of one method."""
+def prepare_cuda(cfg: dict[str, Any], method: str, device: torch.device) -> tuple[Any, float]:
+    """The runner of one method and its peak memory (MiB) over one iteration, on CUDA."""
+    torch.cuda.empty_cache()
+    fn = make_runner(cfg, method, device)
     with torch.no_grad():
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-            fn = make_runner(cfg, method, device)
-            fn()
-            torch.cuda.synchronize()
-            base = torch.cuda.memory_allocated()
-            torch.cuda.reset_peak_memory_stats()
-            fn()
-            torch.cuda.synchronize()
-            peak = (torch.cuda.max_memory_allocated() - base) / 2**20
-            ms = time_cuda(fn, warmup, repeats)
-        else:
-            # Import and initialise everything the method touches on a tiny copy of the
-            # configuration first, so the peak-RSS growth below is the real configuration's.
-            tiny = dict(cfg, width=8, pop=4, rows=1)
-            make_runner(tiny, method, device)()
-            fn = make_runner(cfg, method, device)
-            base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-            ms = time_cpu(fn, warmup, repeats)
-            peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base_rss) / 1024
+        fn()
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+    return fn, (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def measure_cuda(
+    cfg: dict[str, Any], methods: list[str], device: torch.device, warmup: int, repeats: int, trials: int
+) -> dict[str, dict[str, Any] | None]:
+    """Median milliseconds per iteration over ``trials`` timings (each recorded in ``ms_trials``)
+    and peak memory (MiB) of each method. The trials take the methods in turn, so that a drift
+    of the GPU's clock during the run (a sustained GEMM heats it) affects them alike."""
+    runners: dict[str, tuple[Any, float]] = {}
+    for method in methods:
+        try:
+            runners[method] = prepare_cuda(cfg, method, device)
+        except torch.cuda.OutOfMemoryError:
+            print(f"  {method} failed: OutOfMemoryError", file=sys.stderr)
+    times: dict[str, list[float]] = {m: [] for m in runners}
+    with torch.no_grad():
+        for _ in range(trials):
+            for method, (fn, _) in runners.items():
+                times[method].append(time_cuda(fn, warmup, repeats))
+    return {
+        m: {"ms": statistics.median(times[m]), "peak_mib": runners[m][1], "ms_trials": times[m]} if m in runners else None
+        for m in methods
+    }
+
+
+def measure_cpu(cfg: dict[str, Any], method: str, warmup: int, repeats: int) -> dict[str, float]:
+    """Median milliseconds per iteration and peak RSS growth (MiB) of one method on CPU."""
+    device = torch.device("cpu")
+    with torch.no_grad():
+        # Import and initialise everything the method touches on a tiny copy of the
+        # configuration first, so the peak-RSS growth below is the real configuration's.
+        tiny = dict(cfg, width=8, pop=4, rows=1)
+        make_runner(tiny, method, device)()
+        fn = make_runner(cfg, method, device)
+        base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        ms = time_cpu(fn, warmup, repeats)
+        peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base_rss) / 1024
     return {"ms": ms, "peak_mib": peak}
 
 
@@ -246,6 +272,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--mem-limit-gib", type=float, default=24.0, help="skip materialized runs above this")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--repeats", type=int, default=10)
+    p.add_argument(
+        "--trials", type=int, default=1,
+        help="CUDA: time each method this many times and report the median (a forward whose host time "
+        "is close to its GPU time varies from one timing to the next)",
+    )
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--plot", type=Path, default=None)
@@ -255,7 +286,7 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     if args.child:
         job = json.loads(args.child)
-        print(json.dumps(measure(job["cfg"], job["method"], torch.device("cpu"), args.warmup, args.repeats)))
+        print(json.dumps(measure_cpu(job["cfg"], job["method"], args.warmup, args.repeats)))
         return
     device = torch.device(args.device)
     methods = args.methods.split(",")
@@ -267,16 +298,14 @@ def main(argv: list[str] | None = None) -> None:
     print(header)
     for cfg in configs(args):
         row: dict[str, Any] = dict(cfg)
-        for method in methods:
-            if method.startswith("materialized") and materialized_bytes(cfg) > args.mem_limit_gib * 2**30:
-                row[method] = None
-                continue
+        fits = [m for m in methods if not (m.startswith("materialized") and materialized_bytes(cfg) > args.mem_limit_gib * 2**30)]
+        row.update({m: None for m in methods if m not in fits})
+        if device.type == "cuda":
+            row.update(measure_cuda(cfg, fits, device, args.warmup, args.repeats, args.trials))
+        for method in fits if device.type == "cpu" else []:
             try:
-                if device.type == "cpu":
-                    row[method] = run_isolated(cfg, method, args)
-                else:
-                    row[method] = measure(cfg, method, device, args.warmup, args.repeats)
-            except (torch.cuda.OutOfMemoryError, subprocess.CalledProcessError) as err:
+                row[method] = run_isolated(cfg, method, args)
+            except subprocess.CalledProcessError as err:
                 print(f"  {method} failed: {type(err).__name__}", file=sys.stderr)
                 row[method] = None
         results.append(row)

@@ -12,7 +12,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 $py -c 'import torch; print("torch", torch.__version__, "gpus", torch.cuda.device_count())'
 echo "== CUDA tests"; $py -m pytest -q -m cuda -p no:cacheprovider tests/ 2>&1 | tail -15
 echo "== correction kernels"; CUDA_VISIBLE_DEVICES=0 $py benchmarks/correction_kernels.py --json "$out/correction.json"
-echo "== population forward"; CUDA_VISIBLE_DEVICES=0 $py benchmarks/population_forward.py --preset gpu --device cuda --mem-limit-gib 40 --json "$out/population_forward_h100.json" --plot "$out/population_forward_h100.png"
+echo "== population forward"; CUDA_VISIBLE_DEVICES=0 $py benchmarks/population_forward.py --preset gpu --device cuda --trials 3 --mem-limit-gib 40 --json "$out/population_forward_h100.json" --plot "$out/population_forward_h100.png"
 echo "== examples on CUDA"
 CUDA_VISIBLE_DEVICES=0 $py examples/nano_classifier.py --device cuda --quiet
 CUDA_VISIBLE_DEVICES=0 $py examples/nano_egg/train.py --device cuda --quiet
