@@ -29,8 +29,8 @@ import triton
 import triton.language as tl
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-# TORCHEGGROLL_AUTOTUNE=0 gives each kernel its first configuration instead of timing them all
-# for every new shape (minutes of compiling in a test suite of many small shapes).
+# TORCHEGGROLL_AUTOTUNE=0 gives each kernel one configuration instead of timing them all for
+# every new shape (minutes of compiling in a test suite of many small shapes).
 _AUTOTUNE = os.environ.get("TORCHEGGROLL_AUTOTUNE", "1") != "0"
 
 

@@ -296,8 +296,8 @@ def lowrank_linear_batched(
     without the operator dispatch: the batching rule applied to the unwrapped tensors directly.
 
     The low-rank forward calls this once per linear layer; going through the operator instead
-    costs a few hundred microseconds of Python per call (argument trees unwrapped and rewrapped),
-    as much as the whole GPU work of an 8192-wide layer. Returns ``None`` where the shortcut
+    adds the dispatcher and the generic batching helper, whose Python (argument trees unwrapped
+    and rewrapped) took longer than launching the kernels. Returns ``None`` where the shortcut
     does not apply (``draw`` not batched at the innermost vmap level, ``weight``, ``a`` or ``b``
     batched, or tensors batched at an outer level too); call the operator then.
     """
