@@ -300,6 +300,10 @@ def lowrank_linear_batched(
     and rewrapped) took longer than launching the kernels. Returns ``None`` where the shortcut
     does not apply (``draw`` not batched at the innermost vmap level, ``weight``, ``a`` or ``b``
     batched, or tensors batched at an outer level too); call the operator then.
+
+    Per member (inside the vmap): ``x`` ``(..., n)``, ``weight`` ``(m, n)``, ``bias`` ``None`` or
+    ``(m,)``, ``a`` ``(D, m, r)`` and ``b`` ``(D, n, r)`` unbatched draws, ``draw`` and ``coeff``
+    0-d. Returns ``(..., m)`` in ``x.dtype``, batched like ``x``.
     """
     fx = torch._C._functorch
     level = fx.maybe_get_level(draw)
