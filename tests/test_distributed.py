@@ -44,9 +44,9 @@ def make_data() -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(16, 5, generator=g), torch.randn(16, 3, generator=g)
 
 
-def make_opt(model: nn.Module, pop_size: int, seed: int | None = 7) -> EggrollOptimizer:
+def make_opt(model: nn.Module, pop_size: int, seed: int | None = 7, **kwargs: Any) -> EggrollOptimizer:
     return EggrollOptimizer(
-        model.parameters(), lr=0.1, sigma=0.05, rank=2, pop_size=pop_size, seed=seed
+        model.parameters(), lr=0.1, sigma=0.05, rank=2, pop_size=pop_size, seed=seed, **kwargs
     )
 
 
@@ -142,7 +142,8 @@ def run_rank(rank: int, out: Path) -> dict[str, Any]:
     # seed=None: every rank takes rank 0's seed even though their global RNGs differ.
     model = make_model()
     torch.manual_seed(100 + rank)
-    res["initial_seed"] = torch.initial_seed()
+    res["own_seed"] = make_opt(model, 6, seed=None, process_group=False).seed
+    torch.manual_seed(100 + rank)
     res["agreed_seed"] = make_opt(model, 6, seed=None).seed
 
     # Checkpoint after 2 steps (rank 0 writes), then 2 more steps uninterrupted.
@@ -392,8 +393,8 @@ def test_rank_without_members(runs: dict[str, Any]) -> None:
 
 def test_seed_none_agrees_on_rank_zero_seed(runs: dict[str, Any]) -> None:
     r0, r1 = runs["two"]
-    assert r0["initial_seed"] != r1["initial_seed"]
-    assert r0["agreed_seed"] == r1["agreed_seed"] == r0["initial_seed"]
+    assert r0["own_seed"] != r1["own_seed"]
+    assert r0["agreed_seed"] == r1["agreed_seed"] == r0["own_seed"]
 
 
 def test_checkpoint_resumes_on_any_world_size(runs: dict[str, Any]) -> None:

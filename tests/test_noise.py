@@ -181,7 +181,7 @@ def test_optimizer_step_leaves_the_global_rng_untouched():
     seed=SEEDS,
 )
 def test_antithetic_partners_are_exact_negatives(shapes, rank, pairs, seed):
-    params = [torch.zeros(s, dtype=torch.float32) for s in shapes]
+    params = [torch.zeros(s, dtype=torch.float32, requires_grad=True) for s in shapes]
     opt = EggrollOptimizer(params, rank=rank, pop_size=2 * pairs, sigma=0.3, seed=seed)
     pop = opt.population()
     assert pop.members.tolist() == list(range(2 * pairs))
@@ -195,7 +195,7 @@ def test_antithetic_partners_are_exact_negatives(shapes, rank, pairs, seed):
 
 
 def test_population_noise_uses_the_group_rank_and_parameter_index():
-    w1, w2 = torch.zeros(6, 5), torch.zeros(6, 5)
+    w1, w2 = torch.zeros(6, 5, requires_grad=True), torch.zeros(6, 5, requires_grad=True)
     opt = EggrollOptimizer(
         [{"params": [w1], "rank": 2}, {"params": [w2], "rank": 3}], pop_size=6, seed=11
     )
@@ -286,6 +286,6 @@ def test_noise_dtype_follows_compute_dtype():
         (torch.float32, torch.float32),
         (torch.float64, torch.float64),
     ]:
-        p = torch.zeros(4, 3, dtype=dtype)
+        p = torch.zeros(4, 3, dtype=dtype, requires_grad=True)
         opt = EggrollOptimizer([p], pop_size=4, seed=0)
         assert opt.population().noise(p).a.dtype == expected

@@ -333,7 +333,10 @@ def test_closure_errors_change_nothing():
         (lambda pop: torch.zeros(8, 1), ValueError, r"1-D tensor of 8 losses.*\(8, 1\)"),
         (lambda pop: torch.zeros(6), ValueError, r"got shape \(6,\)"),
         (lambda pop: torch.zeros(8, dtype=torch.complex64), ValueError, "expected real numbers"),
-        (lambda: torch.zeros(2), ValueError, "closure\\(\\) must return a scalar loss"),
+        (lambda: torch.zeros(2), ValueError, r"\(zero-argument form\) must return a scalar loss"),
+        (lambda pop: None, ValueError, r"closure '.*<lambda>' \(population form\) returned None"),
+        (lambda: None, ValueError, r"\(zero-argument form\) returned None for member 0"),
+        (lambda pop: "loss", ValueError, r"\(population form\) returned a str"),
         (lambda pop, batch: torch.zeros(8), TypeError, "takes 2 required arguments"),
         (None, TypeError, "Invalid closure: None"),
     ]
@@ -641,11 +644,11 @@ def test_all_non_finite_skips_the_update_but_advances_the_generation():
 
 
 def test_an_overflowing_update_is_not_applied():
-    w = torch.full((4, 4), 6e4, dtype=torch.float16)
+    w = torch.full((4, 4), 6e4, dtype=torch.float16, requires_grad=True)
     opt = EggrollOptimizer([w], lr=1e4, sigma=1.0, pop_size=4, seed=0)
     with pytest.warns(RuntimeWarning, match="overflowed"):
         opt.step(lambda pop: torch.tensor([0.0, 1.0, 2.0, 3.0]))
-    assert torch.equal(w, torch.full((4, 4), 6e4, dtype=torch.float16))
+    assert torch.equal(w.detach(), torch.full((4, 4), 6e4, dtype=torch.float16))
 
 
 def test_maximize_is_minimizing_the_negated_fitness():

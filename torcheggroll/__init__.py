@@ -11,12 +11,13 @@ from .lowrank import LowRankFallbackError
 from .noise import ParamNoise, draw_noise
 from .optimizer import EggrollOptimizer
 from .population import Population
-from .shaping import NonFiniteLossWarning
+from .shaping import IdenticalLossesWarning, NonFiniteLossWarning
 
 __version__ = "0.2.0"
 
 __all__ = [
     "EggrollOptimizer",
+    "IdenticalLossesWarning",
     "LowRankFallbackError",
     "NonFiniteLossWarning",
     "ParamNoise",

@@ -14,7 +14,7 @@ from torch.optim import Optimizer
 from . import distributed as _dist
 from .noise import compute_dtype, draw_noise, member_pairs, member_signs, num_draws
 from .population import PerturbedParam, Population
-from .shaping import SHAPINGS, mask_nonfinite, shape_losses, warn_nonfinite
+from .shaping import SHAPINGS, mask_nonfinite, shape_losses, warn_identical, warn_nonfinite
 
 __all__ = ["EggrollOptimizer"]
 
@@ -67,9 +67,12 @@ class EggrollOptimizer(Optimizer):
         pop_size: population size ``N`` (default: 32); even with antithetic sampling.
         antithetic: mirrored pairs ``(2k, 2k+1)`` sharing one draw with signs ``+, -``
             (default: True).
-        seed: the noise seed; ``None`` takes ``torch.initial_seed()``, so ``torch.manual_seed``
-            makes runs reproducible.
-        shaping: ``"zscore"`` (default; the original's), ``"centered_rank"`` or ``"raw"``.
+        seed: the noise seed, any non-negative int. ``None`` (default) draws one from torch's
+            global generator at construction (as initializing a layer does): two optimizers get
+            different noise, and ``torch.manual_seed(s)`` before construction reproduces a run.
+        shaping: how losses become update weights: ``"zscore"`` (default; the original
+            torcheggroll's), ``"centered_rank"`` (ranks onto ``[-0.5, 0.5]``, ties share their
+            rank), ``"centered"`` (mean-centred) or ``"raw"`` (unchanged).
         weight_decay: L2 penalty added to the update as in SGD (default: 0).
         maximize: the closure returns a fitness to maximize instead of a loss (default: False).
         process_group: shard the population over this torch.distributed group; by default the
@@ -87,10 +90,22 @@ class EggrollOptimizer(Optimizer):
       parameters in place for each member in turn, calls the closure, and restores the
       parameters bit-identically afterwards (also if the closure raises).
 
+    Parameters whose ``requires_grad`` is False are left alone, as by ``torch.optim``: they are
+    neither perturbed nor updated (they keep their index, so freezing or unfreezing one does not
+    change the noise of the others).
+
+    Attributes:
+        last_losses: the ``(pop_size,)`` losses of the last step's members (all ranks), or None
+            before the first step.
+        seed, generation: the noise seed and the number of steps taken (Python ints in
+            :attr:`state`, so :meth:`state_dict` round-trips them exactly).
+
     Closures run under :func:`torch.no_grad`. Members whose loss is NaN or infinite are treated
     as the worst member (the largest finite loss, or the smallest fitness with ``maximize``) and
     a :class:`~torcheggroll.NonFiniteLossWarning`
-    is issued; if no member has a finite loss the update is skipped. A non-finite update (or one
+    is issued; if no member has a finite loss the update is skipped. When every member returns
+    the same loss (a closure that ignores the population) an
+    :class:`~torcheggroll.IdenticalLossesWarning` is issued. A non-finite update (or one
     that overflows a float16 parameter) is not applied, with a ``RuntimeWarning``.
 
     Example:
@@ -144,7 +159,12 @@ class EggrollOptimizer(Optimizer):
             raise ValueError("Invalid params: EggrollOptimizer got no parameters")
         self._process_group = _dist.resolve_group(process_group)
         if seed is None:
-            seed = _dist.agree_on_seed(torch.initial_seed(), self._process_group)
+            # One draw from torch's global generator, as initializing a layer takes: optimizers
+            # built one after another get different seeds (uncorrelated noise for two models),
+            # and torch.manual_seed(s) before construction reproduces a run. Steps never touch
+            # the global generator.
+            seed = int(torch.randint(0, 2**63 - 1, ()).item())
+            seed = _dist.agree_on_seed(seed, self._process_group)
         self._global_state().update(seed=int(seed), generation=0)
         self.last_losses: torch.Tensor | None = None
 
@@ -258,9 +278,12 @@ class EggrollOptimizer(Optimizer):
         pop_size, antithetic = self.pop_size, self.antithetic
         draws = num_draws(pop_size, antithetic)
         entries: list[PerturbedParam] = []
-        index = 0
-        for group in self.param_groups:
+        index = -1
+        for group_index, group in enumerate(self.param_groups):
             for p in group["params"]:
+                index += 1  # frozen parameters keep their index, so unfreezing one shifts no noise
+                if not p.requires_grad:
+                    continue  # as torch.optim: a parameter that does not require grad is left alone
                 noise = draw_noise(
                     p.shape,
                     int(group["rank"]),
@@ -271,8 +294,7 @@ class EggrollOptimizer(Optimizer):
                     device=p.device,
                     dtype=compute_dtype(p.dtype),
                 )
-                entries.append(PerturbedParam(p, index, float(group["sigma"]), noise))
-                index += 1
+                entries.append(PerturbedParam(p, index, float(group["sigma"]), noise, group_index))
         rank, world = _dist.world_info(self._process_group)
         start, stop = _dist.shard_bounds(pop_size, antithetic, rank, world)
         members = torch.arange(start, stop, dtype=torch.long)
@@ -306,7 +328,7 @@ class EggrollOptimizer(Optimizer):
                     # A rank with no members (more ranks than draws) does not call the closure.
                     local = torch.empty(0, device=self._first_param().device)
                 elif _takes_population(closure):
-                    local = _as_losses(closure(population), len(population), "closure(population)")
+                    local = _as_losses(closure(population), len(population), closure)
                 else:
                     local = self._sequential(closure, population)
         except Exception as exc:
@@ -329,7 +351,7 @@ class EggrollOptimizer(Optimizer):
             for position in range(len(population)):
                 for p, c in zip(params, centres, strict=True):
                     p.copy_(population.member_value(p, position, centre=c))
-                values.append(_as_scalar_loss(closure(), position))
+                values.append(_as_scalar_loss(closure(), position, closure))
         finally:
             for p, c in zip(params, centres, strict=True):
                 p.copy_(c)
@@ -356,33 +378,32 @@ class EggrollOptimizer(Optimizer):
         all_members = torch.arange(n, device=losses.device)
         out: list[tuple[torch.Tensor, dict[str, Any], torch.Tensor]] = []
         bad = (~torch.isfinite(losses)).sum()
-        entries = iter(population.params)
-        for group in self.param_groups:
-            # Negate before replacing non-finite values, so that they become the worst member
-            # (the largest loss) also when the closure returns a fitness to maximize.
-            signed_losses = -losses.detach() if group["maximize"] else losses.detach()
-            clean, _ = mask_nonfinite(signed_losses)
-            shaped = shape_losses(clean.to(torch.float64), group["shaping"])
-            for p in group["params"]:
-                entry = next(entries)
-                noise = entry.noise
-                ref = noise.a if noise.a is not None else noise.dense
-                assert ref is not None
-                members = all_members.to(ref.device)
-                # Fold each antithetic pair into one coefficient per draw: c_k = s_2k - s_2k+1.
-                weights = shaped.to(ref.device) * member_signs(
-                    members, self.antithetic, torch.float64
-                )
-                coeffs = torch.zeros(noise.num_draws, dtype=torch.float64, device=ref.device)
-                coeffs.index_add_(0, member_pairs(members, self.antithetic), weights)
-                # Half-precision parameters get their update GEMM in their own dtype: the
-                # update is rounded to it anyway, and a float32 GEMM of (m, draws*r) x
-                # (draws*r, n) would cost more than the population's forward.
-                low = p.dtype if p.dtype in (torch.float16, torch.bfloat16) else None
-                g = noise.weighted_sum(coeffs.to(ref.dtype) * (entry.sigma / math.sqrt(n)), low)
-                if group["weight_decay"] != 0:
-                    g = g.add(p.detach().to(g.dtype), alpha=group["weight_decay"])
-                out.append((p, group, g))
+        shaped_by_group: dict[int, torch.Tensor] = {}
+        for entry in population.params:
+            group = self.param_groups[entry.group]
+            if entry.group not in shaped_by_group:
+                # Negate before replacing non-finite values, so that they become the worst
+                # member (the largest loss) also when the closure returns a fitness to maximize.
+                signed_losses = -losses.detach() if group["maximize"] else losses.detach()
+                clean, _ = mask_nonfinite(signed_losses)
+                shaped_by_group[entry.group] = shape_losses(clean.to(torch.float64), group["shaping"])
+            shaped = shaped_by_group[entry.group]
+            p, noise = entry.param, entry.noise
+            ref = noise.a if noise.a is not None else noise.dense
+            assert ref is not None
+            members = all_members.to(ref.device)
+            # Fold each antithetic pair into one coefficient per draw: c_k = s_2k - s_2k+1.
+            weights = shaped.to(ref.device) * member_signs(members, self.antithetic, torch.float64)
+            coeffs = torch.zeros(noise.num_draws, dtype=torch.float64, device=ref.device)
+            coeffs.index_add_(0, member_pairs(members, self.antithetic), weights)
+            # Half-precision parameters get their update GEMM in their own dtype: the update is
+            # rounded to it anyway, and a float32 GEMM of (m, draws*r) x (draws*r, n) would cost
+            # more than the population's forward.
+            low = p.dtype if p.dtype in (torch.float16, torch.bfloat16) else None
+            g = noise.weighted_sum(coeffs.to(ref.dtype) * (entry.sigma / math.sqrt(n)), low)
+            if group["weight_decay"] != 0:
+                g = g.add(p.detach().to(g.dtype), alpha=group["weight_decay"])
+            out.append((p, group, g))
         return out, bad
 
     def _finish(self, losses: torch.Tensor) -> torch.Tensor:
@@ -416,11 +437,12 @@ class EggrollOptimizer(Optimizer):
         # One host sync for the step: the non-finite count and one sum per checked tensor.
         device = bad_count.device
         flags = torch.stack(
-            [bad_count.to(device, torch.float64)] + [c.sum().to(device, torch.float64) for c in checked]
+            [bad_count.to(device, torch.float64), _identical(losses).to(device, torch.float64)]
+            + [c.sum().to(device, torch.float64) for c in checked]
         ).tolist()
         bad = int(flags[0])
-        if bad:
-            warn_nonfinite(bad, losses.numel())
+        _warn_losses(bad, bool(flags[1]), losses.numel())
+        flags = flags[1:]
         if bad == losses.numel():
             return self._finish(losses)
         ok = all(math.isfinite(x) for x in flags[1:])
@@ -459,9 +481,8 @@ class EggrollOptimizer(Optimizer):
         """
         losses, population = self.evaluate(closure)
         directions, bad_count = self._directions(losses, population)
-        bad = int(bad_count)
-        if bad:
-            warn_nonfinite(bad, losses.numel())
+        bad, identical = torch.stack([bad_count, _identical(losses).to(bad_count.device)]).tolist()
+        _warn_losses(int(bad), bool(identical), losses.numel())
         if bad < losses.numel():
             for p, _, g in directions:
                 g = g.to(p.dtype)
@@ -473,6 +494,17 @@ class EggrollOptimizer(Optimizer):
 
 
 # ---------------------------------------------------------------------- checks and helpers
+def _number(value: Any) -> bool:
+    """A real Python number (``bool`` is not one here)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _invalid(name: str, value: Any, expected: str) -> ValueError:
+    return ValueError(
+        f"Invalid {name}: {value!r} (expected {expected}, got {type(value).__name__})"
+    )
+
+
 def _check_hyper(
     *, lr: Any, sigma: Any, rank: Any, weight_decay: Any, shaping: Any, maximize: Any = False
 ) -> None:
@@ -481,26 +513,21 @@ def _check_hyper(
             raise ValueError(
                 f"Invalid lr: a tensor lr must have one element, got shape {tuple(lr.shape)}"
             )
-        lr_value = float(lr)
+        lr_value: Any = float(lr)
     else:
         lr_value = lr
-    if not isinstance(lr_value, (int, float)) or isinstance(lr_value, bool) or not lr_value >= 0.0:
-        raise ValueError(f"Invalid learning rate: {lr}")
-    if (
-        not isinstance(sigma, (int, float))
-        or isinstance(sigma, bool)
-        or not sigma > 0.0
-        or not math.isfinite(sigma)
-    ):
-        raise ValueError(f"Invalid sigma: {sigma}")
+    if not _number(lr_value) or not lr_value >= 0.0 or not math.isfinite(lr_value):
+        raise _invalid("learning rate", lr, "a finite float >= 0")
+    if not _number(sigma) or not sigma > 0.0 or not math.isfinite(sigma):
+        raise _invalid("sigma", sigma, "a finite float > 0")
     if not isinstance(rank, int) or isinstance(rank, bool) or rank < 0:
-        raise ValueError(f"Invalid rank: {rank}")
-    if not isinstance(weight_decay, (int, float)) or not weight_decay >= 0.0:
-        raise ValueError(f"Invalid weight_decay value: {weight_decay}")
-    if shaping not in SHAPINGS:
+        raise _invalid("rank", rank, "an int >= 0")
+    if not _number(weight_decay) or not weight_decay >= 0.0 or not math.isfinite(weight_decay):
+        raise _invalid("weight_decay value", weight_decay, "a finite float >= 0")
+    if not isinstance(shaping, str) or shaping not in SHAPINGS:
         raise ValueError(f"Invalid shaping: {shaping!r} (expected one of {sorted(SHAPINGS)})")
     if not isinstance(maximize, bool):
-        raise ValueError(f"Invalid maximize: {maximize!r} (expected a bool)")
+        raise _invalid("maximize", maximize, "a bool")
 
 
 def _check_group(group: dict[str, Any]) -> None:
@@ -517,14 +544,28 @@ def _check_group(group: dict[str, Any]) -> None:
 
 def _check_population(pop_size: Any, antithetic: Any) -> None:
     if not isinstance(pop_size, int) or isinstance(pop_size, bool) or pop_size < 2:
-        raise ValueError(f"Invalid pop_size: {pop_size} (expected an int >= 2)")
+        raise _invalid("pop_size", pop_size, "an int >= 2")
     if not isinstance(antithetic, bool):
-        raise ValueError(f"Invalid antithetic: {antithetic!r} (expected a bool)")
+        raise _invalid("antithetic", antithetic, "a bool")
     if antithetic and pop_size % 2:
         raise ValueError(f"Invalid pop_size: {pop_size} (must be even with antithetic=True)")
 
 
 _WIDE_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
+
+
+def _identical(losses: torch.Tensor) -> torch.Tensor:
+    """0-d bool: every member's loss is the same finite value (more than one member)."""
+    if losses.numel() < 2:
+        return torch.zeros((), dtype=torch.bool, device=losses.device)
+    return (losses == losses[0]).all() & torch.isfinite(losses[0])
+
+
+def _warn_losses(bad: int, identical: bool, total: int) -> None:
+    if bad:
+        warn_nonfinite(bad, total)
+    if identical:
+        warn_identical(total)
 
 
 def _all_finite(tensors: list[torch.Tensor]) -> bool:
@@ -565,8 +606,25 @@ def _takes_population(closure: Closure) -> bool:
     return len(required) == 1 or any(p.kind is p.VAR_POSITIONAL for p in sig.parameters.values())
 
 
-def _as_losses(value: Any, size: int, what: str) -> torch.Tensor:
-    losses = value if isinstance(value, torch.Tensor) else torch.as_tensor(value)
+def _closure_name(closure: Closure) -> str:
+    name = getattr(closure, "__qualname__", None) or type(closure).__name__
+    return f"the closure {name!r}"
+
+
+def _as_losses(value: Any, size: int, closure: Closure | str) -> torch.Tensor:
+    what = closure if isinstance(closure, str) else f"{_closure_name(closure)} (population form)"
+    if value is None:
+        raise ValueError(
+            f"Invalid losses: {what} returned None; it must return a 1-D tensor of {size} "
+            "losses, one per member (e.g. `return loss_fn(population.forward(model, x), y)`)"
+        )
+    try:
+        losses = value if isinstance(value, torch.Tensor) else torch.as_tensor(value)
+    except (TypeError, ValueError, RuntimeError):
+        raise ValueError(
+            f"Invalid losses: {what} returned a {type(value).__name__}; it must return a 1-D "
+            f"tensor of {size} losses, one per member"
+        ) from None
     if losses.dim() != 1 or losses.shape[0] != size:
         raise ValueError(
             f"Invalid losses: {what} must return a 1-D tensor of {size} losses (one per member), "
@@ -580,11 +638,23 @@ def _as_losses(value: Any, size: int, what: str) -> torch.Tensor:
     return losses.detach().to(torch.promote_types(losses.dtype, torch.float32))
 
 
-def _as_scalar_loss(value: Any, position: int) -> torch.Tensor:
-    loss = value if isinstance(value, torch.Tensor) else torch.as_tensor(value)
+def _as_scalar_loss(value: Any, position: int, closure: Closure) -> torch.Tensor:
+    what = f"{_closure_name(closure)} (zero-argument form)"
+    if value is None:
+        raise ValueError(
+            f"Invalid loss: {what} returned None for member {position}; it must return the "
+            "loss of the model as it is now (a scalar tensor or a float)"
+        )
+    try:
+        loss = value if isinstance(value, torch.Tensor) else torch.as_tensor(value)
+    except (TypeError, ValueError, RuntimeError):
+        raise ValueError(
+            f"Invalid loss: {what} returned a {type(value).__name__} for member {position}; it "
+            "must return a scalar tensor or a float"
+        ) from None
     if loss.numel() != 1:
         raise ValueError(
-            f"Invalid loss: closure() must return a scalar loss, got shape {tuple(loss.shape)} "
+            f"Invalid loss: {what} must return a scalar loss, got shape {tuple(loss.shape)} "
             f"for member {position}"
         )
     return loss.detach().reshape(())

@@ -19,12 +19,14 @@ ForwardPath = Literal["auto", "lowrank", "materialized"]
 
 @dataclass(frozen=True)
 class PerturbedParam:
-    """One owned parameter of a generation: the centre, its group's sigma and its noise."""
+    """One owned parameter of a generation: the centre, its index among the optimizer's
+    parameters, its group's sigma, its noise and the index of its param group."""
 
     param: torch.Tensor
     index: int
     sigma: float
     noise: ParamNoise
+    group: int = 0
 
 
 def _member_table(kind: str, members: torch.Tensor, antithetic: bool, dtype: torch.dtype) -> torch.Tensor:

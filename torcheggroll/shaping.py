@@ -12,6 +12,7 @@ import torch
 
 __all__ = [
     "SHAPINGS",
+    "IdenticalLossesWarning",
     "NonFiniteLossWarning",
     "centered",
     "centered_rank",
@@ -19,6 +20,7 @@ __all__ = [
     "raw",
     "replace_nonfinite",
     "shape_losses",
+    "warn_identical",
     "warn_nonfinite",
     "zscore",
 ]
@@ -28,6 +30,14 @@ _ZSCORE_EPS = 1e-8
 
 class NonFiniteLossWarning(RuntimeWarning):
     """Some population members returned NaN or infinite losses."""
+
+
+class IdenticalLossesWarning(RuntimeWarning):
+    """Every population member returned the same loss: the step learns nothing.
+
+    Usually the closure ignores the population (it calls ``model(x)`` instead of
+    ``population.forward(model, x)``, or returns one loss for all members).
+    """
 
 
 def zscore(losses: torch.Tensor) -> torch.Tensor:
@@ -113,5 +123,15 @@ def warn_nonfinite(count: int, total: int) -> None:
         "the worst member"
         + (" (no finite loss: the update was skipped)" if count == total else ""),
         NonFiniteLossWarning,
+        stacklevel=3,
+    )
+
+
+def warn_identical(total: int) -> None:
+    warnings.warn(
+        f"all {total} population members returned the same loss, so this step learns nothing: "
+        "does the closure evaluate the population (population.forward(model, x), one loss per "
+        "member) rather than the model itself (model(x))?",
+        IdenticalLossesWarning,
         stacklevel=3,
     )
