@@ -48,8 +48,23 @@ def evolved(es: TorchEggrollES) -> dict[str, torch.Tensor]:
     return {n: named[n].detach().clone() for n in es.param_names}
 
 
+def rows_as_members(n: int, antithetic: bool) -> torch.Tensor:
+    """The optimizer's member behind each row of generate_noise_for_shapes.
+
+    The utility keeps the original's halves (row i and row n/2 + i are a pair); the optimizer
+    interleaves pairs (members 2k and 2k + 1), so row i < n/2 is member 2i and row n/2 + i is
+    member 2i + 1. Index member-ordered tensors with it to put them in row order.
+    """
+    if not antithetic:
+        return torch.arange(n)
+    return torch.tensor([2 * i for i in range(n // 2)] + [2 * i + 1 for i in range(n // 2)])
+
+
 def exposed_noise(es: TorchEggrollES, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """The noise of es's current generation, regenerated with the public utility."""
+    """The noise of es's current generation, regenerated with the public utility.
+
+    Its rows are in the utility's order: see rows_as_members.
+    """
     shapes = {n: tuple(t.shape) for n, t in evolved(es).items()}
     return generate_noise_for_shapes(
         shapes,
@@ -191,12 +206,14 @@ def test_update_is_the_original_formula_on_the_exposed_noise(normalize_fitness, 
     theta = evolved(es)
     stacked = es.get_stacked_params()
     noise = exposed_noise(es, F64)
+    rows = rows_as_members(8, antithetic)
     for n in theta:
-        # The members are exactly theta + the noise generate_noise_for_shapes returns.
-        assert torch.equal(stacked[n], theta[n].unsqueeze(0) + noise[n])
+        # The members are exactly theta + the noise generate_noise_for_shapes returns, taken
+        # in the utility's row order.
+        assert torch.equal(stacked[n][rows], theta[n].unsqueeze(0) + noise[n])
     fitness = torch.randn(8, generator=torch.Generator().manual_seed(3), dtype=F64)
     es.apply_fitness_scores(fitness)
-    rewards = original_rewards(fitness, normalize_fitness)
+    rewards = original_rewards(fitness, normalize_fitness)[rows]
     for n, t in evolved(es).items():
         expected = theta[n] + 0.1 * original_grad(noise[n], rewards)
         torch.testing.assert_close(t, expected, rtol=1e-12, atol=1e-14)
@@ -212,9 +229,13 @@ def test_nearly_constant_fitness_is_only_mean_centred():
     fitness = 1e-9 * torch.randn(8, generator=torch.Generator().manual_seed(0), dtype=F64)
     assert fitness.std() <= 1e-8
     es.apply_fitness_scores(fitness)
+    centred = (fitness - fitness.mean())[rows_as_members(8, True)]
     for n, t in evolved(es).items():
         step = t - theta[n]
-        torch.testing.assert_close(step, 0.1 * original_grad(noise[n], fitness - fitness.mean()))
+        expected = 0.1 * original_grad(noise[n], centred)
+        # Steps are ~1e-10 and t - theta rounds at ~3e-17: an absolute tolerance, so that a
+        # step built from the wrong members (off by ~1e-11) fails.
+        torch.testing.assert_close(step, expected, rtol=0, atol=1e-15)
         assert step.abs().max() < 1e-8
 
 
@@ -565,7 +586,7 @@ def test_generate_noise_for_shapes_shapes_and_structure():
     assert {n: tuple(t.shape) for n, t in noise.items()} == {n: (32, *s) for n, s in shapes.items()}
     for t in noise.values():
         assert t.dtype == torch.float32
-        assert torch.equal(t[0::2], -t[1::2])  # interleaved antithetic pairs
+        assert torch.equal(t[:16], -t[16:])  # the original's halves
     assert int(torch.linalg.matrix_rank(noise["W1"]).max()) == 4
     assert int(torch.linalg.matrix_rank(noise["W2"]).max()) == 1
     assert int(torch.linalg.matrix_rank(noise["K"].reshape(32, 4, 12)).max()) == 2
@@ -609,6 +630,27 @@ def test_generate_noise_for_shapes_bad_arguments(kwargs, match):
         generate_noise_for_shapes(**{**args, **kwargs})
 
 
+@pytest.mark.parametrize("pop_size", [2, 4, 10, 32])
+def test_generate_noise_for_shapes_antithetic_halves(pop_size):
+    # The original's layout: row i and row N/2 + i are a pair (signs +, -), and the N/2 draws
+    # of the first half are distinct. Interleaved pairs (rows 2k, 2k + 1) fail this for
+    # pop_size >= 4 (with 2 members the two layouts coincide).
+    half = pop_size // 2
+    shapes = {"W": (6, 5), "b": (7,)}
+    noise = generate_noise_for_shapes(shapes, {"W": 2}, pop_size, 0.1, 0, "cpu", seed=3)
+    for t in noise.values():
+        assert torch.equal(t[:half], -t[half:])
+        flat = t[:half].reshape(half, -1)
+        assert bool((flat.abs().sum(dim=1) > 0).all())
+        for i in range(half):
+            for j in range(i + 1, half):
+                assert not torch.allclose(flat[i], flat[j])
+                assert not torch.allclose(flat[i], -flat[j])
+    # antithetic=False is unaffected: every row has its own draw, all with sign +.
+    plain = generate_noise_for_shapes(shapes, {"W": 2}, pop_size, 0.1, 0, "cpu", antithetic=False)
+    assert not torch.allclose(plain["W"][:half], -plain["W"][half:])
+
+
 def test_generate_noise_for_shapes_dtype():
     noise = generate_noise_for_shapes(
         {"W": (4, 3)}, {"W": 2}, 4, 0.1, 0, "cpu", dtype=torch.bfloat16
@@ -621,7 +663,7 @@ def test_generate_noise_for_shapes_dtype():
 def test_dense_noise_has_variance_sigma_squared():
     # 32 independent draws (pop 64, antithetic) of 1000 iid N(0, sigma^2) entries: the sample
     # variance over n = 32000 values has relative sd sqrt(2 / (n - 1)) = 0.0079; 5 sd = 4%.
-    noise = generate_noise_for_shapes({"b": (1000,)}, {}, 64, 0.5, 0, "cpu")["b"][0::2]
+    noise = generate_noise_for_shapes({"b": (1000,)}, {}, 64, 0.5, 0, "cpu")["b"][:32]
     assert float(noise.var() / 0.25) == pytest.approx(1.0, abs=0.04)
 
 
@@ -693,14 +735,17 @@ def test_compute_es_gradient_inputs():
 
 
 def test_utilities_reproduce_the_optimizer_update():
-    # generate_noise_for_shapes + compute_es_gradient is exactly what TorchEggrollES applies.
+    # generate_noise_for_shapes + compute_es_gradient is exactly what TorchEggrollES applies,
+    # once the fitnesses (in the optimizer's member order) are put in the utility's row order.
     es = TorchEggrollES(mlp(F64), pop_size=16, sigma=0.05, lr=0.2, rank=3, seed=21)
     theta = evolved(es)
     noise = exposed_noise(es, F64)
     fitness = torch.randn(16, generator=torch.Generator().manual_seed(5), dtype=F64)
     es.prepare_population()
     es.apply_fitness_scores(fitness)
-    grads = compute_es_gradient(noise, fitness)
+    rows = rows_as_members(16, True)
+    assert torch.equal(rows, torch.cat([torch.arange(0, 16, 2), torch.arange(1, 16, 2)]))
+    grads = compute_es_gradient(noise, fitness[rows])
     for n, t in evolved(es).items():
         torch.testing.assert_close(t, theta[n] + 0.2 * grads[n], rtol=1e-12, atol=1e-14)
 

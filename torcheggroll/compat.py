@@ -125,6 +125,18 @@ def generate_standard_noise(
     return _single_draw(param, 0, sigma, seed, device)
 
 
+def _members_in_halves(n: int, antithetic: bool, device: torch.device | str) -> Tensor:
+    """The optimizer's member index of each row of the original's layout.
+
+    The optimizer interleaves antithetic pairs (members ``2k``, ``2k + 1``); the original puts
+    every ``+`` member first: row ``i < n/2`` is member ``2i``, row ``n/2 + i`` member ``2i + 1``.
+    Without antithetic pairs the orders agree.
+    """
+    if not antithetic:
+        return torch.arange(n, device=device)
+    return torch.cat([torch.arange(0, n, 2, device=device), torch.arange(1, n, 2, device=device)])
+
+
 def generate_noise_for_shapes(
     shapes: Mapping[str, Sequence[int]],
     ranks: Mapping[str, int | None],
@@ -140,17 +152,22 @@ def generate_noise_for_shapes(
     """The noise of a whole population for tensors given by their shapes.
 
     Tensor ``j`` (in the order of ``shapes``) of member ``i`` gets ``sigma * sign_i * E``, where
-    ``E`` is the draw ``(seed, epoch, j, pair_i)`` of :func:`torcheggroll.noise.draw_noise`:
-    low rank ``A @ B.T / sqrt(rank)`` when ``ranks[name]`` is a positive int and the tensor has
-    2 or more dimensions, dense N(0, 1) otherwise (``None``, ``0`` or a missing name). With
-    ``antithetic=True`` members ``2k`` and ``2k + 1`` share draw ``k`` with signs ``+`` and
-    ``-`` (interleaved pairs, exactly as :class:`~torcheggroll.EggrollOptimizer` and
-    :class:`TorchEggrollES` pair them); otherwise member ``i`` has its own draw and sign ``+``.
+    ``E`` is a draw ``(seed, epoch, j, k)`` of :func:`torcheggroll.noise.draw_noise`: low rank
+    ``A @ B.T / sqrt(rank)`` when ``ranks[name]`` is a positive int and the tensor has 2 or more
+    dimensions, dense N(0, 1) otherwise (``None``, ``0`` or a missing name). With
+    ``antithetic=True`` the layout is the original's halves: member ``i < N/2`` gets draw ``i``
+    with sign ``+`` and member ``N/2 + i`` the same draw with sign ``-``, so
+    ``noise[:N/2] == -noise[N/2:]``. Otherwise member ``i`` has draw ``i`` and sign ``+``.
 
     The result is a pure function of the arguments: the global RNG is neither read nor advanced,
     and another ``epoch`` (or ``seed``) gives other noise. For the same ``seed``, ``epoch``,
-    parameter order, ranks, ``pop_size``, ``sigma`` and ``antithetic``, this is exactly the noise
-    a :class:`TorchEggrollES` with that ``seed`` applies in generation ``epoch``.
+    parameter order, ranks, ``pop_size``, ``sigma`` and ``antithetic``, it holds exactly the
+    noise a :class:`TorchEggrollES` with that ``seed`` applies in generation ``epoch``, with its
+    members in another order when ``antithetic=True``: the optimizer interleaves pairs (members
+    ``2k`` and ``2k + 1`` share draw ``k``), so row ``i < N/2`` of the result is the optimizer's
+    member ``2i`` and row ``N/2 + i`` its member ``2i + 1``. Without ``antithetic`` the orders
+    agree. Fitnesses in the optimizer's member order ``f`` match these rows as
+    ``torch.cat([f[0::2], f[1::2]])``.
 
     Args:
         shapes: name -> shape.
@@ -160,7 +177,7 @@ def generate_noise_for_shapes(
         epoch: the generation the noise belongs to.
         device, dtype: where and in which dtype to return the noise (it is drawn in float32,
             or float64 when ``dtype`` is float64).
-        antithetic: mirrored, interleaved pairs.
+        antithetic: mirrored pairs in halves (``noise[:N/2] == -noise[N/2:]``).
         seed: the noise seed (keyword-only; the original had none).
 
     Returns:
@@ -181,7 +198,7 @@ def generate_noise_for_shapes(
         rank = ranks.get(name)
         checked.append((name, torch.Size(shape), 0 if rank is None else _check_rank(rank)))
     draws = num_draws(n, antithetic)
-    members = torch.arange(n, device=device)
+    members = _members_in_halves(n, antithetic, device)
     noise_dtype = compute_dtype(dtype)
     out: dict[str, Tensor] = {}
     for index, (name, shape, rank) in enumerate(checked):
