@@ -51,8 +51,10 @@ BAD_KWARGS: list[tuple[dict[str, Any], type[Exception], str]] = [
     ({"sigma": -0.5}, ValueError, "Invalid sigma: -0.5"),
     ({"sigma": float("inf")}, ValueError, "Invalid sigma: inf"),
     ({"sigma": float("nan")}, ValueError, "Invalid sigma: nan"),
+    ({"sigma": "0.1"}, ValueError, r"Invalid sigma: '0.1' \(expected a finite float > 0, got str\)"),
+    ({"lr": "0.1"}, ValueError, r"Invalid learning rate: '0.1' \(expected a finite float >= 0, got str\)"),
     ({"rank": -1}, ValueError, "Invalid rank: -1"),
-    ({"rank": 2.0}, ValueError, "Invalid rank: 2.0"),
+    ({"rank": 2.0}, ValueError, r"Invalid rank: 2.0 \(expected an int >= 0, got float\)"),
     ({"pop_size": 1}, ValueError, "Invalid pop_size: 1"),
     ({"pop_size": 0, "antithetic": False}, ValueError, "Invalid pop_size: 0"),
     ({"pop_size": 7}, ValueError, r"Invalid pop_size: 7 \(must be even"),
@@ -838,3 +840,62 @@ def test_state_dict_snapshot_keeps_its_generation() -> None:
     opt.step(lambda pop: torch.arange(4.0))
     assert snapshot["state"][0]["generation"] == 0
     assert opt.state_dict()["state"][0]["generation"] == 1
+
+
+# --------------------------------------------------------------------------- review fixes
+def test_parameters_that_do_not_require_grad_are_left_alone():
+    (x, y), model = make_data(), make_model()
+    frozen = model[0].weight
+    frozen.requires_grad_(False)
+    opt = EggrollOptimizer(model.parameters(), lr=0.5, sigma=0.1, pop_size=8, seed=0)
+    before = params_of(model)
+    pop = opt.population()
+    assert not pop.owns(frozen) and len(pop.params) == 3
+    # Frozen parameters keep their index: the others draw the noise they would draw anyway.
+    model2 = make_model()
+    opt2 = EggrollOptimizer(model2.parameters(), lr=0.5, sigma=0.1, pop_size=8, seed=0)
+    pop2 = opt2.population()
+    for p, p2 in zip(list(model.parameters())[1:], list(model2.parameters())[1:], strict=True):
+        assert torch.equal(pop.perturbation(p), pop2.perturbation(p2))
+    opt.step(pop_closure(model, x, y))
+    opt.step(seq_closure(model, x, y))
+    after = params_of(model)
+    assert torch.equal(after[0], before[0])
+    assert all(not torch.equal(a, b) for a, b in zip(after[1:], before[1:], strict=True))
+    frozen.requires_grad_(True)  # unfreezing takes effect at the next step
+    opt.step(pop_closure(model, x, y))
+    assert not torch.equal(frozen, before[0])
+
+
+def test_default_seeds_differ_between_optimizers_and_follow_manual_seed():
+    model = make_model()
+    torch.manual_seed(5)
+    a = EggrollOptimizer(model.parameters(), pop_size=4)
+    b = EggrollOptimizer(model.parameters(), pop_size=4)
+    torch.manual_seed(5)
+    c = EggrollOptimizer(model.parameters(), pop_size=4)
+    assert a.seed != b.seed and a.seed == c.seed
+    assert not torch.equal(a.population().perturbation(model[0].weight),
+                           b.population().perturbation(model[0].weight))
+
+
+def test_identical_losses_warn_that_the_closure_ignores_the_population():
+    from torcheggroll import IdenticalLossesWarning
+
+    (x, y), model = make_data(), make_model()
+    opt = EggrollOptimizer(model.parameters(), pop_size=8, seed=0)
+
+    def ignores_population(pop: Any) -> torch.Tensor:
+        return ((model(x) - y) ** 2).mean().expand(len(pop))
+
+    with pytest.warns(IdenticalLossesWarning, match="same loss"):
+        opt.step(ignores_population)
+    with pytest.warns(IdenticalLossesWarning):
+        opt.compute_grad(ignores_population)
+    with pytest.warns(IdenticalLossesWarning):
+        opt.step(lambda: ((model(x) - y) ** 2).mean().item() * 0 + 1.0)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", IdenticalLossesWarning)
+        opt.step(pop_closure(model, x, y))

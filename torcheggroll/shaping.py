@@ -18,7 +18,6 @@ __all__ = [
     "centered_rank",
     "mask_nonfinite",
     "raw",
-    "replace_nonfinite",
     "shape_losses",
     "warn_identical",
     "warn_nonfinite",
@@ -43,7 +42,7 @@ class IdenticalLossesWarning(RuntimeWarning):
 def zscore(losses: torch.Tensor) -> torch.Tensor:
     """``(l - mean) / std`` with the unbiased std; only mean-centred when ``std <= 1e-8``.
 
-    This is the original torcheggroll's normalization (ALGORITHM.md §3).
+    This is the original torcheggroll's normalization.
     """
     centred = losses - losses.mean()
     if losses.numel() < 2:
@@ -53,16 +52,20 @@ def zscore(losses: torch.Tensor) -> torch.Tensor:
 
 
 def centered_rank(losses: torch.Tensor) -> torch.Tensor:
-    """Ranks mapped linearly onto ``[-0.5, 0.5]`` (OpenAI ES); ties broken by member index.
+    """Ranks mapped linearly onto ``[-0.5, 0.5]`` (OpenAI ES); tied losses share their mean rank.
 
-    Robust to outliers: only the order of the losses matters.
+    Robust to outliers: only the order of the losses matters. Ties get the average of the ranks
+    they span, so equal losses get equal weights (a flat loss gives a zero update rather than a
+    random walk driven by member indices). No host sync: ranks come from a sort and two binary
+    searches.
     """
     n = losses.numel()
-    ranks = torch.empty_like(losses)
-    order = torch.argsort(losses, stable=True)
-    ranks[order] = torch.arange(n, device=losses.device, dtype=losses.dtype)
     if n < 2:
         return torch.zeros_like(losses)
+    ordered = torch.sort(losses).values
+    below = torch.searchsorted(ordered, losses, right=False)  # losses strictly smaller
+    through = torch.searchsorted(ordered, losses, right=True)  # losses smaller or equal
+    ranks = (below + through - 1).to(losses.dtype) / 2  # mean of the ranks below..through-1
     return ranks / (n - 1) - 0.5
 
 
@@ -89,21 +92,6 @@ def mask_nonfinite(losses: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     lowest = torch.finfo(losses.dtype).min if losses.is_floating_point() else 0
     worst = torch.where(finite, losses, lowest).max()
     return torch.where(finite, losses, worst), (~finite).sum()
-
-
-def replace_nonfinite(losses: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Replace NaN and ±inf losses by the worst (largest) finite loss.
-
-    Returns the cleaned losses and how many were replaced. If no loss is finite, every loss is
-    replaced by 0 (so shaping yields a zero update). This needs one host sync (the count).
-    """
-    clean, bad_count = mask_nonfinite(losses)
-    bad = int(bad_count)
-    if bad == 0:
-        return losses, 0
-    if bad == losses.numel():
-        return torch.zeros_like(losses), bad
-    return clean, bad
 
 
 def shape_losses(losses: torch.Tensor, shaping: str) -> torch.Tensor:
