@@ -98,6 +98,8 @@ CASES: list[tuple[str, Callable[[], nn.Module], Callable[[], tuple[Any, ...]], d
     ("linear-3d-input", lambda: nn.Linear(5, 7), lambda: (torch.randn(2, 3, 5),), {}),
     ("embedding", lambda: nn.Embedding(10, 6, padding_idx=0), lambda: (torch.randint(0, 10, (4, 7)),), {}),
     ("conv1d", lambda: nn.Conv1d(3, 8, 3, padding="same"), lambda: (torch.randn(2, 3, 9),), {}),
+    ("conv2d-dilated", lambda: nn.Conv2d(3, 4, 3, stride=2, padding=2, dilation=2), lambda: (torch.randn(2, 3, 9, 9),), {}),
+    ("conv3d-dilated", lambda: nn.Conv3d(2, 3, 2, dilation=(1, 2, 2)), lambda: (torch.randn(1, 2, 4, 5, 5),), {}),
     ("cnn", TinyCNN, lambda: (torch.randn(2, 3, 8, 8),), {}),
     ("grucell", lambda: nn.GRUCell(5, 7), lambda: (torch.randn(4, 5), torch.randn(4, 7)), {}),
     ("lstmcell", lambda: nn.LSTMCell(5, 7), lambda: (torch.randn(4, 5),), {}),
@@ -327,3 +329,115 @@ def test_per_generation_cache_follows_in_place_changes() -> None:
     moved = population.forward(model, x)
     torch.testing.assert_close(moved, _reference(population, model, (x,), {}, False), rtol=1e-5, atol=1e-5)
     assert not torch.allclose(moved, first)
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("batch_first", [True, False], ids=["batch-first", "seq-first"])
+def test_causal_hint_without_a_mask_does_what_pytorch_does(batch_first: bool, training: bool) -> None:
+    """``is_causal=True`` with no ``attn_mask``: PyTorch raises, except on the fused inference
+    path (eval, batch_first, ...), which ignores the hint. Both paths must do the same."""
+    model, opt = _setup(lambda: nn.MultiheadAttention(8, 2, batch_first=batch_first), torch.device("cpu"))
+    model.train(training)
+    x = torch.randn(3, 5, 8)
+    kwargs = {"is_causal": True, "need_weights": False}
+    population = opt.population()
+    with torch.no_grad():
+        try:
+            plain = [
+                torch.func.functional_call(model, {k: v[j] for k, v in population.stacked(model).items()}, (x, x, x), kwargs)[0]
+                for j in range(POP)
+            ]
+        except RuntimeError as exc:
+            for path in ("auto", "lowrank", "materialized"):
+                with pytest.raises(RuntimeError, match=str(exc)[:30]):
+                    population.forward(model, x, x, x, path=path, **kwargs)
+            return
+        expected = torch.stack(plain)
+        for path in ("auto", "lowrank", "materialized"):
+            out = population.forward(model, x, x, x, path=path, **kwargs)[0]
+            torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+    assert batch_first and not training  # the only configuration PyTorch accepts
+
+
+@pytest.mark.parametrize("factory", [lambda: nn.GRU(5, 7, num_layers=2), lambda: nn.LSTM(5, 7, batch_first=True), lambda: nn.RNN(5, 7)], ids=["gru", "lstm", "rnn"])
+@pytest.mark.parametrize("rank", [0, 3])
+def test_materialized_path_runs_recurrent_layers(factory: Callable[[], nn.Module], rank: int) -> None:
+    """The reference path vmaps the module with per-member weights; PyTorch's fused recurrent
+    kernels have no batching rule, so they run as cell equations there (and on the low-rank path
+    when every weight has dense noise)."""
+    model, opt = _setup(factory, torch.device("cpu"), rank=rank)
+    x = torch.randn(6, 3, 5)
+    population = opt.population()
+    expected = _reference(population, model, (x,), {}, False)
+    for path in ("materialized", "auto"):
+        _assert_close(population.forward(model, x, path=path), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_last_fallbacks_describe_the_last_call_only() -> None:
+    model, opt = _setup(RawMatmul, torch.device("cpu"))
+    x = torch.randn(5, 6)
+    population = opt.population()
+    population.forward(model, x)
+    assert population.last_fallbacks == ["w"]
+    population.forward(model, x, path="materialized")
+    assert population.last_fallbacks == []
+    population.forward(model, x)
+    with pytest.raises(LowRankFallbackError):
+        population.forward(model, x, path="lowrank")
+    assert population.last_fallbacks == []
+
+
+def test_values_assigned_through_data_are_seen_by_the_next_forward() -> None:
+    """``.data`` assignment (``vector_to_parameters``) does not move the version counter: nothing
+    that depends on a parameter's value may be cached across forwards of a generation."""
+    model, opt = _setup(lambda: nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)), torch.device("cpu"))
+    x = torch.randn(5, 3)
+    population = opt.population()
+    for path in ("auto", "materialized"):
+        first = population.forward(model, x, path=path)
+        vec = torch.nn.utils.parameters_to_vector(model.parameters())
+        torch.nn.utils.vector_to_parameters(vec + 1.0, model.parameters())
+        moved = population.forward(model, x, path=path)
+        torch.testing.assert_close(moved, _reference(population, model, (x,), {}, False), rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(moved, first)
+        for p in model.parameters():
+            p.data.sub_(1.0)  # in place through .data: no version bump either
+        torch.testing.assert_close(population.forward(model, x, path=path), first, rtol=1e-5, atol=1e-6)
+
+
+def test_a_call_with_arguments_a_handler_does_not_know_declines(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A newer PyTorch may pass arguments a handler's signature lacks: the call must take the
+    materialized fallback (right answer), never raise a TypeError from inside the handler."""
+    import torch.nn.functional as F
+
+    class NewArg(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(3, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return F.linear(x, self.lin.weight, self.lin.bias)
+
+    model, opt = _setup(NewArg, torch.device("cpu"))
+    original = F.linear
+
+    def linear_with_new_arg(
+        x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None, future_flag: bool = True
+    ) -> torch.Tensor:
+        """F.linear as a future PyTorch might have it: one more (keyword) argument."""
+        if torch.overrides.has_torch_function((x, w, b)):
+            return torch.overrides.handle_torch_function(
+                linear_with_new_arg, (x, w, b), x, w, b, future_flag=future_flag
+            )
+        return original(x, w, b)
+
+    from torcheggroll import lowrank
+
+    monkeypatch.setitem(lowrank._LowRankMode.HANDLERS, linear_with_new_arg, lowrank._LowRankMode.HANDLERS[F.linear])
+    monkeypatch.setattr(F, "linear", linear_with_new_arg)
+
+    x = torch.randn(5, 3)
+    population = opt.population()
+    out = population.forward(model, x)  # the handler would raise a TypeError on future_flag
+    assert population.last_fallbacks == ["lin.weight"]
+    torch.testing.assert_close(out, _reference(population, model, (x,), {}, False), rtol=1e-5, atol=1e-5)

@@ -26,22 +26,46 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
+from ._dispatch import HandlerMode, is_batched
 from .fused_linear import fused_available, lowrank_linear, lowrank_linear_batched
-from .noise import compute_dtype
+from .materialized import (
+    materialized_forward,
+    named_tensors,
+    recurrent_handlers,
+    scratch_buffers,
+    vmap_members,
+)
+from .noise import ParamNoise, compute_dtype
 
 __all__ = ["LowRankFallbackError", "lowrank_forward"]
 
 
 class LowRankFallbackError(RuntimeError):
     """``path="lowrank"`` was asked for but an owned matrix is used in a way the fast path lacks."""
+
+
+class _Population(Protocol):
+    @property
+    def size(self) -> int: ...
+
+    def owns(self, tensor: torch.Tensor) -> bool: ...
+
+    def noise(self, param: torch.Tensor) -> ParamNoise: ...
+
+    def perturbed(self, param: torch.Tensor) -> torch.Tensor: ...
+
+    def coefficients(self, param: torch.Tensor, scale: float = 1.0) -> torch.Tensor: ...
+
+    def lowrank_factors(self, param: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def member_table(self, kind: Any, device: Any, dtype: torch.dtype) -> torch.Tensor: ...
 
 
 @dataclass
@@ -117,12 +141,26 @@ def _fusable(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> boo
     return not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, w, bias)))
 
 
-class _LowRankMode(TorchFunctionMode):
+class _LowRankMode(HandlerMode):
     def __init__(self, factors: dict[int, _Factor], strict: bool, fallbacks: set[str]) -> None:
         super().__init__()
         self.factors = factors
         self.strict = strict
         self.fallbacks = fallbacks
+        # nn.MultiheadAttention calls under way, innermost last (see _attention_fast_path).
+        self.attention: list[bool] = []
+
+    def factor(self, t: Any) -> _Factor | None:
+        f = self.factors.get(id(t))
+        return f if f is not None and t is f.weight else None
+
+    def claims(self, t: Any) -> bool:
+        """Whether a recurrent kernel's weight ``t`` needs the cell equations here: an owned
+        matrix, or a per-member (batched) tensor such as a bias with dense noise."""
+        return self.factor(t) is not None or is_batched(t)
+
+    def linear(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+        return _lin(self, x, w, b)
 
     def _owned_in(self, args: Any, kwargs: dict[str, Any]) -> list[_Factor]:
         """The owned matrices among the arguments (top level, or inside a list or tuple)."""
@@ -130,22 +168,14 @@ class _LowRankMode(TorchFunctionMode):
         for value in (*args, *kwargs.values()):
             items = value if isinstance(value, (list, tuple)) else (value,)
             for t in items:
-                f = self.factors.get(id(t))
-                if f is not None and t is f.weight:
+                f = self.factor(t)
+                if f is not None:
                     hits.append(f)
         return hits
 
-    def factor(self, t: Any) -> _Factor | None:
-        f = self.factors.get(id(t))
-        return f if f is not None and t is f.weight else None
-
-    def __torch_function__(self, func: Callable[..., Any], types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        kwargs = kwargs or {}
-        handler = _HANDLERS.get(func)
-        if handler is not None:
-            out = handler(self, *args, **kwargs)
-            if out is not NotImplemented:
-                return out
+    def decline(self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """Any other use of an owned matrix gets that member's full weight (or, with
+        ``path="lowrank"``, an error)."""
         hits = self._owned_in(args, kwargs)
         if not hits:
             return func(*args, **kwargs)
@@ -156,12 +186,13 @@ class _LowRankMode(TorchFunctionMode):
         for f in hits:
             if self.strict:
                 raise LowRankFallbackError(
-                    f"path='lowrank': parameter {f.name!r} is used by {getattr(func, '__name__', func)}, "
-                    "which the low-rank forward does not handle; use path='auto' to materialize it"
+                    f"path='lowrank': parameter {f.name!r} is used by "
+                    f"{getattr(func, '__name__', func)}, which the low-rank forward does not "
+                    "handle; use path='auto' to materialize it"
                 )
             self.fallbacks.add(f.name)
         swapped = pytree.tree_map(
-            lambda t: self.factors[id(t)].materialized() if self.factor(t) is not None else t,
+            lambda t: f.materialized() if (f := self.factor(t)) is not None else t,
             (args, kwargs),
         )
         return func(*swapped[0], **swapped[1])
@@ -282,6 +313,22 @@ def _h_mha(
     """
     if bias_k is not None or bias_v is not None or add_zero_attn or static_k is not None or static_v is not None:
         return NotImplemented
+    if is_causal and attn_mask is None:
+        # F.multi_head_attention_forward refuses the causal hint without a mask; PyTorch gets
+        # here without raising only through nn.MultiheadAttention's fused inference path, which
+        # ignores the hint. Do what PyTorch would have done: the reference call raises, or the
+        # hint is dropped.
+        if not (mode.attention and mode.attention[-1]):
+            # PyTorch raises here: let it do so in its own words (it checks before computing).
+            F.multi_head_attention_forward(
+                query, key, value, embed_dim_to_check, num_heads, in_proj_weight, in_proj_bias,
+                bias_k, bias_v, add_zero_attn, dropout_p, out_proj_weight, out_proj_bias,
+                training, key_padding_mask, need_weights, attn_mask, use_separate_proj_weight,
+                q_proj_weight, k_proj_weight, v_proj_weight, static_k, static_v,
+                average_attn_weights, is_causal,
+            )
+            return NotImplemented
+        is_causal = False
     if query.dim() != 3 or any(mode.factor(t) is not None for t in (in_proj_bias, out_proj_bias)):
         return NotImplemented
     tgt_len, bsz, embed = query.shape
@@ -367,123 +414,16 @@ def _merge_masks(
     return mask
 
 
-def _cell_linear(mode: _LowRankMode, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
-    return _lin(mode, x, w, b)
-
-
-def _gru_cell(mode: _LowRankMode, x: torch.Tensor, h: torch.Tensor, w_ih: torch.Tensor, w_hh: torch.Tensor, b_ih: torch.Tensor | None = None, b_hh: torch.Tensor | None = None) -> torch.Tensor:
-    gi = _cell_linear(mode, x, w_ih, b_ih)
-    gh = _cell_linear(mode, h, w_hh, b_hh)
-    i_r, i_z, i_n = gi.chunk(3, dim=-1)
-    h_r, h_z, h_n = gh.chunk(3, dim=-1)
-    r = torch.sigmoid(i_r + h_r)
-    z = torch.sigmoid(i_z + h_z)
-    n = torch.tanh(i_n + r * h_n)
-    return (1 - z) * n + z * h
-
-
-def _lstm_cell(mode: _LowRankMode, x: torch.Tensor, hc: Any, w_ih: torch.Tensor, w_hh: torch.Tensor, b_ih: torch.Tensor | None = None, b_hh: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    h, c = hc
-    gates = _cell_linear(mode, x, w_ih, b_ih) + _cell_linear(mode, h, w_hh, b_hh)
-    i, f, g, o = gates.chunk(4, dim=-1)
-    c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-    return torch.sigmoid(o) * torch.tanh(c), c
-
-
-def _rnn_cell(act: Callable[[torch.Tensor], torch.Tensor]) -> Callable[..., torch.Tensor]:
-    def cell(mode: _LowRankMode, x: torch.Tensor, h: torch.Tensor, w_ih: torch.Tensor, w_hh: torch.Tensor, b_ih: torch.Tensor | None = None, b_hh: torch.Tensor | None = None) -> torch.Tensor:
-        return act(_cell_linear(mode, x, w_ih, b_ih) + _cell_linear(mode, h, w_hh, b_hh))
-
-    return cell
-
-
-def _cell_handler(cell: Callable[..., Any]) -> Callable[..., Any]:
-    def handler(mode: _LowRankMode, x: torch.Tensor, hx: Any, w_ih: torch.Tensor, w_hh: torch.Tensor, b_ih: torch.Tensor | None = None, b_hh: torch.Tensor | None = None) -> Any:
-        if mode.factor(w_ih) is None and mode.factor(w_hh) is None:
-            return NotImplemented
-        return cell(mode, x, hx, w_ih, w_hh, b_ih, b_hh)
-
-    return handler
-
-
-def _recurrent_handler(cell: Callable[..., Any], is_lstm: bool) -> Callable[..., Any]:
-    """``torch.gru`` / ``torch.lstm`` / ``torch.rnn_*`` (the kernels behind nn.GRU and friends)."""
-
-    def handler(
-        mode: _LowRankMode,
-        input: torch.Tensor,
-        hx: Any,
-        params: Any,
-        has_biases: bool = True,
-        num_layers: int = 1,
-        dropout: float = 0.0,
-        train: bool = False,
-        bidirectional: bool = False,
-        batch_first: bool = False,
-    ) -> Any:
-        if not isinstance(params, (list, tuple)) or not isinstance(has_biases, bool):
-            return NotImplemented  # the packed-sequence overload
-        if not any(mode.factor(p) is not None for p in params):
-            return NotImplemented
-        per = 4 if has_biases else 2
-        dirs = 2 if bidirectional else 1
-        if len(params) != per * num_layers * dirs:
-            return NotImplemented  # LSTM with proj_size
-        x = input.transpose(0, 1) if batch_first else input  # (T, B, F) or (T, F) unbatched
-        h0 = hx[0] if is_lstm else hx
-        c0 = hx[1] if is_lstm else None
-        h_n, c_n = [], []
-        for layer in range(num_layers):
-            outs = []
-            for d in range(dirs):
-                idx = (layer * dirs + d) * per
-                w = list(params[idx : idx + per]) + [None, None][: 4 - per]
-                h = h0[layer * dirs + d]
-                c = c0[layer * dirs + d] if c0 is not None else None
-                steps = range(x.shape[0] - 1, -1, -1) if d == 1 else range(x.shape[0])
-                ys: list[torch.Tensor] = []
-                for t in steps:
-                    if is_lstm:
-                        h, c = cell(mode, x[t], (h, c), w[0], w[1], w[2], w[3])
-                    else:
-                        h = cell(mode, x[t], h, w[0], w[1], w[2], w[3])
-                    ys.append(h)
-                if d == 1:
-                    ys.reverse()
-                outs.append(torch.stack(ys))
-                h_n.append(h)
-                if c is not None:
-                    c_n.append(c)
-            x = torch.cat(outs, dim=-1) if dirs == 2 else outs[0]
-            if dropout > 0 and train and layer < num_layers - 1:
-                x = F.dropout(x, p=dropout)
-        out = x.transpose(0, 1) if batch_first else x
-        if is_lstm:
-            return out, torch.stack(h_n), torch.stack(c_n)
-        return out, torch.stack(h_n)
-
-    return handler
-
-
-def _h_skip_flatten(mode: _LowRankMode, weights: Any, *args: Any, **kwargs: Any) -> Any:
-    """``torch._cudnn_rnn_flatten_weight`` (nn.RNNBase.flatten_parameters): only a memory-layout
-    optimisation whose result is discarded; skipped when owned or per-member weights take part."""
-    if any(mode.factor(w) is not None for w in weights) or torch._C._functorch.is_batchedtensor(weights[-1]):
-        return None
-    return NotImplemented
-
-
 def _h_data_ptr(mode: _LowRankMode, t: torch.Tensor) -> Any:
-    """``Tensor.data_ptr``: the centre's for an owned weight; for a per-member (batched) tensor,
-    which has no single storage, a stand-in that is unique while it lives (RNN modules only
-    compare pointers to decide whether to re-pack their weights for cuDNN)."""
-    if torch._C._functorch.is_batchedtensor(t):
-        return id(t)
-    return NotImplemented if mode.factor(t) is None else t.data_ptr()
+    """``Tensor.data_ptr``: the centre's for an owned weight, a stand-in for a batched tensor."""
+    if mode.factor(t) is not None:
+        return t.data_ptr()
+    return _SHARED[torch.Tensor.data_ptr](mode, t)
 
 
-_HANDLERS: dict[Any, Callable[..., Any]] = {
-    torch._cudnn_rnn_flatten_weight: _h_skip_flatten,
+_SHARED = recurrent_handlers()
+_LowRankMode.HANDLERS = {
+    **_SHARED,
     torch.Tensor.data_ptr: _h_data_ptr,
     F.linear: _h_linear,
     F.embedding: _h_embedding,
@@ -491,20 +431,63 @@ _HANDLERS: dict[Any, Callable[..., Any]] = {
     F.conv2d: _conv_handler(F.conv2d, 2),
     F.conv3d: _conv_handler(F.conv3d, 3),
     F.multi_head_attention_forward: _h_mha,
-    torch.gru_cell: _cell_handler(_gru_cell),
-    torch.lstm_cell: _cell_handler(_lstm_cell),
-    torch.rnn_tanh_cell: _cell_handler(_rnn_cell(torch.tanh)),
-    torch.rnn_relu_cell: _cell_handler(_rnn_cell(torch.relu)),
-    torch.gru: _recurrent_handler(_gru_cell, is_lstm=False),
-    torch.lstm: _recurrent_handler(_lstm_cell, is_lstm=True),
-    torch.rnn_tanh: _recurrent_handler(_rnn_cell(torch.tanh), is_lstm=False),
-    torch.rnn_relu: _recurrent_handler(_rnn_cell(torch.relu), is_lstm=False),
 }
 
 
 # ---------------------------------------------------------------------------- entry point
+def _attention_fast_path(mod: nn.MultiheadAttention, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+    """Whether plain PyTorch would run this ``nn.MultiheadAttention`` call through its fused
+    inference path (``torch._native_multi_head_attention``) rather than
+    ``F.multi_head_attention_forward``: the module-level conditions of
+    ``nn.MultiheadAttention.forward`` (torch 2.11-2.13). Under the low-rank forward the fused
+    path is never taken (an active torch-function mode turns it off), so where the two paths
+    differ, the handler needs to know which one PyTorch would have taken."""
+    names = ("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask")
+    bound = dict(zip(names, args, strict=False)) | {k: v for k, v in kwargs.items() if k in names}
+    query, key, value = bound.get("query"), bound.get("key"), bound.get("value")
+    kpm, mask = bound.get("key_padding_mask"), bound.get("attn_mask")
+    if any(m is not None and torch.is_floating_point(m) for m in (kpm, mask)):
+        return False
+    if not isinstance(query, torch.Tensor) or query.dim() != 3 or query is not key or key is not value:
+        return False
+    w, b = mod.in_proj_weight, mod.in_proj_bias
+    if w is None or b is None:
+        return False
+    return (
+        torch.backends.mha.get_fastpath_enabled()
+        and query.dtype == w.dtype == b.dtype
+        and not mod.training
+        and mod.num_heads % 2 == 0
+        and mod.batch_first
+        and mod.bias_k is None
+        and mod.bias_v is None
+        and not mod.add_zero_attn
+        and mod._qkv_same_embed_dim
+        and not torch.is_autocast_enabled()
+        and not (torch.is_grad_enabled() and any(t.requires_grad for t in (query, w, b)))
+    )
+
+
+def _track_attention(module: nn.Module, stack: list[bool]) -> list[Any]:
+    """Hooks that push, for every ``nn.MultiheadAttention`` call inside ``module``, whether
+    plain PyTorch would take its fused path (popped when the call ends)."""
+
+    def enter(mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        stack.append(_attention_fast_path(mod, args, kwargs))  # type: ignore[arg-type]
+
+    def leave(mod: nn.Module, args: Any, kwargs: Any, out: Any) -> None:
+        stack.pop()
+
+    handles = []
+    for mod in module.modules():
+        if isinstance(mod, nn.MultiheadAttention):
+            handles.append(mod.register_forward_pre_hook(enter, with_kwargs=True))
+            handles.append(mod.register_forward_hook(leave, with_kwargs=True, always_call=True))
+    return handles
+
+
 def lowrank_forward(
-    population: Any,
+    population: _Population,
     module: nn.Module,
     args: tuple[Any, ...],
     kwargs: Mapping[str, Any],
@@ -512,26 +495,29 @@ def lowrank_forward(
     per_member: bool,
     strict: bool,
     randomness: str,
-) -> Any:
+) -> tuple[Any, list[str]]:
     """Evaluate ``module`` for every local member of ``population`` with the low-rank forward.
 
     Owned low-rank matrices stay shared (their factors ``(size, m, r)``, ``(size, n, r)`` are
-    the only per-member data); owned dense-noise tensors are passed per member. Records the
-    names of matrices that had to be materialized in ``population.last_fallbacks``.
-    """
-    from .population import _named_tensors, scratch_buffers, vmap_members
+    the only per-member data); owned dense-noise tensors are passed per member.
 
-    size = len(population)
+    Returns:
+        The outputs (a leading ``(size,)`` dimension on every tensor) and the sorted names of
+        the owned matrices that had to be materialized.
+    """
+    size = population.size
+    if size == 0:
+        raise ValueError("Invalid population: it has no local members to evaluate")
     batched: dict[str, torch.Tensor] = {}
     # Owned low-rank matrices stay shared. Those the fused kernels may evaluate (CUDA, half
     # precision) pass the generation's draws plus each member's draw index and scale; the others
     # pass each member's factors, built once per generation (cheaper than a gather under vmap).
     lazy_names: dict[int, str] = {}
-    drawn: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (centre, draws of A, of B)
+    drawn: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (centre, A draws, B draws)
     coeffs: list[torch.Tensor] = []
     given: list[torch.Tensor] = []
     factors_ab: list[tuple[torch.Tensor, torch.Tensor]] = []
-    for name, t in _named_tensors(module):
+    for name, t in named_tensors(module):
         if not population.owns(t):
             continue
         noise = population.noise(t)
@@ -540,14 +526,19 @@ def lowrank_forward(
         elif id(t) not in lazy_names:
             lazy_names[id(t)] = name
             if fused_available(t):
+                assert noise.a is not None and noise.b is not None
                 drawn.append((t, noise.a, noise.b))
                 coeffs.append(population.coefficients(t, noise.factor_scale))
             else:
                 given.append(t)
                 factors_ab.append(population.lowrank_factors(t))
+    kw = dict(kwargs)
+    if not lazy_names and not batched and not per_member:
+        return materialized_forward(population, module, args, kw, per_member, randomness), []
     batched.update(scratch_buffers(module, size))
-    draws = population._table("pairs", coeffs[0].device, torch.int64) if coeffs else None
+    draws = population.member_table("pairs", coeffs[0].device, torch.int64) if coeffs else None
     fallbacks: set[str] = set()
+    attention: list[bool] = []
 
     def call(
         params: dict[str, torch.Tensor],
@@ -562,21 +553,26 @@ def lowrank_forward(
             for (w, a, b), c in zip(drawn, cs, strict=True)
         }
         factors.update(
-            {id(w): _Factor(w, lazy_names[id(w)], cached={"a": a, "b": b}) for w, (a, b) in zip(given, ab, strict=True)}
+            {
+                id(w): _Factor(w, lazy_names[id(w)], cached={"a": a, "b": b})
+                for w, (a, b) in zip(given, ab, strict=True)
+            }
         )
-        with _LowRankMode(factors, strict, fallbacks):
+        mode = _LowRankMode(factors, strict, fallbacks)
+        mode.attention = attention
+        with mode:
             if not params:
                 return module(*xs, **kw)
-            return torch.func.functional_call(module, params, xs, kw, tie_weights=False, strict=False)
+            return torch.func.functional_call(
+                module, params, xs, kw, tie_weights=False, strict=False
+            )
 
-    kw = dict(kwargs)
-    if size == 0:
-        raise ValueError("Invalid population: it has no local members to evaluate")
-    if not lazy_names and not batched and not per_member:
-        from .population import _materialized_forward
-
-        return _materialized_forward(population, module, args, kw, per_member, randomness)
-    out = vmap_members(call, randomness, (batched, draws, coeffs, factors_ab), (args, kw), per_member)
-    population.last_fallbacks = sorted(fallbacks)
-    return out
-
+    handles = _track_attention(module, attention)
+    try:
+        out = vmap_members(
+            call, randomness, (batched, draws, coeffs, factors_ab), (args, kw), per_member
+        )
+    finally:
+        for h in handles:
+            h.remove()
+    return out, sorted(fallbacks)

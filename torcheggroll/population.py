@@ -10,6 +10,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from . import lowrank, materialized
 from .noise import ParamNoise, compute_dtype, member_pairs, member_signs
 
 __all__ = ["PerturbedParam", "Population"]
@@ -80,7 +81,7 @@ class Population:
         self._by_id = {id(p.param): p for p in params}
         self._on_device: dict[torch.device, torch.Tensor] = {}
         self.last_fallbacks: list[str] = []
-        self._cache: dict[tuple[str, int, int], Any] = {}
+        self._cache: dict[tuple[str, int], Any] = {}
         self._tables: dict[tuple[str, torch.device, torch.dtype], torch.Tensor] = {}
         n = len(members)
         contiguous = n > 0 and members.device.type == "cpu" and bool(
@@ -141,8 +142,11 @@ class Population:
         """The unit-variance noise of ``param`` for every draw of the generation (all pairs)."""
         return self.entry(param).noise
 
-    def _table(self, kind: str, device: torch.device | None, dtype: torch.dtype) -> torch.Tensor:
-        """The members' signs or draw indices on ``device``: shared, not to be modified."""
+    def member_table(
+        self, kind: Literal["signs", "pairs"], device: torch.device | None, dtype: torch.dtype
+    ) -> torch.Tensor:
+        """``(size,)`` the members' signs or draw indices on ``device``, shared by every caller
+        in this process: read it, never modify it (:meth:`signs` and :meth:`pairs` copy it)."""
         dev = self.members.device if device is None else torch.device(device)
         if self._range is not None:
             return _range_table(kind, *self._range, self.antithetic, dev, dtype)
@@ -153,11 +157,11 @@ class Population:
 
     def signs(self, device: torch.device | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """``(size,)`` the sign ``+1``/``-1`` of each local member's perturbation."""
-        return self._table("signs", device, dtype).clone()
+        return self.member_table("signs", device, dtype).clone()
 
     def pairs(self, device: torch.device | None = None) -> torch.Tensor:
         """``(size,)`` the noise draw each local member uses."""
-        return self._table("pairs", device, torch.int64).clone()
+        return self.member_table("pairs", device, torch.int64).clone()
 
     def coefficients(self, param: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
         """``(size,)`` ``scale * sigma * sign_i`` of each local member for ``param``, in the
@@ -165,14 +169,14 @@ class Population:
         e = self.entry(param)
         ref = e.noise.a if e.noise.a is not None else e.noise.dense
         assert ref is not None
-        return self._table("signs", ref.device, ref.dtype) * (e.sigma * scale)
+        return self.member_table("signs", ref.device, ref.dtype) * (e.sigma * scale)
 
     def local_noise(self, param: torch.Tensor) -> ParamNoise:
         """The noise draw of each local member, in member order (a gather of :meth:`noise`)."""
         e = self.entry(param)
         ref = e.noise.a if e.noise.a is not None else e.noise.dense
         assert ref is not None
-        return e.noise.select(self._table("pairs", ref.device, torch.int64))
+        return e.noise.select(self.member_table("pairs", ref.device, torch.int64))
 
     # ------------------------------------------------------------------ materialized path
     def perturbation(self, param: torch.Tensor) -> torch.Tensor:
@@ -184,26 +188,26 @@ class Population:
 
     def _cached(self, kind: str, param: torch.Tensor, build: Any) -> Any:
         # Per-generation cache for closures that call forward many times (an RL rollout, a
-        # chunked sequence). The key includes the tensor's version counter, so an in-place
-        # change of the centre invalidates it.
-        key = (kind, id(param), param._version)
+        # chunked sequence). Only values that do not depend on the parameter's current value
+        # (the noise, scaled) are cached: a parameter changed in any way, through ``.data``
+        # included, is always read afresh.
+        key = (kind, id(param))
         if key not in self._cache:
             self._cache[key] = build()
         return self._cache[key]
 
     def perturbed(self, param: torch.Tensor) -> torch.Tensor:
-        """``(size, *param.shape)`` each local member's value of ``param``, in ``param.dtype``."""
-
-        def build() -> torch.Tensor:
-            centre = param.detach().to(compute_dtype(param.dtype))
-            return (centre.unsqueeze(0) + self.perturbation(param)).to(param.dtype)
-
-        return self._cached("perturbed", param, build)
+        """``(size, *param.shape)`` each local member's value of ``param``, in ``param.dtype``:
+        the parameter's current value plus the member's perturbation."""
+        delta = self._cached("perturbation", param, lambda: self.perturbation(param))
+        centre = param.detach().to(compute_dtype(param.dtype))
+        return (centre.unsqueeze(0) + delta).to(param.dtype)
 
     def lowrank_factors(self, param: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Each local member's factors of a low-rank ``param`` in its dtype: ``a`` of shape
         ``(size, m, r)`` already scaled by ``sigma * sign / sqrt(r)``, and ``b`` ``(size, n, r)``,
-        so that member ``j``'s weight is ``param + (a[j] @ b[j].T).reshape(param.shape)``."""
+        so that member ``j``'s weight is ``param + (a[j] @ b[j].T).reshape(param.shape)``.
+        Cached for the generation: treat them as read-only."""
 
         def build() -> tuple[torch.Tensor, torch.Tensor]:
             noise = self.local_noise(param)
@@ -235,17 +239,10 @@ class Population:
         """Each local member's parameters and buffers of ``module``: name -> ``(size, *shape)``.
 
         Owned parameters carry their member's perturbation; everything else is broadcast with
-        ``expand`` (a view, not a copy). The tensors are cached for the generation: treat them
-        as read-only. The result is ready for
-        ``torch.func.vmap(torch.func.functional_call(module, ...))``.
+        ``expand`` (a view, not a copy), so treat the tensors as read-only. The result is ready
+        for ``torch.func.vmap(torch.func.functional_call(module, ...))``.
         """
-        out: dict[str, torch.Tensor] = {}
-        for name, t in _named_tensors(module):
-            if self.owns(t):
-                out[name] = self.perturbed(t)
-            else:
-                out[name] = t.detach().unsqueeze(0).expand(self.size, *t.shape)
-        return out
+        return materialized.stacked(self, module)
 
     def forward(
         self,
@@ -269,40 +266,27 @@ class Population:
                 ``"lowrank"`` does the same but raises if some owned matrix would need the
                 fallback; ``"materialized"`` always builds per-member weights (the reference).
             randomness: passed to :func:`torch.func.vmap` (dropout and other random ops).
+
+        :attr:`last_fallbacks` lists the owned matrices this call had to materialize (empty
+        after a materialized forward, and after a call that raised).
         """
         if path not in ("auto", "lowrank", "materialized"):
-            raise ValueError(f"Invalid path: {path!r} (expected 'auto', 'lowrank' or 'materialized')")
+            raise ValueError(
+                f"Invalid path: {path!r} (expected 'auto', 'lowrank' or 'materialized')"
+            )
+        self.last_fallbacks = []
         if per_member:
             _check_per_member(self.size, args, kwargs)
         if path == "materialized":
-            return _materialized_forward(self, module, args, kwargs, per_member, randomness)
-        from .lowrank import lowrank_forward
-
-        return lowrank_forward(
-            self, module, args, kwargs, per_member=per_member, strict=(path == "lowrank"), randomness=randomness
+            return materialized.materialized_forward(
+                self, module, args, kwargs, per_member, randomness
+            )
+        out, fallbacks = lowrank.lowrank_forward(
+            self, module, args, kwargs, per_member=per_member, strict=(path == "lowrank"),
+            randomness=randomness,
         )
-
-
-def _named_tensors(module: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
-    yield from module.named_parameters(remove_duplicate=False)
-    yield from module.named_buffers(remove_duplicate=False)
-
-
-def scratch_buffers(module: nn.Module, size: int) -> dict[str, torch.Tensor]:
-    """Per-member copies ``(size, *shape)`` of the buffers that modules update in place.
-
-    Batch norm in training mode updates its running statistics in place; under vmap each member
-    gets a throwaway copy, so every member normalizes with its own batch statistics and the
-    model's running statistics are left unchanged by a population forward.
-    """
-    out: dict[str, torch.Tensor] = {}
-    for prefix, mod in module.named_modules(remove_duplicate=False):
-        if isinstance(mod, nn.modules.batchnorm._BatchNorm) and mod.training and mod.track_running_stats:
-            for name, buf in mod.named_buffers(recurse=False):
-                if buf is not None:
-                    key = f"{prefix}.{name}" if prefix else name
-                    out[key] = buf.detach().unsqueeze(0).repeat(size, *([1] * buf.dim()))
-    return out
+        self.last_fallbacks = fallbacks
+        return out
 
 
 def _check_per_member(size: int, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> None:
@@ -313,58 +297,3 @@ def _check_per_member(size: int, args: tuple[Any, ...], kwargs: Mapping[str, Any
                 f"Invalid per-member input: expected a leading dimension of {size} (the local "
                 f"population), got shape {tuple(leaf.shape)}"
             )
-
-
-def _materialized_forward(
-    population: Population,
-    module: nn.Module,
-    args: tuple[Any, ...],
-    kwargs: Mapping[str, Any],
-    per_member: bool,
-    randomness: str,
-) -> Any:
-    stacked = {**population.stacked(module), **scratch_buffers(module, population.size)}
-
-    def call(params: dict[str, torch.Tensor], a: tuple[Any, ...], kw: dict[str, Any]) -> Any:
-        return torch.func.functional_call(module, params, a, kw, tie_weights=False)
-
-    return vmap_members(call, randomness, (stacked,), (args, dict(kwargs)), per_member)
-
-
-_TENSOR = object()
-
-
-def vmap_members(
-    fn: Any, randomness: str, members: tuple[Any, ...], data: tuple[Any, ...], per_member: bool
-) -> Any:
-    """``torch.func.vmap(fn)(*members, *data)`` over the population: every tensor in ``members``
-    is batched along dim 0, those in ``data`` too if ``per_member`` (else shared). Outputs may
-    have non-tensor leaves (``None``, ints ...), which are returned as they are.
-
-    The argument trees are flattened here, once, and vmap sees a flat tuple of tensors: vmap's
-    own handling of nested inputs and ``in_dims`` costs more host time than a small layer's GPU
-    work.
-    """
-    m_leaves, m_spec = torch.utils._pytree.tree_flatten(members)
-    d_leaves, d_spec = torch.utils._pytree.tree_flatten(data)
-    m_at = [i for i, x in enumerate(m_leaves) if isinstance(x, torch.Tensor)]
-    d_at = [i for i, x in enumerate(d_leaves) if isinstance(x, torch.Tensor)]
-    spec: list[Any] = []
-
-    def flat_fn(*tensors: torch.Tensor) -> list[torch.Tensor]:
-        ms, ds = list(m_leaves), list(d_leaves)
-        for i, t in zip(m_at, tensors, strict=False):
-            ms[i] = t
-        for i, t in zip(d_at, tensors[len(m_at):], strict=True):
-            ds[i] = t
-        out = fn(*torch.utils._pytree.tree_unflatten(ms, m_spec), *torch.utils._pytree.tree_unflatten(ds, d_spec))
-        leaves, tree = torch.utils._pytree.tree_flatten(out)
-        spec[:] = [tree, [_TENSOR if isinstance(x, torch.Tensor) else x for x in leaves]]
-        return [x for x in leaves if isinstance(x, torch.Tensor)]
-
-    in_dims = (0,) * len(m_at) + (0 if per_member else None,) * len(d_at)
-    inputs = [m_leaves[i] for i in m_at] + [d_leaves[i] for i in d_at]
-    flat = iter(torch.func.vmap(flat_fn, in_dims=in_dims, randomness=randomness)(*inputs))
-    tree, others = spec
-    leaves = [next(flat) if x is _TENSOR else x for x in others]
-    return torch.utils._pytree.tree_unflatten(leaves, tree)
