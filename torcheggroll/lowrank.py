@@ -450,8 +450,9 @@ def _attention_fast_path(mod: nn.MultiheadAttention, args: tuple[Any, ...], kwar
         return False
     if not isinstance(query, torch.Tensor) or query.dim() != 3 or query is not key or key is not value:
         return False
-    w, b = mod.in_proj_weight, mod.in_proj_bias
-    if w is None or b is None:
+    w: Any = mod.in_proj_weight
+    b: Any = mod.in_proj_bias
+    if not isinstance(w, torch.Tensor) or not isinstance(b, torch.Tensor):
         return False
     return (
         torch.backends.mha.get_fastpath_enabled()
