@@ -448,7 +448,9 @@ def _attention_fast_path(mod: nn.MultiheadAttention, args: tuple[Any, ...], kwar
     kpm, mask = bound.get("key_padding_mask"), bound.get("attn_mask")
     if any(m is not None and torch.is_floating_point(m) for m in (kpm, mask)):
         return False
-    if not isinstance(query, torch.Tensor) or query.dim() != 3 or query is not key or key is not value:
+    if not isinstance(query, torch.Tensor):
+        return False
+    if query.dim() != 3 or query is not key or key is not value:
         return False
     w: Any = mod.in_proj_weight
     b: Any = mod.in_proj_bias
