@@ -443,7 +443,8 @@ def _attention_fast_path(mod: nn.MultiheadAttention, args: tuple[Any, ...], kwar
     path is never taken (an active torch-function mode turns it off), so where the two paths
     differ, the handler needs to know which one PyTorch would have taken."""
     names = ("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask")
-    bound = dict(zip(names, args, strict=False)) | {k: v for k, v in kwargs.items() if k in names}
+    bound: dict[str, Any] = dict(zip(names, args, strict=False))
+    bound.update((k, v) for k, v in kwargs.items() if k in names)
     query, key, value = bound.get("query"), bound.get("key"), bound.get("value")
     kpm, mask = bound.get("key_padding_mask"), bound.get("attn_mask")
     if any(m is not None and torch.is_floating_point(m) for m in (kpm, mask)):
