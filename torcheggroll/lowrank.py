@@ -445,21 +445,24 @@ def _attention_fast_path(mod: nn.MultiheadAttention, args: tuple[Any, ...], kwar
     names = ("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask")
     bound: dict[str, Any] = dict(zip(names, args, strict=False))
     bound.update((k, v) for k, v in kwargs.items() if k in names)
-    query, key, value = bound.get("query"), bound.get("key"), bound.get("value")
+    query: Any = bound.get("query")
+    key, value = bound.get("key"), bound.get("value")
     kpm, mask = bound.get("key_padding_mask"), bound.get("attn_mask")
     if any(m is not None and torch.is_floating_point(m) for m in (kpm, mask)):
         return False
     if not isinstance(query, torch.Tensor):
         return False
+    dtype: torch.dtype = query.dtype
+    needs_grad: bool = query.requires_grad
     if query.dim() != 3 or query is not key or key is not value:
         return False
-    w: Any = mod.in_proj_weight
-    b: Any = mod.in_proj_bias
-    if not isinstance(w, torch.Tensor) or not isinstance(b, torch.Tensor):
-        return False
+    projections: list[torch.Tensor] = []
+    for proj in (mod.in_proj_weight, mod.in_proj_bias):
+        if proj is None or proj.dtype != dtype:
+            return False
+        projections.append(proj)
     return (
         torch.backends.mha.get_fastpath_enabled()
-        and query.dtype == w.dtype == b.dtype
         and not mod.training
         and mod.num_heads % 2 == 0
         and mod.batch_first
@@ -468,7 +471,7 @@ def _attention_fast_path(mod: nn.MultiheadAttention, args: tuple[Any, ...], kwar
         and not mod.add_zero_attn
         and mod._qkv_same_embed_dim
         and not torch.is_autocast_enabled()
-        and not (torch.is_grad_enabled() and any(t.requires_grad for t in (query, w, b)))
+        and not (torch.is_grad_enabled() and (needs_grad or any(x.requires_grad for x in projections)))
     )
 
 
