@@ -220,31 +220,72 @@ def test_population_noise_uses_the_group_rank_and_parameter_index():
 # fourth moment is 3 + 6/(D r); by Markov on the fourth power, P(|.| > 6) <= (3 + 6/(Dr))/6^4,
 # under 0.3% for D*r >= 8. S is a mean of D iid per-draw terms (D >= 16 here), close to normal,
 # and 6 standard errors leave it far inside Chebyshev's 1/36 even before that.
+#
+# Power: the tests below must notice noise whose variance is off by 5% (a factor scaled by
+# 1.025, or the whole noise by 1.05 for twice that). With a tolerance of K_SE standard errors,
+# a 5% shift is missed only if the statistic strays more than 0.05 - K_SE * se against it, which
+# for se <= 0.05 / (K_SE + 3) is over 3 standard errors (probability < 0.2% for these near-normal
+# means). So each test draws enough entries for se <= 0.05 / (K_SE + 3): M >= v * ((K_SE + 3) /
+# 0.05)**2 entries for a statistic of per-entry variance v.
+VARIANCE_ERROR = 0.05
+
+
+def _draws_for(per_entry_variance: float, entries_per_draw: int) -> int:
+    """Draws needed for the mean of squares to resolve a VARIANCE_ERROR shift (see above)."""
+    needed = per_entry_variance * ((K_SE + 3) / VARIANCE_ERROR) ** 2
+    return max(64, math.ceil(needed / entries_per_draw))
+
+
+@settings(max_examples=25)
 @given(
-    m=st.integers(2, 24),
-    n=st.integers(2, 24),
+    m=st.integers(2, 16),
+    n=st.integers(2, 16),
     rank=st.integers(1, 8),
     seed=SEEDS,
 )
 def test_low_rank_entries_have_mean_zero_and_unit_variance(m, n, rank, seed):
-    draws = 64
-    e = _noise((m, n), rank, draws, seed=seed).materialize()
+    v = 2 + (2 * m + 2 * n + 2) / rank  # D m n Var(S), see above
+    draws = _draws_for(v, m * n)
+    noise = _noise((m, n), rank, draws, seed=seed)
+    e = noise.materialize()
     total = draws * m * n
     mean_se = math.sqrt(1.0 / total)
-    var_se = math.sqrt((2 + (2 * m + 2 * n + 2) / rank) / total)
+    var_se = math.sqrt(v / total)
+    assert var_se <= VARIANCE_ERROR / (K_SE + 3)
     assert abs(float(e.mean())) <= K_SE * mean_se
     assert abs(float(e.pow(2).mean()) - 1.0) <= K_SE * var_se
+    # The factors themselves are iid N(0, 1): Var(mean of squares) = 2/M for M entries.
+    for f in (noise.a, noise.b):
+        assert abs(float(f.pow(2).mean()) - 1.0) <= K_SE * math.sqrt(2.0 / f.numel())
 
 
+@settings(max_examples=25)
 @given(shape=SHAPES, seed=SEEDS)
 def test_dense_entries_have_mean_zero_and_unit_variance(shape, seed):
     # iid N(0, 1): Var(mean) = 1/M, Var(mean of squares) = 2/M for M entries; both statistics are
-    # close to normal at M >= 64, so 6 standard errors fail with probability ~1e-9.
-    draws = 64
+    # close to normal at these M, so 6 standard errors fail with probability ~1e-9.
+    numel = math.prod(shape)
+    draws = _draws_for(2.0, numel)
     e = _noise(shape, 0, draws, seed=seed).dense
     total = e.numel()
+    assert math.sqrt(2.0 / total) <= VARIANCE_ERROR / (K_SE + 3)
     assert abs(float(e.mean())) <= K_SE * math.sqrt(1.0 / total)
     assert abs(float(e.pow(2).mean()) - 1.0) <= K_SE * math.sqrt(2.0 / total)
+
+
+def test_population_perturbations_have_variance_sigma_squared():
+    # End to end through the optimizer: member perturbations of a matrix and a bias have entries
+    # of variance sigma**2 (the scale the update assumes), to the same 5% resolution.
+    m, n, rank, sigma = 8, 8, 4, 0.3
+    v = 2 + (2 * m + 2 * n + 2) / rank
+    pop_size = 2 * _draws_for(v, m * n)
+    layer = torch.nn.Linear(n, m).double()
+    opt = EggrollOptimizer(layer.parameters(), sigma=sigma, rank=rank, pop_size=pop_size, seed=1)
+    population = opt.population()
+    w = population.perturbation(layer.weight)[0::2]  # one member of each antithetic pair
+    b = population.perturbation(layer.bias)[0::2]
+    assert abs(float(w.pow(2).mean()) / sigma**2 - 1) <= K_SE * math.sqrt(v / w.numel())
+    assert abs(float(b.pow(2).mean()) / sigma**2 - 1) <= K_SE * math.sqrt(2.0 / b.numel())
 
 
 @given(

@@ -899,3 +899,60 @@ def test_identical_losses_warn_that_the_closure_ignores_the_population():
     with warnings.catch_warnings():
         warnings.simplefilter("error", IdenticalLossesWarning)
         opt.step(pop_closure(model, x, y))
+
+
+def test_update_matches_an_independent_reference_across_groups():
+    """Groups with their own lr, sigma, rank, weight decay and shaping, against the update rule
+    written out from the members' values alone (``population.perturbed``): ``theta -= lr *
+    (sum_i s_i (theta_i - theta) / (sigma sqrt(N)) + weight_decay * theta)``."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    groups = [
+        {"params": model[0].parameters(), "lr": 0.3, "sigma": 0.05, "rank": 1, "weight_decay": 0.1},
+        {"params": model[2].parameters(), "lr": 0.05, "sigma": 0.2, "rank": 3, "weight_decay": 0.0,
+         "shaping": "centered_rank"},
+        {"params": model[4].parameters(), "lr": 0.7, "sigma": 0.01, "rank": 0, "weight_decay": 0.02,
+         "shaping": "raw"},
+    ]
+    n = 10
+    opt = EggrollOptimizer(groups, pop_size=n, seed=4)
+    losses = torch.tensor([0.3, -1.2, 2.5, 0.0, 0.7, 0.7, -0.4, 1.9, 0.1, -2.0], dtype=torch.float64)
+    population = opt.population()
+    before = {p: p.detach().clone() for p in model.parameters()}
+    members = {p: population.perturbed(p) for p in model.parameters()}
+
+    def shaped(name: str) -> torch.Tensor:
+        if name == "zscore":
+            return (losses - losses.mean()) / losses.std()
+        if name == "raw":
+            return losses
+        ranks = torch.tensor([float(sorted(losses.tolist()).index(v)) for v in losses.tolist()])
+        ranks += torch.tensor([(losses == v).sum().item() - 1 for v in losses.tolist()]) / 2
+        return ranks.double() / (n - 1) - 0.5
+
+    opt.step(lambda pop: losses)
+    for group in opt.param_groups:
+        s = shaped(group["shaping"])
+        for p in group["params"]:
+            theta = before[p]
+            ascent = torch.einsum("i,i...->...", s, members[p] - theta) / (group["sigma"] * math.sqrt(n))
+            expected = theta - group["lr"] * (ascent + group["weight_decay"] * theta)
+            torch.testing.assert_close(p.detach(), expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_a_non_finite_update_is_never_applied(dtype: torch.dtype):
+    """Finite losses can still give an update that overflows (raw shaping of huge losses): in
+    every dtype the parameters are left as they were and a RuntimeWarning says so."""
+    loss_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    big = torch.finfo(loss_dtype).max
+    # sigma / sqrt(N) = 1/2 times (s_0 - s_1) = -big: entries of the update over 2 in size
+    # (hundreds of the 256 here) overflow.
+    w = torch.nn.Parameter(torch.ones(16, 16, dtype=dtype))
+    opt = EggrollOptimizer([w], lr=0.1, sigma=1.0, pop_size=4, seed=0, shaping="raw")
+    before = w.detach().clone()
+    losses = torch.tensor([0.0, big, -big, 3.0], dtype=loss_dtype)
+    with pytest.warns(RuntimeWarning, match="overflowed"):
+        opt.step(lambda pop: losses)
+    assert torch.equal(w.detach(), before)
+    assert opt.generation == 1
