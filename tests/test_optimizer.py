@@ -904,7 +904,9 @@ def test_identical_losses_warn_that_the_closure_ignores_the_population():
 def test_update_matches_an_independent_reference_across_groups():
     """Groups with their own lr, sigma, rank, weight decay and shaping, against the update rule
     written out from the members' values alone (``population.perturbed``): ``theta -= lr *
-    (sum_i s_i (theta_i - theta) / (sigma sqrt(N)) + weight_decay * theta)``."""
+    (sum_i s_i (theta_i - theta) / sqrt(N) + weight_decay * theta)`` (``theta_i - theta`` is
+    ``sigma * sign_i * E_i``, so this is the documented ``sigma / sqrt(N) * sum_i s_i sign_i
+    E_i``)."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 4), nn.Tanh(), nn.Linear(4, 2)).double()
     groups = [
@@ -935,7 +937,7 @@ def test_update_matches_an_independent_reference_across_groups():
         s = shaped(group["shaping"])
         for p in group["params"]:
             theta = before[p]
-            ascent = torch.einsum("i,i...->...", s, members[p] - theta) / (group["sigma"] * math.sqrt(n))
+            ascent = torch.einsum("i,i...->...", s, members[p] - theta) / math.sqrt(n)
             expected = theta - group["lr"] * (ascent + group["weight_decay"] * theta)
             torch.testing.assert_close(p.detach(), expected, rtol=1e-12, atol=1e-12)
 
