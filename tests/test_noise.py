@@ -14,7 +14,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from torcheggroll import EggrollOptimizer
-from torcheggroll.noise import derive_seed, draw_noise, matrix_shape, noise_seed
+from torcheggroll.noise import (
+    STREAM_B,
+    block_normals,
+    draw_noise,
+    matrix_shape,
+    philox4x32,
+    seed_key,
+)
 
 SEEDS = st.integers(0, 2**63 - 1)
 SMALL = st.integers(0, 10_000)
@@ -117,10 +124,10 @@ def test_same_integers_give_bitwise_identical_noise(
     ("which", "delta"),
     [
         ("seed", 1),
-        ("seed", 2**32),  # the CPU generator sees only 32 seed bits: the hash must mix them in
+        ("seed", 2**32),  # the high half of the key
         ("seed", 2**40 + 1),
         ("generation", 1),
-        ("generation", 2**32),
+        ("generation", 2**31),
         ("param_index", 1),
         ("param_index", 1000),
     ],
@@ -139,14 +146,88 @@ def test_different_integers_give_different_noise(
     assert not torch.any(x == y)
 
 
-def test_parameters_of_one_generation_never_share_a_cpu_stream():
-    # The CPU generator (mt19937) seeds from the low 32 bits only; noise_seed keeps those
-    # distinct for every parameter index of a generation.
-    for seed, generation in [(0, 0), (2**40 + 1, 7), (123, 10**6)]:
-        low = {noise_seed(seed, generation, i) & 0xFFFFFFFF for i in range(20_000)}
-        assert len(low) == 20_000
-    assert noise_seed(1, 2, 3) == noise_seed(1, 2, 3) < 2**63
-    assert derive_seed(1, 2) != derive_seed(1, 2 + 2**64 - 1)
+# --------------------------------------------------------------------------- the definition
+# Known-answer vectors of Philox-4x32-10 from the Random123 distribution (kat_vectors):
+# (counter, key) -> output.
+KAT = [
+    ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
+    ((0xFFFFFFFF,) * 4, (0xFFFFFFFF,) * 2, (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
+    (
+        (0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344),
+        (0xA4093822, 0x299F31D0),
+        (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1),
+    ),
+]
+
+
+@pytest.mark.parametrize(("counter", "key", "expected"), KAT)
+def test_philox_matches_the_known_answers(counter, key, expected):
+    words = philox4x32(torch.tensor([counter[0]]), *counter[1:], *key)
+    assert tuple(int(w) for w in words) == expected
+
+
+def test_noise_is_the_documented_function_of_its_counters():
+    # Entry e of stream s of draw k of parameter p in generation g is normal e % 4 of the
+    # Philox block (e // 4 + s * 2**31, k, p, g) under the seed's key.
+    seed, generation, index = 2**40 + 17, 9, 3
+    noise = _noise((5, 3), 2, 4, seed=seed, generation=generation, param_index=index,
+                   dtype=torch.float32)
+    k0, k1 = seed & 0xFFFFFFFF, seed >> 32
+    for stream, factor in ((0, noise.a), (1, noise.b)):
+        for k in range(4):
+            flat = factor[k].reshape(-1)
+            for e in range(flat.numel()):
+                words = philox4x32(torch.tensor([e // 4 + stream * STREAM_B]), k, index, generation, k0, k1)
+                assert torch.equal(flat[e], block_normals(words)[0, e % 4])
+    assert seed_key(seed) == (k0, k1)
+
+
+def test_uniforms_and_normals_of_extreme_words():
+    # Words 0 and 2**32 - 1 map to the ends of (0, 1): finite normals, never log(0).
+    words = [torch.tensor([0, 0xFFFFFFFF, 0, 0xFFFFFFFF]), torch.tensor([0, 0xFFFFFFFF, 1 << 31, 1 << 30])] * 2
+    z = block_normals(words)
+    assert torch.isfinite(z).all() and z.abs().max() < 5.8  # sqrt(-2 ln 2**-24) = 5.77
+
+
+@settings(max_examples=10)
+@given(
+    seed=SEEDS,
+    pairs=st.sets(st.tuples(st.integers(0, 2**32 - 1), st.integers(0, 2**32 - 1)), min_size=2, max_size=40),
+)
+def test_streams_never_repeat_across_generations_and_parameters(seed, pairs):
+    # The first blocks of both streams of two draws, for many (generation, parameter): as
+    # Philox is a bijection of the counter under one key, distinct counters give distinct
+    # 128-bit blocks; this checks that every integer reaches the counter.
+    k0, k1 = seed_key(seed)
+    gens = torch.tensor([g for g, _ in pairs]).view(-1, 1, 1, 1)
+    params = torch.tensor([p for _, p in pairs]).view(-1, 1, 1, 1)
+    j = (torch.arange(3) .view(1, 1, 1, 3)) + torch.tensor([0, STREAM_B]).view(1, 1, 2, 1)
+    k = torch.arange(2).view(1, 2, 1, 1)
+    words = torch.stack(philox4x32(j, k, params, gens, k0, k1), dim=-1).reshape(-1, 4)
+    assert torch.unique(words, dim=0).shape[0] == words.shape[0]
+
+
+def test_a_model_over_many_generations_never_reuses_a_stream():
+    # The first block of 100 parameters over 5,000 generations: 500,000 distinct blocks (noise
+    # version 1 reused hundreds of CPU streams over 20,000 generations of such a model). Two
+    # words suffice to tell them apart: equal 64-bit values by chance have probability ~1e-8.
+    k0, k1 = seed_key(0)
+    gens = torch.arange(5_000).view(-1, 1)
+    params = torch.arange(100).view(1, -1)
+    x0, x1, _, _ = philox4x32(torch.zeros(1, dtype=torch.int64), 0, params, gens, k0, k1)
+    packed = ((x0 << 32) | x1).reshape(-1)
+    assert torch.unique(packed).numel() == packed.numel()
+    # The pair that collided in version 1: seed 0, parameter 0, generations 41598 and 114756.
+    a = _noise((4, 4), 2, 2, seed=0, generation=41598, param_index=0)
+    b = _noise((4, 4), 2, 2, seed=0, generation=114756, param_index=0)
+    assert not torch.equal(a.a, b.a)
+
+
+def test_generations_and_parameter_indices_beyond_32_bits_are_refused():
+    with pytest.raises(ValueError, match="Invalid generation: 4294967296"):
+        _noise((3,), 0, 2, generation=2**32)
+    with pytest.raises(ValueError, match="Invalid param_index"):
+        _noise((3,), 0, 2, param_index=2**32)
 
 
 def test_drawing_noise_leaves_the_global_rng_untouched():

@@ -13,7 +13,7 @@ from .optimizer import EggrollOptimizer
 from .population import Population
 from .shaping import IdenticalLossesWarning, NonFiniteLossWarning
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 __all__ = [
     "EggrollOptimizer",

@@ -25,8 +25,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ._checks import check_hyper as _check_hyper
+from ._checks import check_population as _check_population
 from .noise import compute_dtype, draw_noise, member_pairs, member_signs, num_draws
-from .optimizer import EggrollOptimizer, _check_hyper, _check_population
+from .optimizer import EggrollOptimizer
 from .population import Population
 from .shaping import centered, zscore
 
@@ -502,7 +504,7 @@ class TorchEggrollES:
         named = dict(self.model.named_parameters())
         with torch.no_grad():
             stacked = {name: population.perturbed(named[name]) for name in self.param_names}
-        self._prepared = _Prepared(population.generation, population, stacked)
+        self._prepared = _Prepared(self.optimizer.generation, population, stacked)
         return self._prepared
 
     def _current(self) -> _Prepared | None:

@@ -3,7 +3,7 @@
 Every rank holds the same parameters and the same seed. A generation's ``N`` members are split
 into contiguous shards of whole antithetic pairs; each rank evaluates its shard, the ``N`` losses
 are all-gathered, and every rank regenerates the same noise and applies the same update, so
-parameters stay identical without any parameter or gradient traffic (ALGORITHM.md §5).
+parameters stay identical without any parameter or gradient traffic.
 
 A step costs two small collectives: a fixed-size header in which every rank reports whether it
 evaluated its shard and which seed, generation and population it used, then the losses. The
@@ -150,6 +150,7 @@ def gather_losses(
     *,
     error: BaseException | None = None,
     check_params: bool = False,
+    checked: bool = True,
 ) -> torch.Tensor:
     """All ranks' losses as one ``(pop_size,)`` tensor, identical on every rank.
 
@@ -162,6 +163,9 @@ def gather_losses(
             rank raises a :class:`RankError` naming it (``error`` is its ``__cause__`` here).
         check_params: also check that every rank holds the same parameters (one pass over
             them; the optimizer does it at its first step).
+        checked: exchange the header first (the checks above, and errors raised on every
+            rank). Its values are read on the host, which waits for the device; ``False``
+            (capturable steps) exchanges the losses alone, read nowhere on the host.
 
     Returns:
         The losses of all members, bit-identical to what each rank computed, in the widest
@@ -184,6 +188,8 @@ def gather_losses(
     ]
     start, stop = bounds[rank]
     device = _collective_device(group, local.device if local is not None else None)
+    if not checked and error is None and local is not None:
+        return _losses_only(local, bounds, rank, device, group)
 
     header = torch.zeros(_HEADER, dtype=torch.int64)
     header[_SEED] = _as_int64(population.seed)
@@ -220,6 +226,20 @@ def gather_losses(
     dtype = _LOSS_DTYPES[max(codes) - 1]
     out_device = local.device if local is not None else device
     return losses.to(out_device, dtype)
+
+
+def _losses_only(
+    local: torch.Tensor, bounds: list[tuple[int, int]], rank: int, device: torch.device, group: Any
+) -> torch.Tensor:
+    """The losses of every rank, gathered with one collective and nothing read on the host
+    (every rank must have returned its shard's count in the same dtype)."""
+    world = len(bounds)
+    width = max(b - a for a, b in bounds)
+    row = torch.zeros(width, dtype=torch.float64, device=device)
+    row[: local.numel()] = local.detach().reshape(-1).to(device, torch.float64)
+    rows = _all_gather(row.view(torch.int64), world, group).view(torch.float64).view(world, width)
+    losses = torch.cat([rows[r, : b - a] for r, (a, b) in enumerate(bounds)])
+    return losses.to(local.device, local.dtype)
 
 
 def _all_gather(t: torch.Tensor, world: int, group: Any) -> torch.Tensor:

@@ -1,71 +1,148 @@
-"""Counter-based EGGROLL noise.
+"""EGGROLL noise: a counter-based Gaussian, and the low-rank or dense draws made of it.
 
-The noise of one parameter in one generation is a pure function of the integers
-``(seed, generation, param_index)``, the number of draws and the device type (CPU and CUDA
-generators differ): it is produced by a private ``torch.Generator`` seeded from a hash of those
-integers (:func:`noise_seed`), so it never reads or advances the
-global RNG and does not depend on which process or shard asks for it. Draw ``k`` is shared by
-the antithetic pair of members ``(2k, 2k + 1)``.
+**The definition** (noise version 2). Every number is a function of integers only:
 
-A parameter with ``ndim >= 2`` and ``rank > 0`` is viewed as the matrix
-``(m, n) = (shape[0], prod(shape[1:]))`` and perturbed by ``E_k = A_k @ B_k.T / sqrt(rank)``
-with ``A_k`` of shape ``(m, rank)`` and ``B_k`` of shape ``(n, rank)``, entries iid N(0, 1), so every
-entry of ``E_k`` has unit variance for any rank. Other parameters get dense N(0, 1) noise.
+* the *key* is the 64-bit seed, ``(k0, k1) = (seed mod 2**32, (seed >> 32) mod 2**32)``;
+* the *counter* of one Philox block is ``(c0, c1, c2, c3) = (j + 2**31 * stream, draw,
+  param_index, generation)``, where ``stream`` is 0 for the factor ``A`` (or dense noise) and 1
+  for ``B``, and ``j`` numbers the blocks of 4 consecutive entries of one draw of one stream;
+* Philox-4x32-10 (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3", SC 2011) maps
+  counter and key to four 32-bit words ``x0..x3``;
+* each word becomes a uniform ``u = (2 * (x >> 9) + 1) / 2**24`` in (0, 1) (exact in float32),
+  and Box-Muller turns ``(u0, u1)`` into ``sqrt(-2 ln u0) * (cos, sin)(2 pi u1)`` and
+  ``(u2, u3)`` likewise: four N(0, 1) numbers, in float32, for entries ``4j .. 4j + 3``.
+
+Entry ``e`` of a draw is entry ``e mod 4`` of block ``j = e // 4``. A low-rank draw of a matrix
+``(m, n)`` is ``A`` ``(m, r)`` (stream 0, entries in row-major order) and ``B`` ``(n, r)``
+(stream 1), with ``E = A B^T / sqrt(r)``; a dense draw is the parameter's entries in row-major
+order (stream 0). Parameters of ``ndim > 2`` (conv kernels) are the matrix
+``(shape[0], prod(shape[1:]))``. Draw ``k`` is shared by the antithetic members ``2k, 2k+1``.
+
+Because counters never repeat across ``(draw, parameter, generation, stream, block)`` and
+Philox is a bijection of the counter for a fixed key, no two blocks of one seed draw the same
+words. Nothing here reads or advances a ``torch.Generator``: the noise is the same on every
+device, for every shard of the population, and in every order of evaluation.
+
+Two implementations compute this definition: the PyTorch functions in this module (any device;
+the reference, and what runs on the CPU) and a Triton kernel (``torcheggroll._triton_noise``,
+CUDA). They agree bitwise on the integer words; the float transform (``log``, ``cos``, ``sin``
+in float32) may differ by a few units in the last place between devices' math libraries (a
+measured bound is stated in the tests).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 __all__ = [
+    "NOISE_VERSION",
     "ParamNoise",
+    "block_normals",
     "compute_dtype",
-    "derive_seed",
     "draw_noise",
     "matrix_shape",
     "member_pairs",
     "member_signs",
-    "noise_seed",
     "num_draws",
+    "philox4x32",
+    "seed_key",
 ]
 
-_MASK64 = (1 << 64) - 1
+NOISE_VERSION = 2
+"""The version of the noise definition (version 1, torcheggroll 0.2, seeded a
+``torch.Generator`` per parameter; its noise cannot be reproduced by this one)."""
+
+_MASK32 = 0xFFFFFFFF
+_M0, _M1 = 0xD2511F53, 0xCD9E8D57  # Philox-4x32 multipliers
+_W0, _W1 = 0x9E3779B9, 0xBB67AE85  # Philox-4x32 key increments (golden ratio, sqrt(3) - 1)
+ROUNDS = 10
+STREAM_B = 1 << 31  # added to c0 for the factor B
+TWO_PI = 6.2831853071795864769  # rounded to float32 where it is used
+
+Word = torch.Tensor | int
 
 
-def _splitmix64(x: int) -> int:
-    x = (x + 0x9E3779B97F4A7C15) & _MASK64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return x ^ (x >> 31)
+def seed_key(seed: int) -> tuple[int, int]:
+    """The Philox key ``(k0, k1)`` of a non-negative seed (taken modulo ``2**64``)."""
+    s = int(seed) & ((1 << 64) - 1)
+    return s & _MASK32, s >> 32
 
 
-def derive_seed(*keys: int) -> int:
-    """Hash a tuple of non-negative integers into a 63-bit generator seed."""
-    h = 0x243F6A8885A308D3
-    for k in keys:
-        h = _splitmix64(h ^ (int(k) & _MASK64))
-    return h >> 1
+def _mulhilo(a: torch.Tensor, m: int, hi: torch.Tensor, tmp: torch.Tensor) -> None:
+    """``hi = (a * m) >> 32`` and ``a = (a * m) mod 2**32``, in place, for ``a`` holding 32-bit
+    values in int64 and a 32-bit constant ``m``.
 
-
-_GOLDEN32 = 0x9E3779B9  # odd, so ``i -> i * _GOLDEN32 mod 2**32`` is a bijection
-
-
-def noise_seed(seed: int, generation: int, param_index: int) -> int:
-    """The 63-bit generator seed of one parameter's noise in one generation.
-
-    The CPU generator (mt19937) only uses the low 32 bits of its seed, so a plain 64-bit hash
-    would give two parameters of one generation the same stream with probability about
-    ``P**2 / 2**33`` for ``P`` parameters. Here the low 32 bits are
-    ``hash(seed, generation) + param_index * odd`` (mod ``2**32``): distinct for every parameter
-    of a generation, on every device. The high 31 bits (used by CUDA's Philox) are a hash of all
-    three integers.
+    The constant is split into 16-bit halves so that no product leaves int64:
+    ``a * m = t * 2**16 + (a * mlo mod 2**16)`` with ``t = a * mhi + ((a * mlo) >> 16)``.
     """
-    low = (derive_seed(seed, generation) + param_index * _GOLDEN32) & 0xFFFFFFFF
-    high = derive_seed(seed, generation, param_index) >> 32
-    return (high << 32) | low
+    torch.mul(a, m & 0xFFFF, out=tmp)  # a * mlo
+    torch.bitwise_right_shift(tmp, 16, out=hi)
+    hi.add_(a, alpha=m >> 16)  # t
+    tmp.bitwise_and_(0xFFFF)
+    torch.bitwise_and(hi, 0xFFFF, out=a).bitwise_left_shift_(16).bitwise_or_(tmp)  # low word
+    hi.bitwise_right_shift_(16)
+
+
+def philox4x32(
+    c0: Word, c1: Word, c2: Word, c3: Word, k0: Word, k1: Word, rounds: int = ROUNDS
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Philox-4x32 (10 rounds) of the counter ``(c0, c1, c2, c3)`` under the key ``(k0, k1)``.
+
+    Every argument is a 32-bit value held in an int64 tensor (or a Python int; at least one
+    counter word must be a tensor); tensors broadcast. Returns the four output words as int64
+    tensors of values in ``[0, 2**32)``. A round is
+    ``(c0, c1, c2, c3) <- (hi(M1 c2) ^ c1 ^ k0, lo(M1 c2), hi(M0 c0) ^ c3 ^ k1, lo(M0 c0))``
+    followed by ``k0 += W0, k1 += W1`` (mod ``2**32``); it is written with in-place operations
+    on four buffers, which more than halves its time on the CPU.
+    """
+    shape = torch.broadcast_shapes(*(torch.as_tensor(c).shape for c in (c0, c1, c2, c3)))
+    like = next(c for c in (c0, c1, c2, c3) if isinstance(c, torch.Tensor))
+    x = [torch.as_tensor(c, dtype=torch.int64, device=like.device).expand(shape).clone()
+         for c in (c0, c1, c2, c3)]
+    hi0, hi1, tmp = (torch.empty(shape, dtype=torch.int64, device=like.device) for _ in range(3))
+    for _ in range(rounds):
+        _mulhilo(x[0], _M0, hi0, tmp)  # x0 <- lo(M0 c0)
+        _mulhilo(x[2], _M1, hi1, tmp)  # x2 <- lo(M1 c2)
+        hi1.bitwise_xor_(x[1]).bitwise_xor_(k0)  # new c0
+        hi0.bitwise_xor_(x[3]).bitwise_xor_(k1)  # new c2
+        # (c0, c1, c2, c3) <- (hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0); the old c1 and c3
+        # become the next round's scratch for the high words.
+        x, hi0, hi1 = [hi1, x[2], hi0, x[0]], x[1], x[3]
+        k0 = (k0 + _W0) & _MASK32
+        k1 = (k1 + _W1) & _MASK32
+    return x[0], x[1], x[2], x[3]
+
+
+def _uniform(x: torch.Tensor) -> torch.Tensor:
+    """``(2 * (x >> 9) + 1) / 2**24`` in float32: one of 2**23 evenly spaced values in (0, 1)."""
+    return ((x >> 9) * 2 + 1).to(torch.float32) * (2.0**-24)
+
+
+def block_normals(words: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The four normals of Philox blocks: ``(..., 4)`` float32 from the words ``x0..x3``."""
+    u0, u1, u2, u3 = (_uniform(x) for x in words)
+    r01 = torch.sqrt(torch.log(u0) * -2.0)
+    r23 = torch.sqrt(torch.log(u2) * -2.0)
+    t01 = u1 * TWO_PI
+    t23 = u3 * TWO_PI
+    return torch.stack([r01 * torch.cos(t01), r01 * torch.sin(t01), r23 * torch.cos(t23),
+                        r23 * torch.sin(t23)], dim=-1)
+
+
+def _stream(
+    entries: int, draws: int, stream: int, param_index: int, generation: int, key: tuple[int, int],
+    device: torch.device | str,
+) -> torch.Tensor:
+    """``(draws, entries)`` float32 normals of one stream of one parameter (the reference)."""
+    blocks = -(-entries // 4)
+    j = torch.arange(blocks, device=device, dtype=torch.int64).view(1, blocks) + stream * STREAM_B
+    k = torch.arange(draws, device=device, dtype=torch.int64).view(draws, 1)
+    words = philox4x32(j, k, param_index & _MASK32, generation & _MASK32, *key)
+    return block_normals(words).reshape(draws, blocks * 4)[:, :entries]
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -88,6 +165,16 @@ def member_signs(members: torch.Tensor, antithetic: bool, dtype: torch.dtype) ->
     if not antithetic:
         return torch.ones(members.shape, dtype=dtype, device=members.device)
     return (1 - 2 * (members % 2)).to(dtype)
+
+
+def matrix_shape(shape: torch.Size | tuple[int, ...]) -> tuple[int, int]:
+    """The ``(m, n)`` matrix view of a parameter of ``ndim >= 2``."""
+    return int(shape[0]), int(math.prod(shape[1:]))
+
+
+def is_low_rank(shape: torch.Size | tuple[int, ...], rank: int) -> bool:
+    """Whether a parameter of this shape gets low-rank noise at this rank."""
+    return rank > 0 and len(shape) >= 2
 
 
 @dataclass(frozen=True)
@@ -166,11 +253,6 @@ class ParamNoise:
         return (a @ b.T).reshape(self.shape)
 
 
-def matrix_shape(shape: torch.Size | tuple[int, ...]) -> tuple[int, int]:
-    """The ``(m, n)`` matrix view of a parameter of ``ndim >= 2``."""
-    return int(shape[0]), int(math.prod(shape[1:]))
-
-
 def draw_noise(
     shape: torch.Size | tuple[int, ...],
     rank: int,
@@ -182,26 +264,38 @@ def draw_noise(
     device: torch.device | str,
     dtype: torch.dtype = torch.float32,
 ) -> ParamNoise:
-    """Draw the noise of one parameter for one generation.
+    """Draw the noise of one parameter for one generation (the module's definition, computed
+    with PyTorch operations on ``device``).
 
     Args:
         shape: the parameter's shape.
         rank: low-rank factor count; ``0`` (or a parameter of ``ndim < 2``) gives dense noise.
-        draws: number of independent draws (antithetic pairs).
-        seed, generation, param_index: the integers the noise is a pure function of.
-        device, dtype: where and in which floating dtype the noise is created.
+        draws: number of independent draws (antithetic pairs); draw ``k`` is counter ``k``.
+        seed, generation, param_index: the integers the noise is a function of (the seed is
+            taken modulo ``2**64``; generation and parameter index must be below ``2**32``).
+        device, dtype: where and in which floating dtype the noise is returned (it is computed
+            in float32).
 
     Returns:
         A :class:`ParamNoise` with factors ``(draws, m, rank)`` and ``(draws, n, rank)``, or dense
         noise ``(draws, *shape)``.
     """
     shape = torch.Size(shape)
-    gen = torch.Generator(device=device)
-    gen.manual_seed(noise_seed(seed, generation, param_index))
-    if rank > 0 and len(shape) >= 2:
+    _check_counters(generation, param_index)
+    key = seed_key(seed)
+    if is_low_rank(shape, rank):
         m, n = matrix_shape(shape)
-        a = torch.randn((draws, m, rank), generator=gen, device=device, dtype=dtype)
-        b = torch.randn((draws, n, rank), generator=gen, device=device, dtype=dtype)
-        return ParamNoise(shape, rank, a=a, b=b)
-    dense = torch.randn((draws, *shape), generator=gen, device=device, dtype=dtype)
-    return ParamNoise(shape, 0, dense=dense)
+        a = _stream(m * rank, draws, 0, param_index, generation, key, device)
+        b = _stream(n * rank, draws, 1, param_index, generation, key, device)
+        return ParamNoise(
+            shape, rank, a=a.reshape(draws, m, rank).to(dtype), b=b.reshape(draws, n, rank).to(dtype)
+        )
+    dense = _stream(shape.numel(), draws, 0, param_index, generation, key, device)
+    return ParamNoise(shape, 0, dense=dense.reshape(draws, *shape).to(dtype))
+
+
+def _check_counters(generation: int, param_index: int) -> None:
+    if not 0 <= generation <= _MASK32:
+        raise ValueError(f"Invalid generation: {generation} (the noise counts generations in 32 bits)")
+    if not 0 <= param_index <= _MASK32:
+        raise ValueError(f"Invalid param_index: {param_index} (expected 0 <= index < 2**32)")

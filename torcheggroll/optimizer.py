@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import inspect
-import math
+import copy
 import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -11,16 +10,30 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
+from . import _update
 from . import distributed as _dist
-from .noise import compute_dtype, draw_noise, member_pairs, member_signs, num_draws
+from ._checks import (
+    as_losses,
+    as_scalar_loss,
+    check_group,
+    check_population,
+    takes_population,
+)
+from ._plan import Plan, signature
+from .noise import NOISE_VERSION, seed_key
 from .population import PerturbedParam, Population
-from .shaping import SHAPINGS, mask_nonfinite, shape_losses, warn_identical, warn_nonfinite
+from .shaping import (
+    IdenticalLossesWarning,
+    NonFiniteLossWarning,
+    warn_identical,
+    warn_nonfinite,
+)
 
 __all__ = ["EggrollOptimizer"]
 
 Closure = Callable[..., Any]
 
-_GLOBAL_KEYS = ("pop_size", "antithetic")
+_GLOBAL_KEYS = ("pop_size", "antithetic", "capturable")
 _SET_ERROR = (
     "Invalid params: a set has no stable order, and a parameter's noise depends on its position; "
     "pass a list"
@@ -54,9 +67,13 @@ class EggrollOptimizer(Optimizer):
     ``lr`` and ``sigma`` transfer. With ``shaping="raw"``, :math:`g / (\sigma^2 \sqrt N)` is an
     unbiased estimate of the gradient of the Gaussian-smoothed loss.
 
-    Noise is a pure function of ``(seed, generation, parameter index)``: it never reads or
-    changes the global RNG, ``seed`` and ``generation`` live in :attr:`state` as Python ints,
-    and a run resumed from :meth:`state_dict` is bit-identical to one that never stopped.
+    Noise is a pure function of ``(seed, generation, parameter index, draw)`` (counter-based
+    Philox, see :mod:`torcheggroll.noise`): it never reads or changes a ``torch.Generator``,
+    ``seed`` and ``generation`` live in :attr:`state` as Python ints, and a run resumed from
+    :meth:`state_dict` is bit-identical to one that never stopped. A step reads nothing on the
+    host: whether an update is applied is decided on the device, and warnings about a step are
+    issued when its flags are ready (at the latest by the next step, :meth:`state_dict` or
+    :meth:`check_warnings`).
 
     Args:
         params: tensors, ``(name, tensor)`` pairs, or dicts defining parameter groups. Groups may
@@ -78,6 +95,11 @@ class EggrollOptimizer(Optimizer):
         process_group: shard the population over this torch.distributed group; by default the
             world group when torch.distributed is initialized. ``False`` turns sharding off
             (each process then evaluates the whole population itself).
+        capturable: keep the seed and the generation in device tensors and never read a value
+            on the host in :meth:`step`, so that a whole step (closure included) can be captured
+            in a CUDA graph and replayed, each replay with the next generation's noise (as
+            ``capturable`` in ``torch.optim``; see the README's recipe). ``lr`` and ``sigma``
+            are fixed at capture unless ``lr`` is a device tensor updated in place.
 
     The closure (required) is called once per step, in one of two forms, told apart by its
     signature (one required positional parameter or ``*args``: the population form; none: the
@@ -137,6 +159,7 @@ class EggrollOptimizer(Optimizer):
         weight_decay: float = 0.0,
         maximize: bool = False,
         process_group: Any = None,
+        capturable: bool = False,
     ) -> None:
         if isinstance(params, (set, frozenset)):
             raise TypeError(_SET_ERROR)
@@ -149,9 +172,12 @@ class EggrollOptimizer(Optimizer):
             shaping=shaping,
             weight_decay=weight_decay,
             maximize=maximize,
+            capturable=capturable,
         )
-        _check_group(defaults)
-        _check_population(pop_size, antithetic)
+        check_group(defaults)
+        check_population(pop_size, antithetic)
+        if not isinstance(capturable, bool):
+            raise ValueError(f"Invalid capturable: {capturable!r} (expected a bool)")
         if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or seed < 0):
             raise ValueError(f"Invalid seed: {seed!r} (expected a non-negative int or None)")
         super().__init__(params, defaults)
@@ -165,8 +191,11 @@ class EggrollOptimizer(Optimizer):
             # the global generator.
             seed = int(torch.randint(0, 2**63 - 1, ()).item())
             seed = _dist.agree_on_seed(seed, self._process_group)
-        self._global_state().update(seed=int(seed), generation=0)
-        self.last_losses: torch.Tensor | None = None
+        self._global_state().update(seed=int(seed), generation=0, noise_version=NOISE_VERSION)
+        self._last_losses: torch.Tensor | None = None
+        self._plan: Plan | None = None
+        self._pending: list[tuple[torch.Tensor, Any, int]] = []
+        self._counters: tuple[torch.Tensor, torch.Tensor] | None = None  # capturable: key, gen
 
     # ------------------------------------------------------------------ torch.optim plumbing
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -176,8 +205,8 @@ class EggrollOptimizer(Optimizer):
                 f"Invalid param_group: expected a dict, got {type(param_group).__name__}"
             )
         merged = {**self.defaults, **param_group}
-        _check_group(merged)
-        _check_population(merged["pop_size"], merged["antithetic"])
+        check_group(merged)
+        check_population(merged["pop_size"], merged["antithetic"])
         for key in _GLOBAL_KEYS:
             for other in self.param_groups:
                 if other[key] != merged[key]:
@@ -193,7 +222,8 @@ class EggrollOptimizer(Optimizer):
             t = p[1] if isinstance(p, tuple) and len(p) == 2 else p
             if isinstance(t, torch.Tensor) and (not t.is_floating_point() or t.is_complex()):
                 raise TypeError(
-                    f"Invalid parameter dtype: {t.dtype} (EggrollOptimizer needs real floating-point tensors)"
+                    f"Invalid parameter dtype: {t.dtype} (EggrollOptimizer needs real "
+                    "floating-point tensors)"
                 )
         tensors = [p[1] if isinstance(p, tuple) else p for p in listed]
         if len({id(t) for t in tensors}) != len(tensors):
@@ -213,27 +243,65 @@ class EggrollOptimizer(Optimizer):
             group.setdefault("weight_decay", 0.0)
             group.setdefault("maximize", False)
             group.setdefault("antithetic", True)
-        self.__dict__.setdefault("last_losses", None)
+            group.setdefault("capturable", False)
+        for key, value in (("_last_losses", None), ("_plan", None), ("_pending", []),
+                           ("_counters", None)):
+            self.__dict__.setdefault(key, value)
         # Unpickled (the group itself is never pickled): shard over WORLD if it is initialized.
         self.__dict__.setdefault("_process_group", _dist.resolve_group(None))
 
     def __getstate__(self) -> dict[str, Any]:
+        self._sync_counters()
         state = dict(super().__getstate__())
-        state.pop("_process_group", None)  # a live communicator cannot be pickled or copied
+        # A live communicator cannot be pickled or copied; the noise buffers and pending
+        # warnings are rebuilt or dropped.
+        for key in ("_process_group", "_plan", "_pending"):
+            state.pop(key, None)
         return state
 
     def __deepcopy__(self, memo: dict[int, Any]) -> EggrollOptimizer:
-        import copy
-
+        self._sync_counters()
         cls = self.__class__
         new = cls.__new__(cls)
         memo[id(self)] = new
         for k, v in self.__dict__.items():
             if k == "_process_group":
                 new.__dict__[k] = v
+            elif k in ("_plan", "_pending"):
+                new.__dict__[k] = None if k == "_plan" else []
             else:
                 new.__dict__[k] = copy.deepcopy(v, memo)
         return new
+
+    def state_dict(self) -> dict[str, Any]:
+        """As ``torch.optim``'s, with the seed, the generation and the noise version as Python
+        ints in the state of the first parameter. Issues the warnings of earlier steps that
+        have not been reported yet."""
+        self.check_warnings()
+        self._sync_counters()
+        return super().state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a :meth:`state_dict`; refuses one written with another noise definition (it
+        would resume with different noise)."""
+        states = state_dict.get("state", {}) if isinstance(state_dict, dict) else {}
+        versions = {
+            int(s.get("noise_version", 1)) for s in states.values()
+            if isinstance(s, dict) and "seed" in s
+        }
+        if versions and versions != {NOISE_VERSION}:
+            raise ValueError(
+                f"Invalid state_dict: written with noise version {sorted(versions)[0]} (torcheggroll "
+                f"< 0.3), this version draws noise version {NOISE_VERSION}; resuming would "
+                "continue with different noise. Start a new run from the saved parameters (and a "
+                "fresh optimizer), or load it with the torcheggroll release that wrote it"
+            )
+        super().load_state_dict(state_dict)
+        if self._counters is not None:  # capturable: refresh the device counters in place
+            key, gen = self._counters
+            key.copy_(torch.tensor(seed_key(self.seed), dtype=torch.int64))
+            gen.fill_(int(self._global_state()["generation"]))
+        self._last_losses = None
 
     def _global_state(self) -> dict[str, Any]:
         # As LBFGS does, optimizer-wide state lives in the state of the first parameter, so it
@@ -251,7 +319,9 @@ class EggrollOptimizer(Optimizer):
 
     @property
     def generation(self) -> int:
-        """How many populations have been evaluated (a Python int, kept in :attr:`state`)."""
+        """How many populations have been evaluated (a Python int, kept in :attr:`state`; read
+        from the device when ``capturable``)."""
+        self._sync_counters()
         return int(self._global_state()["generation"])
 
     @property
@@ -263,48 +333,88 @@ class EggrollOptimizer(Optimizer):
         return bool(self.param_groups[0]["antithetic"])
 
     @property
+    def capturable(self) -> bool:
+        return bool(self.param_groups[0]["capturable"])
+
+    @property
     def process_group(self) -> Any:
         """The torch.distributed group the population is sharded over, or None."""
         return self._process_group
+
+    @property
+    def last_losses(self) -> torch.Tensor | None:
+        """The ``(pop_size,)`` losses of the last step's members, or None before the first."""
+        return self._last_losses
+
+    # ------------------------------------------------------------------ counters
+    def _device_counters(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``capturable``: the Philox key ``(k0, k1)`` and the generation as device tensors."""
+        if self._counters is None:
+            device = self._first_param().device
+            key = torch.tensor(seed_key(self.seed), dtype=torch.int64, device=device)
+            gen = torch.tensor(int(self._global_state()["generation"]), dtype=torch.int64,
+                               device=device)
+            self._counters = (key, gen)
+        return self._counters
+
+    def _sync_counters(self) -> None:
+        """Copy the device generation into the Python int of :attr:`state` (capturable)."""
+        if self._counters is not None and self.state:
+            first = self._first_param()
+            self.state[first] = {**self.state[first], "generation": int(self._counters[1])}
+
+    def _plan_for_step(self) -> Plan:
+        sig = signature(self.param_groups)
+        if self._plan is None or self._plan.signature != sig:
+            self._plan = Plan(self.param_groups)
+        return self._plan
 
     # ------------------------------------------------------------------ the population
     def population(self) -> Population:
         """The population of the current generation, restricted to this rank's members.
 
-        Drawing it has no side effect: calling this twice gives the same noise.
+        Drawing it has no side effect on the parameters or the generation: calling this twice
+        gives the same noise. The noise lives in buffers of the optimizer that the next
+        generation refills; the population's methods refill them for its own generation when
+        needed, so use a population through its methods (its noise tensors are views).
         """
+        plan = self._plan_for_step()
         gs = self._global_state()
-        seed, generation = int(gs["seed"]), int(gs["generation"])
-        pop_size, antithetic = self.pop_size, self.antithetic
-        draws = num_draws(pop_size, antithetic)
-        entries: list[PerturbedParam] = []
-        index = -1
-        for group_index, group in enumerate(self.param_groups):
-            for p in group["params"]:
-                index += 1  # frozen parameters keep their index, so unfreezing one shifts no noise
-                if not p.requires_grad:
-                    continue  # as torch.optim: a parameter that does not require grad is left alone
-                noise = draw_noise(
-                    p.shape,
-                    int(group["rank"]),
-                    draws,
-                    seed=seed,
-                    generation=generation,
-                    param_index=index,
-                    device=p.device,
-                    dtype=compute_dtype(p.dtype),
-                )
-                entries.append(PerturbedParam(p, index, float(group["sigma"]), noise, group_index))
+        seed = int(gs["seed"])
+        generation: Any
+        if self.capturable:
+            key, generation = self._device_counters()
+            plan.fill(key, generation)
+            refresh = None
+        else:
+            generation = int(gs["generation"])
+            plan.fill(seed, generation)
+
+            def refresh(plan: Plan = plan, seed: int = seed, generation: int = generation) -> None:
+                plan.fill(seed, generation)
+
+        sigmas = [float(group["sigma"]) for group in self.param_groups]
+        entries = [
+            PerturbedParam(o.param, o.index, sigmas[o.group], plan.buffers[o.buffer].noise[o.entry],
+                           o.group)
+            for o in plan.owned
+        ]
+        if not entries:
+            warnings.warn(
+                "no parameter of EggrollOptimizer requires grad: nothing is perturbed or updated",
+                UserWarning,
+                stacklevel=2,
+            )
         rank, world = _dist.world_info(self._process_group)
-        start, stop = _dist.shard_bounds(pop_size, antithetic, rank, world)
-        members = torch.arange(start, stop, dtype=torch.long)
+        start, stop = _dist.shard_bounds(self.pop_size, self.antithetic, rank, world)
         return Population(
             entries,
-            pop_size=pop_size,
-            members=members,
+            pop_size=self.pop_size,
+            members=torch.arange(start, stop, dtype=torch.long),
             seed=seed,
             generation=generation,
-            antithetic=antithetic,
+            antithetic=self.antithetic,
+            refresh=refresh,
         )
 
     def evaluate(self, closure: Closure) -> tuple[torch.Tensor, Population]:
@@ -319,7 +429,8 @@ class EggrollOptimizer(Optimizer):
                 f"Invalid closure: {closure!r} (EggrollOptimizer.step requires a callable closure)"
             )
         for group in self.param_groups:  # settings may have been changed since construction
-            _check_group(group)
+            check_group(group, read_device_tensors=False)
+        self.check_warnings(wait=False)
         population = self.population()
         pg = self._process_group
         try:
@@ -327,8 +438,8 @@ class EggrollOptimizer(Optimizer):
                 if pg is not None and len(population) == 0:
                     # A rank with no members (more ranks than draws) does not call the closure.
                     local = torch.empty(0, device=self._first_param().device)
-                elif _takes_population(closure):
-                    local = _as_losses(closure(population), len(population), closure)
+                elif takes_population(closure):
+                    local = as_losses(closure(population), len(population), closure)
                 else:
                     local = self._sequential(closure, population)
         except Exception as exc:
@@ -339,7 +450,9 @@ class EggrollOptimizer(Optimizer):
             raise
         # At the first step, also check that every rank starts from the same parameters.
         check = pg is not None and not self.__dict__.get("_replicas_checked", False)
-        losses = _dist.gather_losses(local, population, pg, check_params=check)
+        losses = _dist.gather_losses(
+            local, population, pg, check_params=check, checked=not self.capturable
+        )
         self._replicas_checked = True
         return losses, population
 
@@ -351,7 +464,7 @@ class EggrollOptimizer(Optimizer):
             for position in range(len(population)):
                 for p, c in zip(params, centres, strict=True):
                     p.copy_(population.member_value(p, position, centre=c))
-                values.append(_as_scalar_loss(closure(), position, closure))
+                values.append(as_scalar_loss(closure(), position, closure))
         finally:
             for p, c in zip(params, centres, strict=True):
                 p.copy_(c)
@@ -364,53 +477,27 @@ class EggrollOptimizer(Optimizer):
         )
 
     # ------------------------------------------------------------------ the update
-    def _directions(
-        self, losses: torch.Tensor, population: Population
-    ) -> tuple[list[tuple[torch.Tensor, dict[str, Any], torch.Tensor]], torch.Tensor]:
-        """``([(param, group, g)], bad)`` with ``g`` the per-parameter update of the class
-        docstring (before ``lr``) and ``bad`` a 0-d tensor counting the non-finite losses.
+    def _directions(self, losses: torch.Tensor) -> _update.Directions:
+        assert self._plan is not None
+        lrs = [group["lr"] for group in self.param_groups]
+        return _update.directions(self._plan, self.param_groups, losses, lrs)
 
-        No host sync: when every loss is non-finite the directions are meaningless and the
-        caller must discard them.
-        """
-        self.last_losses = losses.detach().clone()
-        n = self.pop_size
-        all_members = torch.arange(n, device=losses.device)
-        out: list[tuple[torch.Tensor, dict[str, Any], torch.Tensor]] = []
-        bad = (~torch.isfinite(losses)).sum()
-        shaped_by_group: dict[int, torch.Tensor] = {}
-        for entry in population.params:
-            group = self.param_groups[entry.group]
-            if entry.group not in shaped_by_group:
-                # Negate before replacing non-finite values, so that they become the worst
-                # member (the largest loss) also when the closure returns a fitness to maximize.
-                signed_losses = -losses.detach() if group["maximize"] else losses.detach()
-                clean, _ = mask_nonfinite(signed_losses)
-                shaped_by_group[entry.group] = shape_losses(clean.to(torch.float64), group["shaping"])
-            shaped = shaped_by_group[entry.group]
-            p, noise = entry.param, entry.noise
-            ref = noise.a if noise.a is not None else noise.dense
-            assert ref is not None
-            members = all_members.to(ref.device)
-            # Fold each antithetic pair into one coefficient per draw: c_k = s_2k - s_2k+1.
-            weights = shaped.to(ref.device) * member_signs(members, self.antithetic, torch.float64)
-            coeffs = torch.zeros(noise.num_draws, dtype=torch.float64, device=ref.device)
-            coeffs.index_add_(0, member_pairs(members, self.antithetic), weights)
-            # Half-precision parameters get their update GEMM in their own dtype: the update is
-            # rounded to it anyway, and a float32 GEMM of (m, draws*r) x (draws*r, n) would cost
-            # more than the population's forward.
-            low = p.dtype if p.dtype in (torch.float16, torch.bfloat16) else None
-            g = noise.weighted_sum(coeffs.to(ref.dtype) * (entry.sigma / math.sqrt(n)), low)
-            if group["weight_decay"] != 0:
-                g = g.add(p.detach().to(g.dtype), alpha=group["weight_decay"])
-            out.append((p, group, g))
-        return out, bad
-
-    def _finish(self, losses: torch.Tensor) -> torch.Tensor:
-        # A new dict rather than an in-place increment: a state_dict() taken earlier shares the
-        # old one and must keep the generation it was taken at.
-        first = self._first_param()
-        self.state[first] = {**self.state[first], "generation": int(self.state[first]["generation"]) + 1}
+    def _finish(self, losses: torch.Tensor, flags: torch.Tensor) -> torch.Tensor:
+        if self.capturable and self._last_losses is not None and \
+                self._last_losses.shape == losses.shape:
+            self._last_losses.copy_(losses)
+        else:
+            self._last_losses = losses.detach().clone()
+        self._report(flags, losses.numel())
+        if self.capturable:
+            self._device_counters()[1].add_(1)
+        else:
+            # A new dict rather than an in-place increment: a state_dict() taken earlier shares
+            # the old one and must keep the generation it was taken at.
+            first = self._first_param()
+            self.state[first] = {
+                **self.state[first], "generation": int(self.state[first]["generation"]) + 1
+            }
         return losses.detach().mean()
 
     @torch.no_grad()
@@ -424,44 +511,10 @@ class EggrollOptimizer(Optimizer):
         Returns:
             The mean loss over the population (a 0-d tensor; NaN if some member's loss was NaN).
         """
-        losses, population = self.evaluate(closure)
-        directions, bad_count = self._directions(losses, population)
-        # p - lr * g computed exactly as torch.optim.SGD does (add with alpha). Nothing is
-        # written unless every new value is finite where the old one was. float16 can overflow
-        # in the addition itself, so its new values are built out of place and checked; wider
-        # dtypes only need a finite update, which is then added in place (no copy of p).
-        updates = [(p, g.to(p.dtype), -group["lr"]) for p, group, g in directions if _nonzero(group["lr"])]
-        del directions
-        careful = any(p.dtype not in _WIDE_DTYPES for p, _, _ in updates)
-        checked = [p.add(g, alpha=alpha) for p, g, alpha in updates] if careful else [g for _, g, _ in updates]
-        # One host sync for the step: the non-finite count and one sum per checked tensor.
-        device = bad_count.device
-        flags = torch.stack(
-            [bad_count.to(device, torch.float64), _identical(losses).to(device, torch.float64)]
-            + [c.sum().to(device, torch.float64) for c in checked]
-        ).tolist()
-        bad = int(flags[0])
-        _warn_losses(bad, bool(flags[1]), losses.numel())
-        flags = flags[1:]
-        if bad == losses.numel():
-            return self._finish(losses)
-        ok = all(math.isfinite(x) for x in flags[1:])
-        if not ok and checked:  # a sum is not finite: an element is, or the sum overflowed
-            pairs = [(p, c) for (p, _, _), c in zip(updates, checked, strict=True)]
-            ok = _all_stay_finite(pairs) if careful else _all_finite(checked)
-        if not ok:
-            warnings.warn(
-                "the ES update overflowed to a non-finite value; the parameters were left unchanged",
-                RuntimeWarning,
-                stacklevel=2,
-            )
-        elif careful:
-            for (p, _, _), v in zip(updates, checked, strict=True):
-                p.copy_(v)
-        else:
-            for p, g, alpha in updates:
-                p.add_(g, alpha=alpha)
-        return self._finish(losses)
+        losses, _ = self.evaluate(closure)
+        found = self._directions(losses)
+        _update.apply(self._plan_for_step(), self.param_groups, found)
+        return self._finish(losses, found.flags)
 
     @torch.no_grad()
     def compute_grad(self, closure: Closure) -> torch.Tensor:
@@ -474,187 +527,98 @@ class EggrollOptimizer(Optimizer):
         ``weight_decay`` to 0 and let them decay). Its scale is ``sigma / sqrt(N)`` times the
         shaped-loss-weighted noise sum; with ``shaping="raw"``, dividing by ``sigma**2 * sqrt(N)``
         gives the unbiased smoothed-gradient estimate. Parameters are not changed; the
-        generation advances, so the next call draws new noise.
+        generation advances, so the next call draws new noise. When no member has a finite loss
+        (or the estimate is not finite) no ``.grad`` is touched; telling so reads one value on
+        the host.
 
         Returns:
             The mean loss over the population (a 0-d tensor).
         """
-        losses, population = self.evaluate(closure)
-        directions, bad_count = self._directions(losses, population)
-        bad, identical = torch.stack([bad_count, _identical(losses).to(bad_count.device)]).tolist()
-        _warn_losses(int(bad), bool(identical), losses.numel())
-        if bad < losses.numel():
-            for p, _, g in directions:
-                g = g.to(p.dtype)
+        losses, _ = self.evaluate(closure)
+        found = self._directions(losses)
+        if bool(found.ok):
+            for owned, g in zip(self._plan_for_step().owned, found.grads, strict=True):
+                p = owned.param
                 if p.grad is None:
                     p.grad = g.clone()
                 else:
                     p.grad.add_(g)
-        return self._finish(losses)
+        return self._finish(losses, found.flags)
+
+    # ------------------------------------------------------------------ warnings
+    def _report(self, flags: torch.Tensor, total: int) -> None:
+        """Issue this step's warnings now on the CPU; on an accelerator, once its flags have
+        arrived (read without waiting at the next step, or by :meth:`check_warnings`)."""
+        if flags.device.type == "cpu":
+            _warn(flags.tolist(), total)
+            return
+        if self.capturable:
+            # Replays of a captured step run no Python: keep counts on the device.
+            if not self._pending:
+                self._pending.append((torch.zeros_like(flags), None, total))
+            self._pending[0][0].add_(flags)
+            return
+        host = torch.empty(flags.shape, dtype=flags.dtype, pin_memory=True)
+        host.copy_(flags, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        self._pending.append((host, event, total))
+
+    def check_warnings(self, wait: bool = True) -> None:
+        """Issue the warnings (non-finite losses, identical losses, withheld updates) of steps
+        not reported yet. With ``wait=False`` only those whose flags have arrived; with ``wait``
+        (the default) all of them, which may wait for the device. Under ``capturable`` the
+        flags are counts summed over the steps (replays included) since the last check."""
+        keep: list[tuple[torch.Tensor, Any, int]] = []
+        for flags, event, total in self._pending:
+            if event is None:  # capturable: counts kept on the device
+                if wait:
+                    counts = flags.tolist()
+                    flags.zero_()
+                    _warn_counts(counts, total)
+                keep.append((flags, None, total))
+            elif wait or event.query():
+                event.synchronize()
+                _warn(flags.tolist(), total)
+            else:
+                keep.append((flags, event, total))
+        self._pending = keep
 
 
-# ---------------------------------------------------------------------- checks and helpers
-def _number(value: Any) -> bool:
-    """A real Python number (``bool`` is not one here)."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _invalid(name: str, value: Any, expected: str) -> ValueError:
-    return ValueError(
-        f"Invalid {name}: {value!r} (expected {expected}, got {type(value).__name__})"
-    )
-
-
-def _check_hyper(
-    *, lr: Any, sigma: Any, rank: Any, weight_decay: Any, shaping: Any, maximize: Any = False
-) -> None:
-    if isinstance(lr, torch.Tensor):
-        if lr.numel() != 1:
-            raise ValueError(
-                f"Invalid lr: a tensor lr must have one element, got shape {tuple(lr.shape)}"
-            )
-        lr_value: Any = float(lr)
-    else:
-        lr_value = lr
-    if not _number(lr_value) or not lr_value >= 0.0 or not math.isfinite(lr_value):
-        raise _invalid("learning rate", lr, "a finite float >= 0")
-    if not _number(sigma) or not sigma > 0.0 or not math.isfinite(sigma):
-        raise _invalid("sigma", sigma, "a finite float > 0")
-    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 0:
-        raise _invalid("rank", rank, "an int >= 0")
-    if not _number(weight_decay) or not weight_decay >= 0.0 or not math.isfinite(weight_decay):
-        raise _invalid("weight_decay value", weight_decay, "a finite float >= 0")
-    if not isinstance(shaping, str) or shaping not in SHAPINGS:
-        raise ValueError(f"Invalid shaping: {shaping!r} (expected one of {sorted(SHAPINGS)})")
-    if not isinstance(maximize, bool):
-        raise _invalid("maximize", maximize, "a bool")
-
-
-def _check_group(group: dict[str, Any]) -> None:
-    """Check a (complete) param group's per-group settings."""
-    _check_hyper(
-        lr=group["lr"],
-        sigma=group["sigma"],
-        rank=group["rank"],
-        weight_decay=group["weight_decay"],
-        shaping=group["shaping"],
-        maximize=group["maximize"],
-    )
-
-
-def _check_population(pop_size: Any, antithetic: Any) -> None:
-    if not isinstance(pop_size, int) or isinstance(pop_size, bool) or pop_size < 2:
-        raise _invalid("pop_size", pop_size, "an int >= 2")
-    if not isinstance(antithetic, bool):
-        raise _invalid("antithetic", antithetic, "a bool")
-    if antithetic and pop_size % 2:
-        raise ValueError(f"Invalid pop_size: {pop_size} (must be even with antithetic=True)")
-
-
-_WIDE_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
-
-
-def _identical(losses: torch.Tensor) -> torch.Tensor:
-    """0-d bool: every member's loss is the same finite value (more than one member)."""
-    if losses.numel() < 2:
-        return torch.zeros((), dtype=torch.bool, device=losses.device)
-    return (losses == losses[0]).all() & torch.isfinite(losses[0])
-
-
-def _warn_losses(bad: int, identical: bool, total: int) -> None:
+def _warn(flags: list[int], total: int) -> None:
+    bad, identical, withheld = (int(v) for v in flags)
     if bad:
         warn_nonfinite(bad, total)
     if identical:
         warn_identical(total)
-
-
-def _all_finite(tensors: list[torch.Tensor]) -> bool:
-    device = tensors[0].device
-    return bool(torch.stack([t.isfinite().all().to(device) for t in tensors]).all())
-
-
-def _all_stay_finite(new_values: list[tuple[torch.Tensor, torch.Tensor]]) -> bool:
-    """Whether every new value is finite wherever the old one was (elementwise; one host sync).
-
-    Only called when some tensor's sum is not finite (an element is, or the sum overflowed).
-    """
-    device = new_values[0][1].device
-    checks = [(v.isfinite() | ~p.isfinite()).all().to(device) for p, v in new_values]
-    return bool(torch.stack(checks).all())
-
-
-def _nonzero(lr: Any) -> bool:
-    return bool(lr != 0)
-
-
-def _takes_population(closure: Closure) -> bool:
-    """Whether the closure takes the population (one required positional parameter)."""
-    try:
-        sig = inspect.signature(closure)
-    except (TypeError, ValueError):
-        return True
-    required = [
-        p
-        for p in sig.parameters.values()
-        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty
-    ]
-    if len(required) > 1:
-        raise TypeError(
-            f"Invalid closure: {closure!r} takes {len(required)} required arguments "
-            "(expected 0, or 1 for the population)"
+    if withheld:
+        warnings.warn(
+            "the ES update overflowed to a non-finite value; the parameters were left unchanged",
+            RuntimeWarning,
+            stacklevel=3,
         )
-    return len(required) == 1 or any(p.kind is p.VAR_POSITIONAL for p in sig.parameters.values())
 
 
-def _closure_name(closure: Closure) -> str:
-    name = getattr(closure, "__qualname__", None) or type(closure).__name__
-    return f"the closure {name!r}"
-
-
-def _as_losses(value: Any, size: int, closure: Closure | str) -> torch.Tensor:
-    what = closure if isinstance(closure, str) else f"{_closure_name(closure)} (population form)"
-    if value is None:
-        raise ValueError(
-            f"Invalid losses: {what} returned None; it must return a 1-D tensor of {size} "
-            "losses, one per member (e.g. `return loss_fn(population.forward(model, x), y)`)"
+def _warn_counts(counts: list[int], total: int) -> None:
+    bad, identical, withheld = (int(v) for v in counts)
+    if bad:
+        warnings.warn(
+            f"{bad} member losses (of {total} per step) were non-finite over the steps since the "
+            "last check; they were treated as the worst member",
+            NonFiniteLossWarning,
+            stacklevel=3,
         )
-    try:
-        losses = value if isinstance(value, torch.Tensor) else torch.as_tensor(value)
-    except (TypeError, ValueError, RuntimeError):
-        raise ValueError(
-            f"Invalid losses: {what} returned a {type(value).__name__}; it must return a 1-D "
-            f"tensor of {size} losses, one per member"
-        ) from None
-    if losses.dim() != 1 or losses.shape[0] != size:
-        raise ValueError(
-            f"Invalid losses: {what} must return a 1-D tensor of {size} losses (one per member), "
-            f"got shape {tuple(losses.shape)}"
+    if identical:
+        warnings.warn(
+            f"in {identical} step(s) since the last check every member returned the same loss: "
+            "does the closure evaluate the population (population.forward(model, x))?",
+            IdenticalLossesWarning,
+            stacklevel=3,
         )
-    if not (
-        losses.is_floating_point()
-        or losses.dtype in (torch.int32, torch.int64, torch.int16, torch.int8, torch.uint8)
-    ):
-        raise ValueError(f"Invalid losses: expected real numbers, got dtype {losses.dtype}")
-    return losses.detach().to(torch.promote_types(losses.dtype, torch.float32))
-
-
-def _as_scalar_loss(value: Any, position: int, closure: Closure) -> torch.Tensor:
-    what = f"{_closure_name(closure)} (zero-argument form)"
-    if value is None:
-        raise ValueError(
-            f"Invalid loss: {what} returned None for member {position}; it must return the "
-            "loss of the model as it is now (a scalar tensor or a float)"
+    if withheld:
+        warnings.warn(
+            f"{withheld} step(s) since the last check withheld their update (a non-finite "
+            "direction or a float16 overflow); the parameters were left unchanged by them",
+            RuntimeWarning,
+            stacklevel=3,
         )
-    try:
-        loss = value if isinstance(value, torch.Tensor) else torch.as_tensor(value)
-    except (TypeError, ValueError, RuntimeError):
-        raise ValueError(
-            f"Invalid loss: {what} returned a {type(value).__name__} for member {position}; it "
-            "must return a scalar tensor or a float"
-        ) from None
-    if loss.numel() != 1:
-        raise ValueError(
-            f"Invalid loss: {what} must return a scalar loss, got shape {tuple(loss.shape)} "
-            f"for member {position}"
-        )
-    return loss.detach().reshape(())

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -69,10 +69,12 @@ class Population:
         pop_size: int,
         members: torch.Tensor,
         seed: int,
-        generation: int,
+        generation: int | torch.Tensor,
         antithetic: bool,
+        refresh: Callable[[], None] | None = None,
     ) -> None:
         self.pop_size = pop_size
+        self._refresh = refresh
         self.members = members
         self.seed = seed
         self.generation = generation
@@ -139,8 +141,14 @@ class Population:
             raise KeyError("this tensor is not a parameter of the optimizer") from None
 
     def noise(self, param: torch.Tensor) -> ParamNoise:
-        """The unit-variance noise of ``param`` for every draw of the generation (all pairs)."""
-        return self.entry(param).noise
+        """The unit-variance noise of ``param`` for every draw of the generation (all pairs).
+
+        The tensors are views of the optimizer's noise buffers, valid until another generation
+        is drawn (this population refills them when asked again)."""
+        entry = self.entry(param)
+        if self._refresh is not None:
+            self._refresh()
+        return entry.noise
 
     def member_table(
         self, kind: Literal["signs", "pairs"], device: torch.device | None, dtype: torch.dtype
@@ -166,17 +174,17 @@ class Population:
     def coefficients(self, param: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
         """``(size,)`` ``scale * sigma * sign_i`` of each local member for ``param``, in the
         noise dtype."""
-        e = self.entry(param)
-        ref = e.noise.a if e.noise.a is not None else e.noise.dense
+        e, noise = self.entry(param), self.noise(param)
+        ref = noise.a if noise.a is not None else noise.dense
         assert ref is not None
         return self.member_table("signs", ref.device, ref.dtype) * (e.sigma * scale)
 
     def local_noise(self, param: torch.Tensor) -> ParamNoise:
         """The noise draw of each local member, in member order (a gather of :meth:`noise`)."""
-        e = self.entry(param)
-        ref = e.noise.a if e.noise.a is not None else e.noise.dense
+        noise = self.noise(param)
+        ref = noise.a if noise.a is not None else noise.dense
         assert ref is not None
-        return e.noise.select(self.member_table("pairs", ref.device, torch.int64))
+        return noise.select(self.member_table("pairs", ref.device, torch.int64))
 
     # ------------------------------------------------------------------ materialized path
     def perturbation(self, param: torch.Tensor) -> torch.Tensor:
@@ -226,11 +234,11 @@ class Population:
         The perturbation is added to ``centre`` (same shape as ``param``), by default the
         parameter's current value.
         """
-        e = self.entry(param)
-        ref = e.noise.a if e.noise.a is not None else e.noise.dense
+        e, all_noise = self.entry(param), self.noise(param)
+        ref = all_noise.a if all_noise.a is not None else all_noise.dense
         assert ref is not None
         member = self._members_on(ref.device)[position : position + 1]
-        noise = e.noise.select(member_pairs(member, self.antithetic))
+        noise = all_noise.select(member_pairs(member, self.antithetic))
         coeff = e.sigma * member_signs(member, self.antithetic, ref.dtype)
         base = (param if centre is None else centre).detach().to(compute_dtype(param.dtype))
         return (base + noise.materialize(coeff)[0]).to(param.dtype)
