@@ -411,3 +411,111 @@ def test_noise_dtype_follows_compute_dtype():
         p = torch.zeros(4, 3, dtype=dtype, requires_grad=True)
         opt = EggrollOptimizer([p], pop_size=4, seed=0)
         assert opt.population().noise(p).a.dtype == expected
+
+
+# --------------------------------------------------------------------------- the two implementations
+# The integer words agree bitwise; the float transform (float32 log, sqrt, cos, sin of each
+# device's math library) to within FLOAT_TOLERANCE. Measured: the Triton interpreter (numpy) vs
+# PyTorch on the CPU, and CUDA vs the CPU, differ by at most a few float32 ulps of the result
+# (|z| < 5.8); see docs/noise.md for the figures.
+FLOAT_TOLERANCE = 1e-5
+
+
+def _kernels_or_skip(device: str):  # type: ignore[no-untyped-def]
+    import importlib.util
+    import os
+
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("Triton is not installed")
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            pytest.skip("CUDA is not available")
+    elif os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("Triton's interpreter is off (TRITON_INTERPRET is not 1)")
+    from torcheggroll import _triton_noise
+
+    return _triton_noise
+
+
+NOISE_DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
+
+
+@pytest.mark.parametrize("device", NOISE_DEVICES)
+def test_kernel_words_equal_the_reference_bitwise(device):
+    kernels = _kernels_or_skip(device)
+    g = torch.Generator().manual_seed(0)
+    counters = torch.randint(0, 2**32, (4, 1000), generator=g, dtype=torch.int64)
+    counters[:, 0] = torch.tensor([0, 0, 0, 0])
+    counters[:, 1] = 0xFFFFFFFF
+    for k0, k1 in [(0, 0), (0xFFFFFFFF, 0xFFFFFFFF), (123, 2**31 + 7)]:
+        ref = torch.stack(philox4x32(*counters, k0, k1))
+        got = kernels.philox_words(counters.to(device), k0, k1).cpu()
+        assert torch.equal(got, ref)
+
+
+def _buffer_entries():  # type: ignore[no-untyped-def]
+    from torcheggroll.noise_buffer import NoiseEntry
+
+    return [
+        NoiseEntry(0, torch.Size([6, 5]), 2),
+        NoiseEntry(1, torch.Size([6]), 2),
+        NoiseEntry(2, torch.Size([6, 5]), 2),  # same bucket as entry 0
+        NoiseEntry(3, torch.Size([3, 2, 3]), 3),  # a conv kernel
+        NoiseEntry(7, torch.Size([7]), 0),  # dense, size not a multiple of 4
+        NoiseEntry(9, torch.Size([2, 3]), 0),  # rank 0: dense matrix
+    ]
+
+
+@pytest.mark.parametrize("device", NOISE_DEVICES)
+@pytest.mark.parametrize("on_device", [False, True], ids=["host-counters", "device-counters"])
+def test_kernel_fill_equals_the_reference(device, on_device):
+    from torcheggroll.noise_buffer import NoiseBuffer
+
+    kernels = _kernels_or_skip(device)
+    seed, generation = 2**40 + 7, 5
+    ref = NoiseBuffer(_buffer_entries(), 3, torch.device("cpu"), torch.float32)
+    ref.fill(seed, generation)
+    buf = NoiseBuffer(_buffer_entries(), 3, torch.device(device), torch.float32)
+    buf.buffer.fill_(float("nan"))  # every element must be written
+    key: object = seed_key(seed)
+    gen: object = generation
+    if on_device:
+        key, gen = torch.tensor(key, device=device), torch.tensor(generation, device=device)
+    for region in buf._regions:
+        kernels.fill_region(buf.buffer, region, key, gen)
+    got = buf.buffer.cpu()
+    assert torch.isfinite(got).all()
+    err = (got - ref.buffer).abs().max().item()
+    assert err <= FLOAT_TOLERANCE, err
+    # ... and the views of both are the per-parameter definition.
+    for e, noise in zip(_buffer_entries(), ref.noise, strict=True):
+        single = _noise(e.shape, e.rank, 3, seed=seed, generation=generation, param_index=e.index,
+                        dtype=torch.float32)
+        for x, y in zip(_tensors(noise), _tensors(single), strict=True):
+            assert torch.equal(x, y)
+
+
+@pytest.mark.cuda
+def test_cuda_and_cpu_draw_the_same_noise():
+    """A run can move between devices: the optimizer's noise on CUDA (Triton kernels) and on
+    the CPU (PyTorch) agree to the float tolerance, and the PyTorch reference on CUDA too."""
+    if not torch.cuda.is_available():
+        pytest.skip("CUDA is not available")
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 48), torch.nn.ReLU(), torch.nn.Linear(48, 5))
+    opt = EggrollOptimizer(model.parameters(), pop_size=64, rank=3, seed=2**33 + 1)
+    cpu = {id(p): opt.population().noise(p) for p in model.parameters()}
+    cpu = {k: [t.clone() for t in _tensors(v)] for k, v in cpu.items()}
+    model.cuda()
+    opt_cuda = EggrollOptimizer(model.parameters(), pop_size=64, rank=3, seed=2**33 + 1)
+    pop = opt_cuda.population()
+    worst = 0.0
+    for p in model.parameters():
+        for x, y in zip(_tensors(pop.noise(p)), cpu[id(p)], strict=True):
+            worst = max(worst, (x.cpu() - y).abs().max().item())
+    assert worst <= FLOAT_TOLERANCE, worst
+    ref = _noise((48, 64), 3, 32, seed=2**33 + 1, param_index=0, dtype=torch.float32)
+    on_cuda = draw_noise((48, 64), 3, 32, seed=2**33 + 1, generation=0, param_index=0,
+                         device="cuda", dtype=torch.float32)
+    assert (on_cuda.a.cpu() - ref.a).abs().max().item() <= FLOAT_TOLERANCE
+    print(f"largest CPU/CUDA difference of the noise: {worst:.3g}")

@@ -9,15 +9,15 @@ raising a ``TypeError`` from inside the handler.
 
 from __future__ import annotations
 
-import functools
 import inspect
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["HandlerMode", "binds", "is_batched"]
+__all__ = ["HandlerMode", "binds", "is_batched", "register"]
 
 Handler = Callable[..., Any]
 
@@ -27,25 +27,49 @@ def is_batched(t: Any) -> bool:
     return isinstance(t, torch.Tensor) and torch._C._functorch.is_batchedtensor(t)
 
 
-@functools.cache
-def _signature(handler: Handler) -> inspect.Signature:
-    return inspect.signature(handler)
+@dataclass(frozen=True)
+class _Accepts:
+    """What a handler's signature accepts after the mode: at most ``positional`` positional
+    arguments (any number with ``*args``) and the keywords ``names`` (any with ``**kwargs``)."""
+
+    positional: int
+    names: frozenset[str]
+    any_positional: bool
+    any_keyword: bool
+
+    @classmethod
+    def of(cls, handler: Handler) -> _Accepts:
+        params = list(inspect.signature(handler).parameters.values())[1:]  # after the mode
+        kinds = inspect.Parameter
+        return cls(
+            positional=sum(p.kind in (kinds.POSITIONAL_ONLY, kinds.POSITIONAL_OR_KEYWORD) for p in params),
+            names=frozenset(p.name for p in params if p.kind in (kinds.POSITIONAL_OR_KEYWORD, kinds.KEYWORD_ONLY)),
+            any_positional=any(p.kind is kinds.VAR_POSITIONAL for p in params),
+            any_keyword=any(p.kind is kinds.VAR_KEYWORD for p in params),
+        )
 
 
-@functools.lru_cache(maxsize=4096)
-def _binds(handler: Handler, positional: int, keywords: tuple[str, ...]) -> bool:
-    params = [object()] * (positional + 1)  # the mode, then PyTorch's positional arguments
-    try:
-        _signature(handler).bind(*params, **dict.fromkeys(keywords))
-    except TypeError:
-        return False
-    return True
+_ACCEPTS: dict[Handler, _Accepts] = {}
 
 
 def binds(handler: Handler, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
-    """Whether ``handler(mode, *args, **kwargs)`` matches the handler's signature (cached by the
-    number of positional arguments and the keyword names)."""
-    return _binds(handler, len(args), tuple(sorted(kwargs)))
+    """Whether ``handler(mode, *args, **kwargs)`` fits the handler's signature: no more
+    positional arguments than it takes and no keyword it lacks. (Signatures are read once, when
+    a mode class lists its handlers, so that this check is cheap and traceable by
+    ``torch.compile``.)"""
+    accepts = _ACCEPTS.get(handler)
+    if accepts is None:
+        accepts = _ACCEPTS[handler] = _Accepts.of(handler)
+    if len(args) > accepts.positional and not accepts.any_positional:
+        return False
+    return accepts.any_keyword or all(k in accepts.names for k in kwargs)
+
+
+def register(handlers: dict[Any, Handler]) -> dict[Any, Handler]:
+    """Read the signatures of ``handlers`` now (see :func:`binds`); returns ``handlers``."""
+    for handler in handlers.values():
+        _ACCEPTS.setdefault(handler, _Accepts.of(handler))
+    return handlers
 
 
 class HandlerMode(TorchFunctionMode):

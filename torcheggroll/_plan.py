@@ -85,6 +85,7 @@ class Plan:
         self.entry_owned: list[list[int]] = [[0] * len(b.entries) for b in self.buffers]
         for pos, o in enumerate(self.owned):
             self.entry_owned[o.buffer][o.entry] = pos
+        self.member_tables: dict[Any, torch.Tensor] = {}  # see Population.member_table
         self.bucket_updates: list[list[BucketUpdate]] = []
         for b, buffer in enumerate(self.buffers):
             updates = []

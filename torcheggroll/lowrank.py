@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from ._dispatch import HandlerMode, is_batched
+from ._dispatch import HandlerMode, is_batched, register
 from .fused_linear import fused_available, lowrank_linear, lowrank_linear_batched
 from .materialized import (
     materialized_forward,
@@ -422,7 +422,7 @@ def _h_data_ptr(mode: _LowRankMode, t: torch.Tensor) -> Any:
 
 
 _SHARED = recurrent_handlers()
-_LowRankMode.HANDLERS = {
+_LowRankMode.HANDLERS = register({
     **_SHARED,
     torch.Tensor.data_ptr: _h_data_ptr,
     F.linear: _h_linear,
@@ -431,7 +431,7 @@ _LowRankMode.HANDLERS = {
     F.conv2d: _conv_handler(F.conv2d, 2),
     F.conv3d: _conv_handler(F.conv3d, 3),
     F.multi_head_attention_forward: _h_mha,
-}
+})
 
 
 # ---------------------------------------------------------------------------- entry point

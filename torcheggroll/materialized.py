@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from ._dispatch import HandlerMode, is_batched
+from ._dispatch import HandlerMode, is_batched, register
 from ._recurrent import RECURRENT_FUNCTIONS
 
 __all__ = [
@@ -130,7 +130,7 @@ class MaterializedMode(HandlerMode):
     """Runs recurrent layers as cell equations when their weights are per-member (batched), so
     that vmap can evaluate them (their fused kernels have no batching rule)."""
 
-    HANDLERS = recurrent_handlers()
+    HANDLERS = register(recurrent_handlers())
 
     def claims(self, t: Any) -> bool:
         """Whether ``t`` is a per-member value that PyTorch's fused kernels cannot take."""

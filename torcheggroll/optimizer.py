@@ -407,7 +407,7 @@ class EggrollOptimizer(Optimizer):
             )
         rank, world = _dist.world_info(self._process_group)
         start, stop = _dist.shard_bounds(self.pop_size, self.antithetic, rank, world)
-        return Population(
+        population = Population(
             entries,
             pop_size=self.pop_size,
             members=torch.arange(start, stop, dtype=torch.long),
@@ -415,7 +415,12 @@ class EggrollOptimizer(Optimizer):
             generation=generation,
             antithetic=self.antithetic,
             refresh=refresh,
+            tables=plan.member_tables,
         )
+        for buffer in plan.buffers:  # made here, outside any closure that may be compiled
+            population.member_table("signs", buffer.device, buffer.dtype)
+            population.member_table("pairs", buffer.device, torch.int64)
+        return population
 
     def evaluate(self, closure: Closure) -> tuple[torch.Tensor, Population]:
         """Evaluate the current generation without updating anything.

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -36,16 +35,6 @@ def _member_table(kind: str, members: torch.Tensor, antithetic: bool, dtype: tor
     return member_pairs(members, antithetic)
 
 
-@functools.lru_cache(maxsize=128)
-def _range_table(
-    kind: str, start: int, stop: int, antithetic: bool, device: torch.device, dtype: torch.dtype
-) -> torch.Tensor:
-    # Signs and draw indices of the members start..stop-1, made once per process: every layer of
-    # every forward asks for them, and the few tiny kernels that make them add up to a noticeable
-    # share of a small forward's host time. Never handed out without a copy.
-    return _member_table(kind, torch.arange(start, stop, device=device), antithetic, dtype)
-
-
 class Population:
     """This generation's members, as seen by a closure.
 
@@ -72,6 +61,7 @@ class Population:
         generation: int | torch.Tensor,
         antithetic: bool,
         refresh: Callable[[], None] | None = None,
+        tables: dict[Any, torch.Tensor] | None = None,
     ) -> None:
         self.pop_size = pop_size
         self._refresh = refresh
@@ -84,7 +74,9 @@ class Population:
         self._on_device: dict[torch.device, torch.Tensor] = {}
         self.last_fallbacks: list[str] = []
         self._cache: dict[tuple[str, int], Any] = {}
-        self._tables: dict[tuple[str, torch.device, torch.dtype], torch.Tensor] = {}
+        # Member signs and draw indices by (kind, device, dtype, members): every layer of every
+        # forward asks for them; the optimizer passes a dict that outlives the generation.
+        self._tables: dict[Any, torch.Tensor] = {} if tables is None else tables
         n = len(members)
         contiguous = n > 0 and members.device.type == "cpu" and bool(
             torch.equal(members, torch.arange(int(members[0]), int(members[0]) + n, dtype=members.dtype))
@@ -146,7 +138,9 @@ class Population:
         The tensors are views of the optimizer's noise buffers, valid until another generation
         is drawn (this population refills them when asked again)."""
         entry = self.entry(param)
-        if self._refresh is not None:
+        if self._refresh is not None and not torch.compiler.is_compiling():
+            # (A compiled closure receives the current population, whose noise is in place; a
+            # host-side check here would make torch.compile specialize on the generation.)
             self._refresh()
         return entry.noise
 
@@ -156,9 +150,7 @@ class Population:
         """``(size,)`` the members' signs or draw indices on ``device``, shared by every caller
         in this process: read it, never modify it (:meth:`signs` and :meth:`pairs` copy it)."""
         dev = self.members.device if device is None else torch.device(device)
-        if self._range is not None:
-            return _range_table(kind, *self._range, self.antithetic, dev, dtype)
-        key = (kind, dev, dtype)
+        key = (kind, dev, dtype, self._range or id(self.members), self.antithetic)
         if key not in self._tables:
             self._tables[key] = _member_table(kind, self._members_on(dev), self.antithetic, dtype)
         return self._tables[key]
