@@ -73,17 +73,56 @@ def _identical(losses: torch.Tensor) -> torch.Tensor:
     return (losses == losses[0]).all() & torch.isfinite(losses[0])
 
 
+class _Workspace:
+    """Outputs of the update's products, allocated once per plan, and each parameter's view of
+    them: a step writes into them (``out=``) and makes no per-parameter Python objects."""
+
+    def __init__(self, plan: Plan) -> None:
+        self.products: list[torch.Tensor] = []
+        self.raw: list[torch.Tensor | None] = [None] * len(plan.owned)
+        self.cast: list[int] = []  # owned whose view must be cast to the parameter's dtype
+        for b, buffer in enumerate(plan.buffers):
+            for bucket, update in zip(buffer.buckets, plan.bucket_updates[b], strict=True):
+                rows, _, m, _ = bucket.a.shape
+                dtype = plan.owned[update.owned[0]].param.dtype
+                prod_dtype = dtype if dtype in _HALF else buffer.dtype
+                prod = torch.zeros(rows, m, bucket.b.shape[2], dtype=prod_dtype, device=buffer.device)
+                self.products.append(prod)
+                for row, o in enumerate(update.owned):
+                    self.raw[o] = prod[row].view(plan.owned[o].param.shape)
+            if buffer.dense is not None:
+                prod = torch.zeros(plan.group_count, buffer.dense.shape[1], dtype=buffer.dtype,
+                                   device=buffer.device)
+                self.products.append(prod)
+                for e, (col, numel) in buffer.dense_columns.items():
+                    o = plan.entry_owned[b][e]
+                    owned = plan.owned[o]
+                    self.raw[o] = prod[owned.group, col : col + numel].view(owned.param.shape)
+                    if owned.param.dtype != buffer.dtype:
+                        self.cast.append(o)
+        self.by_group = _by_group_and_device(plan, range(len(plan.owned)))
+        self.float16 = [o for o, owned in enumerate(plan.owned) if owned.param.dtype == torch.float16]
+
+
+def _workspace(plan: Plan) -> _Workspace:
+    ws = plan.__dict__.get("_workspace")
+    if ws is None:
+        ws = plan.__dict__["_workspace"] = _Workspace(plan)
+    return ws
+
+
 def directions(
     plan: Plan, groups: Sequence[dict[str, Any]], losses: torch.Tensor, lrs: Sequence[Any]
 ) -> Directions:
     """The directions ``d_p`` (see the module doc) of every perturbed parameter for ``losses``
     ``(pop_size,)``, with the decision whether to apply them. ``lrs`` are the groups' learning
-    rates (needed only to check float16 parameters for overflow)."""
+    rates (needed only to check float16 parameters for overflow). The returned tensors are
+    views of buffers that the next step overwrites."""
+    ws = _workspace(plan)
     losses = losses.detach()
     bad = (~torch.isfinite(losses)).sum()
     coeffs = _coefficients(losses, groups, plan.antithetic, plan.pop_size)
-    raw: list[torch.Tensor | None] = [None] * len(plan.owned)
-    products: list[torch.Tensor] = []
+    products = iter(ws.products)
     for b, buffer in enumerate(plan.buffers):
         c = coeffs.to(buffer.device, buffer.dtype)
         for bucket, update in zip(buffer.buckets, plan.bucket_updates[b], strict=True):
@@ -92,52 +131,43 @@ def directions(
             coef = c.index_select(0, update.groups) * (1.0 / math.sqrt(r))  # (P, D)
             lhs = (bucket.a * coef[:, :, None, None]).permute(0, 2, 1, 3).reshape(rows, m, draws * r)
             rhs = bucket.b.permute(0, 2, 1, 3).reshape(rows, n, draws * r)
-            dtype = plan.owned[update.owned[0]].param.dtype
-            if dtype in _HALF:
-                # The update is rounded to the parameter's dtype anyway, and a float32 product
-                # would cost more than the population's forward.
-                lhs, rhs = lhs.to(dtype), rhs.to(dtype)
-            prod = torch.bmm(lhs, rhs.transpose(1, 2))  # (P, m, n)
-            products.append(prod)
-            for row, o in enumerate(update.owned):
-                raw[o] = prod[row].view(plan.owned[o].param.shape)
+            prod = next(products)
+            if prod.dtype != lhs.dtype:
+                # Half-precision parameters: the update is rounded to their dtype anyway, and a
+                # float32 product would cost more than the population's forward.
+                lhs, rhs = lhs.to(prod.dtype), rhs.to(prod.dtype)
+            torch.bmm(lhs, rhs.transpose(1, 2), out=prod)  # (P, m, n)
         if buffer.dense is not None:
-            prod = c @ buffer.dense  # (G, T)
-            products.append(prod)
-            for e, (col, numel) in buffer.dense_columns.items():
-                o = plan.entry_owned[b][e]
-                owned = plan.owned[o]
-                raw[o] = prod[owned.group, col : col + numel].view(owned.param.shape)
-    finite = torch.stack([torch.isfinite(t).all() for t in products]).all() if products else \
-        torch.ones((), dtype=torch.bool, device=losses.device)
+            torch.matmul(c, buffer.dense, out=next(products))  # (G, T)
+    finite = (
+        torch.stack([torch.isfinite(t).all() for t in ws.products]).all()
+        if ws.products else torch.ones((), dtype=torch.bool, device=losses.device)
+    )
     any_finite = bad < losses.numel()
-    grads: list[torch.Tensor] = []
     new_values: dict[int, torch.Tensor] = {}
     stays = []
-    for o, owned in enumerate(plan.owned):
-        d = raw[o]
+    for o in ws.float16:
+        # float16 may overflow in p - lr * d itself: build the new value to check it.
+        owned, d = plan.owned[o], ws.raw[o]
         assert d is not None
-        if owned.param.dtype == torch.float16:
-            # float16 may overflow in p - lr * d itself: build the new value to check it.
-            group = groups[owned.group]
-            full = _with_decay(d.to(torch.float16), owned.param, group["weight_decay"])
-            new = owned.param.detach().add(full, alpha=-_number(lrs[owned.group]))
-            stays.append((new.isfinite() | ~owned.param.isfinite()).all().to(losses.device))
-            new_values[o] = new
+        group = groups[owned.group]
+        full = _with_decay(d.to(torch.float16), owned.param, group["weight_decay"])
+        new = owned.param.detach().add(full, alpha=-_number(lrs[owned.group]))
+        stays.append((new.isfinite() | ~owned.param.isfinite()).all().to(losses.device))
+        new_values[o] = new
     ok = finite.to(losses.device) & any_finite
     if stays:
         ok = ok & torch.stack(stays).all()
-    for t in products:
+    for t in ws.products:
         t.masked_fill_(~ok.to(t.device), 0.0)
-    for o, owned in enumerate(plan.owned):
-        d = raw[o]
-        assert d is not None
-        grads.append(d.to(owned.param.dtype))
-    for (g, device), members in _by_group_and_device(plan, range(len(plan.owned))).items():
+    grads = list(ws.raw)
+    for o in ws.cast:
+        grads[o] = grads[o].to(plan.owned[o].param.dtype)  # type: ignore[union-attr]
+    for (g, device), members in ws.by_group.items():
         wd = groups[g]["weight_decay"]
         if wd != 0:
             decayed = torch._foreach_add(
-                [grads[o] for o in members], [plan.owned[o].param.detach() for o in members],
+                [grads[o] for o in members], [plan.owned[o].param.detach() for o in members],  # type: ignore[misc]
                 alpha=wd,
             )
             # The directions were masked above; the decay term is masked here.
@@ -145,7 +175,7 @@ def directions(
             for o, t in zip(members, decayed, strict=True):
                 grads[o] = t
     flags = torch.stack([bad, _identical(losses).long(), (any_finite & ~ok).long()])
-    return Directions(grads, ok, flags, new_values)
+    return Directions(grads, ok, flags, new_values)  # type: ignore[arg-type]
 
 
 def _with_decay(d: torch.Tensor, p: torch.Tensor, wd: float) -> torch.Tensor:

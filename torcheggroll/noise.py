@@ -119,18 +119,24 @@ def philox4x32(
 
 def _uniform(x: torch.Tensor) -> torch.Tensor:
     """``(2 * (x >> 9) + 1) / 2**24`` in float32: one of 2**23 evenly spaced values in (0, 1)."""
-    return ((x >> 9) * 2 + 1).to(torch.float32) * (2.0**-24)
+    return ((x >> 9) * 2 + 1).to(torch.float32).mul_(2.0**-24)
 
 
-def block_normals(words: Sequence[torch.Tensor]) -> torch.Tensor:
-    """The four normals of Philox blocks: ``(..., 4)`` float32 from the words ``x0..x3``."""
-    u0, u1, u2, u3 = (_uniform(x) for x in words)
-    r01 = torch.sqrt(torch.log(u0) * -2.0)
-    r23 = torch.sqrt(torch.log(u2) * -2.0)
-    t01 = u1 * TWO_PI
-    t23 = u3 * TWO_PI
-    return torch.stack([r01 * torch.cos(t01), r01 * torch.sin(t01), r23 * torch.cos(t23),
-                        r23 * torch.sin(t23)], dim=-1)
+def block_normals(words: Sequence[torch.Tensor], out: torch.Tensor | None = None) -> torch.Tensor:
+    """The four normals of Philox blocks: ``(..., 4)`` float32 from the words ``x0..x3``
+    (written into ``out``, of that shape, when given).
+
+    ``(x0, x1)`` give ``r cos t`` and ``r sin t`` with ``r = sqrt(-2 ln u0)``, ``t = 2 pi u1``;
+    ``(x2, x3)`` the next two.
+    """
+    if out is None:
+        out = torch.empty(*words[0].shape, 4, dtype=torch.float32, device=words[0].device)
+    for i in (0, 2):
+        r = _uniform(words[i]).log_().mul_(-2.0).sqrt_()
+        t = _uniform(words[i + 1]).mul_(TWO_PI)
+        torch.mul(r, torch.cos(t), out=out[..., i])
+        torch.mul(r, t.sin_(), out=out[..., i + 1])
+    return out
 
 
 def _stream(

@@ -208,7 +208,10 @@ class NoiseBuffer:
             # Small buffers: one call for all regions (each call costs a few hundred operations).
             c0, c1, c2 = self._counters()
             words = philox4x32(c0, c1, c2, gen, key[0], key[1])
-            self.buffer.view(-1, 4).copy_(block_normals(words))
+            if self.buffer.dtype == torch.float32:
+                block_normals(words, out=self.buffer.view(-1, 4))
+            else:
+                self.buffer.view(-1, 4).copy_(block_normals(words))
         else:
             for region in self._regions:
                 self._fill_reference(region, key, gen)

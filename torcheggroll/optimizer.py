@@ -363,9 +363,10 @@ class EggrollOptimizer(Optimizer):
             first = self._first_param()
             self.state[first] = {**self.state[first], "generation": int(self._counters[1])}
 
-    def _plan_for_step(self) -> Plan:
-        sig = signature(self.param_groups)
-        if self._plan is None or self._plan.signature != sig:
+    def _plan_for_step(self, check: bool = True) -> Plan:
+        """The plan of the current configuration (rebuilt when it changed; ``check=False``
+        reuses the one the step's population was drawn with)."""
+        if self._plan is None or (check and self._plan.signature != signature(self.param_groups)):
             self._plan = Plan(self.param_groups)
         return self._plan
 
@@ -518,7 +519,7 @@ class EggrollOptimizer(Optimizer):
         """
         losses, _ = self.evaluate(closure)
         found = self._directions(losses)
-        _update.apply(self._plan_for_step(), self.param_groups, found)
+        _update.apply(self._plan_for_step(check=False), self.param_groups, found)
         return self._finish(losses, found.flags)
 
     @torch.no_grad()
@@ -542,7 +543,7 @@ class EggrollOptimizer(Optimizer):
         losses, _ = self.evaluate(closure)
         found = self._directions(losses)
         if bool(found.ok):
-            for owned, g in zip(self._plan_for_step().owned, found.grads, strict=True):
+            for owned, g in zip(self._plan_for_step(check=False).owned, found.grads, strict=True):
                 p = owned.param
                 if p.grad is None:
                     p.grad = g.clone()

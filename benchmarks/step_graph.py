@@ -1,0 +1,259 @@
+"""The ES step at plain-inference speed: captured steps against plain inference of the same rows.
+
+For each configuration, in one process on one device, with noise drawn every call:
+
+* ``inference``: the unperturbed model on the same ``pop x rows`` input rows (the limit);
+* ``forward``: ``population()`` + ``population.forward`` of a ``capturable`` optimizer, captured
+  once in a CUDA graph and replayed (each replay draws the next generation's noise);
+* ``step``: the whole ``EggrollOptimizer.step`` (noise, forward, loss, shaping, update,
+  generation counter), captured likewise;
+* ``forward-eager`` / ``step-eager``: the same without capture (what the host can feed).
+
+``inference`` is captured too, so all methods are timed alike. Each trial times every method
+in turn with ``triton.testing.do_bench`` (median of its repetitions); the table gives the
+median over trials of ``inference ms / method ms`` and the worst trial's ratio.
+
+``--preset cpu`` measures the CPU target instead: one thread, 128 ``Linear(16, 16)`` layers,
+population 64: a step's time minus its closure's, against ``torch.optim.SGD.step`` on the same
+model, with the noise's own share (one refill of the noise buffer).
+
+Examples::
+
+    python benchmarks/step_graph.py --preset gpu --trials 5 --json out.json --plot out.png
+    python benchmarks/step_graph.py --preset cpu --json cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from torcheggroll import EggrollOptimizer
+
+METHODS = ("inference", "forward", "step", "forward-eager", "step-eager")
+
+
+def gpu_configs(preset: str) -> list[dict[str, Any]]:
+    paper = dict(width=8192, layers=1, bias=False, dtype="bfloat16", pop=1024, rows=1, shared=False)
+    out = [dict(paper, name=f"paper-r{r}", rank=r) for r in (1, 4, 16)]
+    out.append(dict(paper, name="linear-256x16", pop=256, rows=16, rank=4))
+    mlp = dict(width=1024, layers=3, bias=True, dtype="float32", pop=256, rows=32, rank=4)
+    out.append(dict(mlp, name="mlp-shared", shared=True))
+    out.append(dict(mlp, name="mlp-per-member", shared=False))
+    if preset == "gpu-quick":
+        return [c for c in out if c["name"] in ("paper-r1", "mlp-shared")]
+    return out
+
+
+def build(cfg: dict[str, Any], device: torch.device) -> nn.Module:
+    layers: list[nn.Module] = []
+    for i in range(cfg["layers"]):
+        layers.append(nn.Linear(cfg["width"], cfg["width"], bias=cfg["bias"]))
+        if i < cfg["layers"] - 1:
+            layers.append(nn.ReLU())
+    return nn.Sequential(*layers).to(device, getattr(torch, cfg["dtype"])).eval()
+
+
+def capture(fn: Any, warmup: int = 3) -> Any:
+    """``fn`` captured in a CUDA graph (after warm-up calls on a side stream): returns replay."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
+def runners(cfg: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    torch.manual_seed(0)
+    dtype = getattr(torch, cfg["dtype"])
+    pop, rows, width = cfg["pop"], cfg["rows"], cfg["width"]
+    if cfg["shared"]:
+        x = torch.randn(rows, width, device=device, dtype=dtype)
+        flat = x.repeat(pop, 1)
+    else:
+        x = torch.randn(pop, rows, width, device=device, dtype=dtype)
+        flat = x.reshape(pop * rows, width)
+    out: dict[str, Any] = {}
+    plain = build(cfg, device)
+    with torch.no_grad():
+        out["inference"] = capture(lambda: plain(flat))
+    for capturable in (True, False):
+        model = build(cfg, device)
+        opt = EggrollOptimizer(model.parameters(), lr=1e-3, sigma=1e-2, rank=cfg["rank"],
+                               pop_size=pop, seed=0, capturable=capturable)
+
+        def forward(model: nn.Module = model, opt: EggrollOptimizer = opt) -> torch.Tensor:
+            return opt.population().forward(model, x, per_member=not cfg["shared"])
+
+        def closure(population: Any, model: nn.Module = model) -> torch.Tensor:
+            y = population.forward(model, x, per_member=not cfg["shared"])
+            return y.float().pow(2).mean(dim=(1, 2))
+
+        def step(opt: EggrollOptimizer = opt) -> torch.Tensor:
+            return opt.step(closure)
+
+        with torch.no_grad():
+            if capturable:
+                out["forward"] = capture(forward)
+                out["step"] = capture(step)
+            else:
+                out["forward-eager"], out["step-eager"] = forward, step
+    return out
+
+
+def time_ms(fn: Any) -> float:
+    from triton.testing import do_bench
+
+    return float(do_bench(fn, warmup=25, rep=100, return_mode="median"))
+
+
+def measure_gpu(cfg: dict[str, Any], device: torch.device, trials: int) -> dict[str, Any]:
+    fns = runners(cfg, device)
+    times: dict[str, list[float]] = {m: [] for m in METHODS}
+    with torch.no_grad():
+        for _ in range(trials):
+            for m in METHODS:
+                times[m].append(time_ms(fns[m]))
+    res: dict[str, Any] = {"ms_trials": times}
+    for m in METHODS:
+        ratios = [i / t for i, t in zip(times["inference"], times[m], strict=True)]
+        res[m] = {"ms": statistics.median(times[m]), "ratio": statistics.median(ratios),
+                  "worst_ratio": min(ratios)}
+    return res
+
+
+# ---------------------------------------------------------------------------- CPU target
+def measure_cpu(repeats: int) -> dict[str, Any]:
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Linear(16, 16) for _ in range(128)])
+    x = torch.randn(8, 16)
+    opt = EggrollOptimizer(model.parameters(), lr=1e-3, sigma=1e-2, rank=4, pop_size=64, seed=0)
+
+    def closure(population: Any) -> torch.Tensor:
+        return population.forward(model, x).pow(2).mean(dim=(1, 2))
+
+    def med(fn: Any) -> float:
+        for _ in range(3):
+            fn()
+        ts = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            ts.append((time.perf_counter() - t0) * 1e3)
+        return statistics.median(ts)
+
+    with torch.no_grad():
+        step = med(lambda: opt.step(closure))
+        # The closure alone, each call on a fresh population (its caches cold, as in a step).
+        fresh = [opt.population() for _ in range(repeats + 3)]
+        forward = med(lambda: closure(fresh.pop()))
+        plan = opt._plan_for_step()
+        gen = [1000]
+
+        def refill() -> None:
+            gen[0] += 1
+            for buffer in plan.buffers:
+                buffer.fill(opt.seed, gen[0])
+
+        noise = med(refill)
+    sgd_model = nn.Sequential(*[nn.Linear(16, 16) for _ in range(128)])
+    for p in sgd_model.parameters():
+        p.grad = torch.randn_like(p)
+    sgd = torch.optim.SGD(sgd_model.parameters(), lr=1e-3)
+    sgd_ms = med(sgd.step)
+    rest = step - forward
+    return {
+        "step_ms": step, "closure_ms": forward, "step_minus_closure_ms": rest, "noise_ms": noise,
+        "sgd_step_ms": sgd_ms, "ratio_to_sgd": rest / sgd_ms, "noise_ratio_to_sgd": noise / sgd_ms,
+        "other_ratio_to_sgd": (rest - noise) / sgd_ms,
+    }
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} thread(s)"
+
+
+def plot(results: list[dict[str, Any]], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 3.8), dpi=120)
+    names = [r["name"] for r in results]
+    for k, m in enumerate(("forward", "step", "forward-eager", "step-eager")):
+        vals = [r[m]["ratio"] for r in results]
+        worst = [r[m]["ratio"] - r[m]["worst_ratio"] for r in results]
+        ax.bar([i + 0.2 * k - 0.3 for i in range(len(names))], vals, width=0.2, label=m,
+               yerr=[worst, [0] * len(worst)], capsize=2)
+    ax.axhline(1.0, color="gray", lw=0.8)
+    ax.set_xticks(range(len(names)), names, fontsize=8)
+    ax.set_ylabel("plain inference ms / method ms")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=["gpu", "gpu-quick", "cpu"], default="gpu")
+    p.add_argument("--trials", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=30, help="CPU: timed calls per measurement")
+    p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--plot", type=Path, default=None)
+    args = p.parse_args(argv)
+    meta: dict[str, Any] = {
+        "script": "benchmarks/step_graph.py", "argv": sys.argv[1:] if argv is None else argv,
+        "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
+    }
+    if args.preset == "cpu":
+        res = measure_cpu(args.repeats)
+        meta["device"] = device_name(torch.device("cpu"))
+        print(f"device: {meta['device']}; torch {torch.__version__}")
+        for k, v in res.items():
+            print(f"{k:>24}: {v:8.3f}")
+        results: Any = res
+    else:
+        device = torch.device("cuda")
+        import triton
+
+        meta.update(device=device_name(device), triton=triton.__version__,
+                    timing="CUDA graphs, triton.testing.do_bench median per trial")
+        print(f"device: {meta['device']}; torch {torch.__version__}; triton {triton.__version__}")
+        print(f"{'config':<16}{'inference ms':>13}" + "".join(f"{m:>22}" for m in METHODS[1:]))
+        results = []
+        for cfg in gpu_configs(args.preset):
+            row = dict(cfg, **measure_gpu(cfg, device, args.trials))
+            results.append(row)
+            cells = "".join(f"{row[m]['ratio']:>12.3f} (>={row[m]['worst_ratio']:.3f})" for m in METHODS[1:])
+            print(f"{cfg['name']:<16}{row['inference']['ms']:>13.4f}{cells}", flush=True)
+        print("ratio = plain inference ms / method ms, median over trials (worst trial)")
+        if args.plot:
+            plot(results, args.plot, f"{meta['device']}, torch {meta['torch']}")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
