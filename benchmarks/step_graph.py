@@ -243,7 +243,12 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{'config':<16}{'inference ms':>13}" + "".join(f"{m:>22}" for m in METHODS[1:]))
         results = []
         for cfg in gpu_configs(args.preset):
-            row = dict(cfg, **measure_gpu(cfg, device, args.trials))
+            try:
+                row = dict(cfg, **measure_gpu(cfg, device, args.trials))
+            except Exception as exc:  # report and go on with the other configurations
+                print(f"{cfg['name']:<16}failed: {type(exc).__name__}: {exc}", flush=True)
+                torch.cuda.synchronize()
+                continue
             results.append(row)
             cells = "".join(f"{row[m]['ratio']:>12.3f} (>={row[m]['worst_ratio']:.3f})" for m in METHODS[1:])
             print(f"{cfg['name']:<16}{row['inference']['ms']:>13.4f}{cells}", flush=True)
