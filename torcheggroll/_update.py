@@ -4,20 +4,28 @@ For parameter ``p`` of group ``g`` the direction is (see :class:`~torcheggroll.E
 
     d_p = sigma_g / sqrt(N) * sum_k c_gk E_pk + weight_decay_g * p,   c_gk = s_g,2k - s_g,2k+1
 
-(``c_gk = s_gk`` without antithetic pairs), where ``s_g`` are the group's shaped losses. The
-coefficients are made once per group; the low-rank parameters of one ``(m, n, rank)`` are
-updated by one batched product ``(A * c) (B)^T`` over their draws, the dense ones by one matrix
-product for all of them, and the parameters are changed with ``torch._foreach_*`` calls.
-Nothing here reads a value on the host: whether the update is applied (no non-finite
-direction, some finite loss, no float16 overflow) is a device tensor that masks it, as
-``torch.amp.GradScaler`` does with ``found_inf``.
+(``c_gk = s_gk`` without antithetic pairs), where ``s_g`` are the group's shaped losses, and the
+step is ``p -= lr_g * d_p``. The coefficients are made once per group; the low-rank parameters of
+one ``(m, n, rank)`` are updated by one batched product ``(A * c) B^T`` over their draws, the dense
+ones by one matrix product for all of them, and the parameters are changed with
+``torch._foreach_*`` calls (on CUDA, a lone matrix without weight decay takes its update in the
+product's epilogue, ``p.addmm_(A * c, B^T, alpha=-lr)``).
+
+Nothing here reads a value on the host. Whether the update is applied is decided on the device
+from the coefficients alone, before any product, as ``torch.amp.GradScaler`` does with
+``found_inf``: every noise entry the definition produces is below :data:`NORMAL_BOUND` in size,
+so ``|(A c B^T)_ij / sqrt(r)| <= sqrt(r) * NORMAL_BOUND**2 * sum_k |c_k|`` (and ``NORMAL_BOUND *
+sum_k |c_k|`` for dense noise). If some loss is finite, every coefficient is finite and
+``lr`` times that bound stays far inside the float range, the products are finite by
+construction and no pass over them is needed to check; otherwise the coefficients are zeroed and
+nothing moves. float16 parameters, whose range is small, are checked element by element.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -25,29 +33,31 @@ import torch
 from ._plan import Plan
 from .shaping import mask_nonfinite, shape_losses
 
-__all__ = ["Directions", "apply", "directions"]
+__all__ = ["NORMAL_BOUND", "Update", "apply", "directions", "grads"]
 
 _HALF = (torch.float16, torch.bfloat16)
+NORMAL_BOUND = math.sqrt(-2.0 * math.log(2.0**-24))  # 5.768: the largest |normal| drawn
+# The updates allowed: far inside float32's range (3.4e38), so that adding them cannot overflow.
+_UPDATE_LIMIT = 1e30
 
 
 @dataclass
-class Directions:
-    """The update directions of one step.
+class Update:
+    """What a step's losses decided.
 
     Attributes:
-        grads: ``d_p`` for each of :attr:`Plan.owned`, in the parameter's dtype (weight decay
-            included); all zeros where :attr:`ok` is false.
-        ok: 0-d bool, whether the update may be applied.
+        coeffs: ``(G, D)`` float64 ``sigma_g / sqrt(N) * c_gk``, all zero unless :attr:`ok`.
+        ok: 0-d bool, whether the update is applied.
         flags: ``(3,)`` int64: members with a non-finite loss, whether every loss was the same,
             whether the update was withheld although some loss was finite.
-        new_values: float16 parameters' ``p - lr * d_p`` (computed to check for overflow),
-            by position in :attr:`Plan.owned`.
+        new_values: float16 parameters' ``p - lr * d_p`` by position in :attr:`Plan.owned`
+            (computed to check for overflow; applied where :attr:`ok`).
     """
 
-    grads: list[torch.Tensor]
+    coeffs: torch.Tensor
     ok: torch.Tensor
     flags: torch.Tensor
-    new_values: dict[int, torch.Tensor]
+    new_values: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
 def _coefficients(
@@ -74,8 +84,7 @@ def _identical(losses: torch.Tensor) -> torch.Tensor:
 
 
 class _Workspace:
-    """Outputs of the update's products, allocated once per plan, and each parameter's view of
-    them: a step writes into them (``out=``) and makes no per-parameter Python objects."""
+    """Outputs of the products, allocated once per plan, and each parameter's view of them."""
 
     def __init__(self, plan: Plan) -> None:
         self.products: list[torch.Tensor] = []
@@ -111,81 +120,6 @@ def _workspace(plan: Plan) -> _Workspace:
     return ws
 
 
-def directions(
-    plan: Plan, groups: Sequence[dict[str, Any]], losses: torch.Tensor, lrs: Sequence[Any]
-) -> Directions:
-    """The directions ``d_p`` (see the module doc) of every perturbed parameter for ``losses``
-    ``(pop_size,)``, with the decision whether to apply them. ``lrs`` are the groups' learning
-    rates (needed only to check float16 parameters for overflow). The returned tensors are
-    views of buffers that the next step overwrites."""
-    ws = _workspace(plan)
-    losses = losses.detach()
-    bad = (~torch.isfinite(losses)).sum()
-    coeffs = _coefficients(losses, groups, plan.antithetic, plan.pop_size)
-    products = iter(ws.products)
-    for b, buffer in enumerate(plan.buffers):
-        c = coeffs.to(buffer.device, buffer.dtype)
-        for bucket, update in zip(buffer.buckets, plan.bucket_updates[b], strict=True):
-            rows, draws, m, r = bucket.a.shape
-            n = bucket.b.shape[2]
-            coef = c.index_select(0, update.groups) * (1.0 / math.sqrt(r))  # (P, D)
-            lhs = (bucket.a * coef[:, :, None, None]).permute(0, 2, 1, 3).reshape(rows, m, draws * r)
-            rhs = bucket.b.permute(0, 2, 1, 3).reshape(rows, n, draws * r)
-            prod = next(products)
-            if prod.dtype != lhs.dtype:
-                # Half-precision parameters: the update is rounded to their dtype anyway, and a
-                # float32 product would cost more than the population's forward.
-                lhs, rhs = lhs.to(prod.dtype), rhs.to(prod.dtype)
-            torch.bmm(lhs, rhs.transpose(1, 2), out=prod)  # (P, m, n)
-        if buffer.dense is not None:
-            torch.matmul(c, buffer.dense, out=next(products))  # (G, T)
-    finite = (
-        torch.stack([torch.isfinite(t).all() for t in ws.products]).all()
-        if ws.products else torch.ones((), dtype=torch.bool, device=losses.device)
-    )
-    any_finite = bad < losses.numel()
-    new_values: dict[int, torch.Tensor] = {}
-    stays = []
-    for o in ws.float16:
-        # float16 may overflow in p - lr * d itself: build the new value to check it.
-        owned, d = plan.owned[o], ws.raw[o]
-        assert d is not None
-        group = groups[owned.group]
-        full = _with_decay(d.to(torch.float16), owned.param, group["weight_decay"])
-        new = owned.param.detach().add(full, alpha=-_number(lrs[owned.group]))
-        stays.append((new.isfinite() | ~owned.param.isfinite()).all().to(losses.device))
-        new_values[o] = new
-    ok = finite.to(losses.device) & any_finite
-    if stays:
-        ok = ok & torch.stack(stays).all()
-    for t in ws.products:
-        t.masked_fill_(~ok.to(t.device), 0.0)
-    grads = list(ws.raw)
-    for o in ws.cast:
-        grads[o] = grads[o].to(plan.owned[o].param.dtype)  # type: ignore[union-attr]
-    for (g, device), members in ws.by_group.items():
-        wd = groups[g]["weight_decay"]
-        if wd != 0:
-            decayed = torch._foreach_add(
-                [grads[o] for o in members], [plan.owned[o].param.detach() for o in members],  # type: ignore[misc]
-                alpha=wd,
-            )
-            # The directions were masked above; the decay term is masked here.
-            torch._foreach_mul_(decayed, ok.to(device))
-            for o, t in zip(members, decayed, strict=True):
-                grads[o] = t
-    flags = torch.stack([bad, _identical(losses).long(), (any_finite & ~ok).long()])
-    return Directions(grads, ok, flags, new_values)  # type: ignore[arg-type]
-
-
-def _with_decay(d: torch.Tensor, p: torch.Tensor, wd: float) -> torch.Tensor:
-    return d if wd == 0 else d.add(p.detach().to(d.dtype), alpha=wd)
-
-
-def _number(lr: Any) -> float:
-    return float(lr) if isinstance(lr, torch.Tensor) else lr
-
-
 def _by_group_and_device(plan: Plan, positions: Any) -> dict[tuple[int, torch.device], list[int]]:
     out: dict[tuple[int, torch.device], list[int]] = {}
     for o in positions:
@@ -194,18 +128,142 @@ def _by_group_and_device(plan: Plan, positions: Any) -> dict[tuple[int, torch.de
     return out
 
 
-def apply(plan: Plan, groups: Sequence[dict[str, Any]], found: Directions) -> None:
-    """``p -= lr * d_p`` for every perturbed parameter (nothing changes where ``found.ok`` is
-    false: the directions are zero then, and float16 parameters keep their value)."""
-    wide = [o for o in range(len(plan.owned)) if o not in found.new_values]
-    for (g, device), members in _by_group_and_device(plan, wide).items():
-        lr = groups[g]["lr"]
-        params = [plan.owned[o].param for o in members]
-        grads = [found.grads[o] for o in members]
-        if isinstance(lr, torch.Tensor) and lr.device.type != "cpu":
-            torch._foreach_add_(params, torch._foreach_mul(grads, -lr.to(device)))
-        else:
-            torch._foreach_add_(params, grads, alpha=-_number(lr))
+def _operands(plan: Plan, b: int, k: int, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(P, m, D r)`` ``A * coef`` and ``(P, n, D r)`` ``B`` of bucket ``k`` of buffer ``b``, in
+    the product's dtype: the update of row ``p`` is ``lhs[p] @ rhs[p].T``."""
+    bucket = plan.buffers[b].buckets[k]
+    groups = plan.bucket_updates[b][k].groups
+    rows, draws, m, r = bucket.a.shape
+    n = bucket.b.shape[2]
+    coef = c.index_select(0, groups) * (1.0 / math.sqrt(r))  # (P, D)
+    lhs = (bucket.a * coef[:, :, None, None]).permute(0, 2, 1, 3).reshape(rows, m, draws * r)
+    rhs = bucket.b.permute(0, 2, 1, 3).reshape(rows, n, draws * r)
+    dtype = plan.owned[plan.bucket_updates[b][k].owned[0]].param.dtype
+    if dtype in _HALF:
+        # The update is rounded to the parameter's dtype anyway, and a float32 product would cost
+        # more than the population's forward.
+        lhs, rhs = lhs.to(dtype), rhs.to(dtype)
+    return lhs, rhs
+
+
+def directions(
+    plan: Plan, groups: Sequence[dict[str, Any]], losses: torch.Tensor, lrs: Sequence[Any]
+) -> Update:
+    """Decide the update of ``losses`` ``(pop_size,)``: the coefficients, whether to apply it,
+    and (float16 parameters) the values to apply. ``lrs`` are the groups' learning rates."""
+    losses = losses.detach()
+    device = losses.device
+    bad = (~torch.isfinite(losses)).sum()
+    coeffs = _coefficients(losses, groups, plan.antithetic, plan.pop_size)
+    # The largest change any product can make, per group (see the module doc).
+    within = []
+    for g, lr in enumerate(lrs):
+        unit = math.sqrt(max(int(groups[g]["rank"]), 1)) * NORMAL_BOUND**2 * _number(lr, device)
+        within.append(coeffs[g].abs().sum() * unit < _UPDATE_LIMIT)
+    ok = (bad < losses.numel()) & torch.isfinite(coeffs).all() & torch.stack(within).all()
+    coeffs = torch.where(ok, coeffs, 0.0)
+    found = Update(coeffs, ok, torch.empty(0))
+    ws = _workspace(plan)
+    if ws.float16:
+        # float16 may overflow in p - lr * d itself: build the new values to check them.
+        stays = []
+        values = grads(plan, groups, found, ws.float16)
+        for o in ws.float16:
+            p = plan.owned[o].param
+            new = p.detach().add(values[o], alpha=-_number(lrs[plan.owned[o].group]))
+            stays.append((new.isfinite() | ~p.isfinite()).all().to(device))
+            found.new_values[o] = new
+        found.ok = ok & torch.stack(stays).all()
+        found.coeffs = torch.where(found.ok, coeffs, 0.0)
+    any_finite = bad < losses.numel()
+    found.flags = torch.stack([bad, _identical(losses).long(), (any_finite & ~found.ok).long()])
+    return found
+
+
+def grads(
+    plan: Plan, groups: Sequence[dict[str, Any]], found: Update, only: Sequence[int] | None = None
+) -> dict[int, torch.Tensor]:
+    """``d_p`` (weight decay included, zero unless ``found.ok``) by position in
+    :attr:`Plan.owned`, in the parameters' dtypes: views of buffers the next call overwrites, or
+    new tensors. ``only``: the positions wanted (all by default)."""
+    ws = _workspace(plan)
+    wanted = set(range(len(plan.owned)) if only is None else only)
+    products = iter(ws.products)
+    for b, buffer in enumerate(plan.buffers):
+        c = found.coeffs.to(buffer.device, buffer.dtype)
+        for k, update in enumerate(plan.bucket_updates[b]):
+            prod = next(products)
+            if wanted.intersection(update.owned):
+                lhs, rhs = _operands(plan, b, k, c)
+                torch.bmm(lhs, rhs.transpose(1, 2), out=prod)  # (P, m, n)
+        if buffer.dense is not None:
+            torch.matmul(c, buffer.dense, out=next(products))  # (G, T)
+    out: dict[int, torch.Tensor] = {}
+    for o in wanted:
+        d = ws.raw[o]
+        assert d is not None
+        out[o] = d.to(plan.owned[o].param.dtype) if o in ws.cast else d
+    for (g, device), members in ws.by_group.items():
+        wd = groups[g]["weight_decay"]
+        members = [o for o in members if o in wanted]
+        if wd != 0 and members:
+            decayed = torch._foreach_add(
+                [out[o] for o in members], [plan.owned[o].param.detach() for o in members],
+                alpha=wd,
+            )
+            torch._foreach_mul_(decayed, found.ok.to(device))  # no decay when nothing moves
+            out.update(zip(members, decayed, strict=True))
+    return out
+
+
+def _number(lr: Any, device: torch.device | None = None) -> Any:
+    """A learning rate as a Python number, or (a tensor on ``device``'s accelerator) as a 0-d
+    tensor there, so that it is never read on the host."""
+    if isinstance(lr, torch.Tensor):
+        if device is not None and lr.device == device and device.type != "cpu":
+            return lr.reshape(()).to(torch.float64)
+        return float(lr)
+    return lr
+
+
+def _fusable(plan: Plan, b: int, k: int, groups: Sequence[dict[str, Any]]) -> bool:
+    """A bucket whose update can go into its product's epilogue: one CUDA matrix without weight
+    decay, contiguous, with a Python-number lr, not float16 (which is checked element-wise)."""
+    owned = plan.bucket_updates[b][k].owned
+    if len(owned) != 1:
+        return False
+    p, group = plan.owned[owned[0]].param, groups[plan.owned[owned[0]].group]
+    return (
+        p.is_cuda and p.is_contiguous() and p.dtype != torch.float16
+        and group["weight_decay"] == 0 and not isinstance(group["lr"], torch.Tensor)
+    )
+
+
+def apply(plan: Plan, groups: Sequence[dict[str, Any]], found: Update) -> None:
+    """``p -= lr * d_p`` for every perturbed parameter (nothing changes unless ``found.ok``)."""
+    fused: set[int] = set()
+    for b, buffer in enumerate(plan.buffers):
+        c = None
+        for k, update in enumerate(plan.bucket_updates[b]):
+            if _fusable(plan, b, k, groups):
+                if c is None:
+                    c = found.coeffs.to(buffer.device, buffer.dtype)
+                lhs, rhs = _operands(plan, b, k, c)
+                owned = plan.owned[update.owned[0]]
+                p2d = owned.param.detach().view(lhs.shape[1], rhs.shape[1])
+                p2d.addmm_(lhs[0].to(p2d.dtype), rhs[0].T.to(p2d.dtype), alpha=-groups[owned.group]["lr"])
+                fused.add(update.owned[0])
+    rest = [o for o in range(len(plan.owned)) if o not in fused and o not in found.new_values]
+    if rest:
+        values = grads(plan, groups, found, rest)
+        for (g, device), members in _by_group_and_device(plan, rest).items():
+            lr = groups[g]["lr"]
+            params = [plan.owned[o].param for o in members]
+            deltas = [values[o] for o in members]
+            if isinstance(lr, torch.Tensor) and lr.device.type != "cpu":
+                torch._foreach_add_(params, torch._foreach_mul(deltas, -lr.to(device)))
+            else:
+                torch._foreach_add_(params, deltas, alpha=-_number(lr))
     for o, new in found.new_values.items():
         p = plan.owned[o].param
         p.copy_(torch.where(found.ok.to(p.device), new, p))

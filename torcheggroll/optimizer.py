@@ -383,16 +383,18 @@ class EggrollOptimizer(Optimizer):
         gs = self._global_state()
         seed = int(gs["seed"])
         generation: Any
+        counters: tuple[Any, Any]
         if self.capturable:
             key, generation = self._device_counters()
-            plan.fill(key, generation)
-            refresh = None
+            counters = (key, generation)
         else:
             generation = int(gs["generation"])
-            plan.fill(seed, generation)
+            counters = (seed_key(seed), generation)
+            plan.fill(seed, generation)  # now: a closure compiled by torch.compile reads it
 
-            def refresh(plan: Plan = plan, seed: int = seed, generation: int = generation) -> None:
-                plan.fill(seed, generation)
+        def fill(plan: Plan = plan, seed: Any = counters[0] if self.capturable else seed,
+                 generation: Any = generation) -> None:
+            plan.fill(seed, generation)
 
         sigmas = [float(group["sigma"]) for group in self.param_groups]
         entries = [
@@ -415,8 +417,9 @@ class EggrollOptimizer(Optimizer):
             seed=seed,
             generation=generation,
             antithetic=self.antithetic,
-            refresh=refresh,
+            fill=fill,
             tables=plan.member_tables,
+            counters=counters,
         )
         for buffer in plan.buffers:  # made here, outside any closure that may be compiled
             population.member_table("signs", buffer.device, buffer.dtype)
@@ -483,10 +486,9 @@ class EggrollOptimizer(Optimizer):
         )
 
     # ------------------------------------------------------------------ the update
-    def _directions(self, losses: torch.Tensor) -> _update.Directions:
-        assert self._plan is not None
+    def _directions(self, losses: torch.Tensor) -> _update.Update:
         lrs = [group["lr"] for group in self.param_groups]
-        return _update.directions(self._plan, self.param_groups, losses, lrs)
+        return _update.directions(self._plan_for_step(check=False), self.param_groups, losses, lrs)
 
     def _finish(self, losses: torch.Tensor, flags: torch.Tensor) -> torch.Tensor:
         if self.capturable and self._last_losses is not None and \
@@ -517,7 +519,8 @@ class EggrollOptimizer(Optimizer):
         Returns:
             The mean loss over the population (a 0-d tensor; NaN if some member's loss was NaN).
         """
-        losses, _ = self.evaluate(closure)
+        losses, population = self.evaluate(closure)
+        population.fill_noise()  # the update reads the noise buffers
         found = self._directions(losses)
         _update.apply(self._plan_for_step(check=False), self.param_groups, found)
         return self._finish(losses, found.flags)
@@ -540,11 +543,14 @@ class EggrollOptimizer(Optimizer):
         Returns:
             The mean loss over the population (a 0-d tensor).
         """
-        losses, _ = self.evaluate(closure)
+        losses, population = self.evaluate(closure)
+        population.fill_noise()
         found = self._directions(losses)
         if bool(found.ok):
-            for owned, g in zip(self._plan_for_step(check=False).owned, found.grads, strict=True):
-                p = owned.param
+            plan = self._plan_for_step(check=False)
+            values = _update.grads(plan, self.param_groups, found)
+            for o, owned in enumerate(plan.owned):
+                p, g = owned.param, values[o]
                 if p.grad is None:
                     p.grad = g.clone()
                 else:

@@ -60,11 +60,15 @@ class Population:
         seed: int,
         generation: int | torch.Tensor,
         antithetic: bool,
-        refresh: Callable[[], None] | None = None,
+        fill: Callable[[], None] | None = None,
         tables: dict[Any, torch.Tensor] | None = None,
+        counters: tuple[Any, Any] | None = None,
     ) -> None:
         self.pop_size = pop_size
-        self._refresh = refresh
+        self._fill = fill
+        self._filled = False
+        self._device_counters = isinstance(generation, torch.Tensor)
+        self._counters = counters
         self.members = members
         self.seed = seed
         self.generation = generation
@@ -138,11 +142,34 @@ class Population:
         The tensors are views of the optimizer's noise buffers, valid until another generation
         is drawn (this population refills them when asked again)."""
         entry = self.entry(param)
-        if self._refresh is not None and not torch.compiler.is_compiling():
-            # (A compiled closure receives the current population, whose noise is in place; a
-            # host-side check here would make torch.compile specialize on the generation.)
-            self._refresh()
+        self.fill_noise()
         return entry.noise
+
+    def fill_noise(self) -> None:
+        """Make the optimizer's noise buffers hold this generation's noise.
+
+        With Python-int counters the optimizer filled them when it made the population, and
+        this refills them only if another generation has been drawn since (a host-side check,
+        skipped inside ``torch.compile``, which would otherwise specialize on the generation).
+        With device counters (``capturable``) they are filled on first use, once: a forward
+        whose kernels make the factors where they use them never needs them.
+        """
+        if self._fill is None or self._filled:
+            return
+        if not self._device_counters:
+            if not torch.compiler.is_compiling():
+                self._fill()
+            return
+        self._fill()
+        self._filled = True
+
+    def noise_source(self, param: torch.Tensor) -> tuple[Any, Any, int] | None:
+        """``(key, generation, index)``: what the noise of ``param`` is a function of (ints, or
+        device tensors under ``capturable``), for kernels that draw it where they use it; None
+        for a population not made by an optimizer."""
+        if self._counters is None:
+            return None
+        return (*self._counters, self.entry(param).index)
 
     def member_table(
         self, kind: Literal["signs", "pairs"], device: torch.device | None, dtype: torch.dtype
