@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -86,6 +87,33 @@ def test_nano_egg_reads_npy(nano_egg, tmp_path):
     np.save(path, data)
     r = nano_egg.main([*TINY_LM, "--data", str(path), "--seq-len", "16", "--valid-windows", "8"])
     assert r["best_valid_bpb"] < r["initial_valid_bpb"] - 0.5
+
+
+def test_nano_egg_missing_data_file_names_the_argument(nano_egg, tmp_path, capsys):
+    missing = tmp_path / "no_such_corpus.npy"
+    with pytest.raises(SystemExit) as exc:
+        nano_egg.main(["--data", str(missing), "--quiet"])
+    assert exc.value.code == 2  # an argparse usage error, before any work
+    err = capsys.readouterr().err
+    assert "--data" in err and str(missing) in err and nano_egg.SAMPLE_DATA in err
+
+
+def test_shipped_minipile_sample():
+    corpus = _load("corpus", EXAMPLES / "nano_egg" / "corpus.py")
+    data = corpus.load_corpus(str(ROOT / "examples" / "nano_egg" / "data" / "minipile_valid_1000.npy"))
+    assert data.dtype == np.uint8 and data.shape == (2_777_886,)
+    assert data[0] == 0 and int((data == 0).sum()) == 500  # 500 documents, a 0 before each
+    train, valid = corpus.split_documents(data, max_docs=1000)
+    assert (int((train == 0).sum()), int((valid == 0).sum())) == (450, 50)
+
+
+@pytest.mark.parametrize("doc", ["README.md", "docs/examples.md", "examples/nano_egg/train.py"])
+def test_documented_data_paths_exist(doc):
+    # Every `--data PATH` in the docs is a path from the repository root that exists.
+    paths = re.findall(r"--data (\S+\.npy)", (ROOT / doc).read_text())
+    assert paths
+    for path in paths:
+        assert (ROOT / path).is_file(), f"{doc}: --data {path} does not exist"
 
 
 def test_split_documents():

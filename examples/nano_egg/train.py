@@ -3,8 +3,8 @@
 
 Quick test of the original torcheggroll example, on the file it used::
 
-    python examples/nano_egg/train.py --data /path/to/minipile_valid_1000.npy --mode float \\
-        --epochs 50 --hidden-dim 32 --n-layers 1 --pop-size 512 --max-docs 1000
+    python examples/nano_egg/train.py --data examples/nano_egg/data/minipile_valid_1000.npy \\
+        --mode float --epochs 50 --hidden-dim 32 --n-layers 1 --pop-size 512 --max-docs 1000
 
 Without ``--data`` it trains on the Python sources of the standard library (no download).
 ``--mode int`` runs int8 weights and activations with int32 accumulation (see mingru.py).
@@ -50,6 +50,8 @@ from torcheggroll import EggrollOptimizer, Population  # noqa: E402
 LN2 = math.log(2.0)
 # Per-mode defaults: int master weights live on the int8 scale (16 = 1.0), so sigma is in those units.
 MODE_DEFAULTS = {"float": {"lr": 0.3, "sigma": 0.05}, "int": {"lr": 1.0, "sigma": 2.0}}
+# The MiniPile sample shipped with the example (data/README.md), from the repository root.
+SAMPLE_DATA = "examples/nano_egg/data/minipile_valid_1000.npy"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -66,7 +68,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=32, help="windows per generation")
     p.add_argument("--chunk", type=int, default=2, help="windows evaluated at a time inside the forward (bounds memory)")
     p.add_argument("--valid-windows", type=int, default=64)
-    p.add_argument("--data", default=None, help=".npy of uint8 bytes, 0 before each document")
+    p.add_argument(
+        "--data",
+        default=None,
+        help=".npy of uint8 bytes, 0 before each document (default: the Python standard library "
+        f"sources); a MiniPile sample ships as {SAMPLE_DATA}",
+    )
     p.add_argument("--max-docs", type=int, default=0, help="keep the first N documents (0: all)")
     p.add_argument("--seed", type=int, default=0)
     add_common_args(
@@ -75,6 +82,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "materialized can be faster at small widths on CPU: docs/examples.md",
     )
     args = p.parse_args(argv)
+    if args.data is not None and not Path(args.data).is_file():
+        p.error(f"--data: no such file: {args.data} (the MiniPile sample: {SAMPLE_DATA})")
     for key, value in MODE_DEFAULTS[args.mode].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
