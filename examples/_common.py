@@ -6,8 +6,10 @@ Examples are run from the repository root as ``python examples/...``; this modul
 
 from __future__ import annotations
 
+import argparse
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -68,9 +70,27 @@ def save_plot(
     return out
 
 
+# The exit status of a run stopped by Ctrl-C (128 + SIGINT), after it has written its results.
+INTERRUPTED_EXIT = 130
+
+
+def _threads(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
 def add_common_args(parser: Any, *, path_help: str | None = None) -> None:
-    """The options every example shares: --device, --path, --plot, --json, --quiet."""
+    """The options every example shares: --device, --path, --threads, --plot, --json, --quiet."""
     parser.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, ...")
+    parser.add_argument(
+        "--threads",
+        type=_threads,
+        default=1,
+        help="CPU threads for torch (default 1, the fastest for these small models on a shared "
+        "2-core machine: docs/examples.md); 0 keeps torch's default (one per core)",
+    )
     parser.add_argument(
         "--path",
         choices=["auto", "lowrank", "materialized"],
@@ -96,3 +116,27 @@ def save_json(path: str | Path, result: dict[str, Any]) -> None:
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
+
+
+@contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run the block with ``n`` intra-op CPU threads (0: torch's default) and restore the number."""
+    before = torch.get_num_threads()
+    if n > 0:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def trim_history(history: dict[str, list[Any]]) -> None:
+    """Cut every list of ``history`` to the shortest one (a run interrupted between two appends)."""
+    n = min(len(v) for v in history.values())
+    for v in history.values():
+        del v[n:]
+
+
+def fmt(value: float | None, spec: str = ".3f") -> str:
+    """``value`` formatted with ``spec``, or ``-`` when there is none (a run stopped before step 1)."""
+    return "-" if value is None else format(value, spec)

@@ -3,7 +3,7 @@
 
 ``--mode sequential``: the zero-argument closure. For every population member the optimizer
 writes that member's parameters into the policy, calls ``closure()``, which plays one episode of
-gymnasium's ``CartPole-v1`` and returns the negated return, and restores the parameters.
+gymnasium's ``CartPole-v1`` and returns its return (``maximize=True``), and restores the parameters.
 
 ``--mode vectorized``: ``closure(population)``. A batched torch re-implementation of the
 CartPole-v1 dynamics (:class:`BatchedCartPole`, no gymnasium needed, runs on CUDA too) steps one
@@ -27,12 +27,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch
 from _common import (
+    INTERRUPTED_EXIT,
     add_common_args,
+    fmt,
     progress,
     require_positive,
     resolve_device,
     save_json,
     save_plot,
+    torch_threads,
+    trim_history,
 )
 from torch import nn
 
@@ -156,8 +160,29 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def import_gymnasium() -> Any:
+    """The gymnasium module, or an exit with the command that installs it."""
+    try:
+        import gymnasium
+    except ModuleNotFoundError as exc:
+        if exc.name != "gymnasium":
+            raise
+        raise SystemExit(
+            "cartpole --mode sequential needs gymnasium, which is not installed. Install it with\n"
+            '    pip install -e ".[rl]"\n'
+            "from the repository root, or use --mode vectorized, which does not need it."
+        ) from exc
+    return gymnasium
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Train, print the summary, write ``--plot``/``--json``; Ctrl-C stops early and still writes them."""
     args = parse_args(argv)
+    with torch_threads(args.threads):
+        return run(args)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
     device = resolve_device(args.device) if args.mode == "vectorized" else torch.device("cpu")
     path = args.path
     torch.manual_seed(args.seed)
@@ -168,8 +193,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
 
     if args.mode == "sequential":
-        import gymnasium as gym
-
+        gym = import_gymnasium()
         env = gym.make("CartPole-v1")
         eval_env = gym.make("CartPole-v1")
         episode_seed = [0]
@@ -195,41 +219,49 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     history: dict[str, list[float]] = {"step": [], "mean_return": [], "eval_return": []}
     solved_at: int | None = None
     start = time.perf_counter()
+    interrupted = False
     bar = progress(range(1, args.steps + 1), total=args.steps, desc=f"cartpole[{args.mode}]", quiet=args.quiet)
-    for step in bar:
-        if args.mode == "sequential":
-            episode_seed[0] = step
-        mean_return = float(opt.step(closure))
-        eval_return = evaluate(step)
-        history["step"].append(step)
-        history["mean_return"].append(mean_return)
-        history["eval_return"].append(eval_return)
-        if not args.quiet:
-            bar.set_postfix(pop_mean=f"{mean_return:.0f}", eval=f"{eval_return:.0f}")
-        if solved_at is None and eval_return >= SOLVED:
-            solved_at = step
-            if not args.no_stop:
-                break
+    try:
+        for step in bar:
+            if args.mode == "sequential":
+                episode_seed[0] = step
+            mean_return = float(opt.step(closure))
+            eval_return = evaluate(step)
+            history["step"].append(step)
+            history["mean_return"].append(mean_return)
+            history["eval_return"].append(eval_return)
+            if not args.quiet:
+                bar.set_postfix(pop_mean=f"{mean_return:.0f}", eval=f"{eval_return:.0f}")
+            if solved_at is None and eval_return >= SOLVED:
+                solved_at = step
+                if not args.no_stop:
+                    break
+    except KeyboardInterrupt:
+        interrupted = True
+        trim_history(history)
+    bar.close()
     elapsed = time.perf_counter() - start
-    if not args.quiet:
-        bar.close()
 
+    done = len(history["step"])
     result: dict[str, Any] = {
         "mode": args.mode,
+        "interrupted": interrupted,
         "solved_at_step": solved_at,
-        "final_eval_return": history["eval_return"][-1],
-        "best_eval_return": max(history["eval_return"]),
-        "first_mean_return": history["mean_return"][0],
-        "episodes": len(history["step"]) * args.pop_size,
+        # None when the run was stopped before its first step ended.
+        "final_eval_return": history["eval_return"][-1] if done else None,
+        "best_eval_return": max(history["eval_return"]) if done else None,
+        "first_mean_return": history["mean_return"][0] if done else None,
+        "episodes": done * args.pop_size,
         "seconds": elapsed,
         "device": str(device),
         "args": vars(args),
         "history": history,
     }
     solved = f"solved (eval return >= {SOLVED:.0f}) at step {solved_at}" if solved_at else "not solved"
+    stopped = " (interrupted)" if interrupted else ""
     print(
-        f"cartpole summary: mode={args.mode} pop={args.pop_size} {solved}; final eval return "
-        f"{result['final_eval_return']:.1f} after {len(history['step'])} steps "
+        f"cartpole summary{stopped}: mode={args.mode} pop={args.pop_size} {solved}; final eval return "
+        f"{fmt(result['final_eval_return'], '.1f')} after {done} steps "
         f"({result['episodes']} training episodes) in {elapsed:.1f}s on {device}"
     )
     if args.plot:
@@ -248,4 +280,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(INTERRUPTED_EXIT if main()["interrupted"] else 0)

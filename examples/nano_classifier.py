@@ -29,12 +29,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from _common import (
+    INTERRUPTED_EXIT,
     add_common_args,
     progress,
     require_positive,
     resolve_device,
     save_json,
     save_plot,
+    torch_threads,
+    trim_history,
 )
 from torch import nn
 
@@ -130,7 +133,13 @@ def accuracy(model: nn.Module, rgb: torch.Tensor, comp: torch.Tensor, labels: to
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Train, print the summary, write ``--plot``/``--json``; Ctrl-C stops early and still writes them."""
     args = parse_args(argv)
+    with torch_threads(args.threads):
+        return run(args)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
     device = resolve_device(args.device)
     path = args.path
     torch.manual_seed(args.seed)
@@ -151,20 +160,28 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     with torch.no_grad():
         history["loss"].append(float(F.nll_loss(model(rgb, comp), labels)))
     start = time.perf_counter()
+    interrupted = False
     bar = progress(range(1, args.steps + 1), total=args.steps, desc="nano_classifier", quiet=args.quiet)
-    for step in bar:
-        opt.step(closure)
-        with torch.no_grad():
-            loss = float(F.nll_loss(model(rgb, comp), labels))
-        history["step"].append(step)
-        history["loss"].append(loss)
-        history["train_acc"].append(accuracy(model, rgb, comp, labels))
-        history["test_acc"].append(accuracy(model, t_rgb, t_comp, t_labels))
-        if not args.quiet:
-            bar.set_postfix(loss=f"{loss:.3f}", acc=f"{history['train_acc'][-1]:.1%}")
+    try:
+        for step in bar:
+            opt.step(closure)
+            with torch.no_grad():
+                loss = float(F.nll_loss(model(rgb, comp), labels))
+            history["step"].append(step)
+            history["loss"].append(loss)
+            history["train_acc"].append(accuracy(model, rgb, comp, labels))
+            history["test_acc"].append(accuracy(model, t_rgb, t_comp, t_labels))
+            if not args.quiet:
+                bar.set_postfix(loss=f"{loss:.3f}", acc=f"{history['train_acc'][-1]:.1%}")
+    except KeyboardInterrupt:
+        interrupted = True
+        trim_history(history)
+    bar.close()
     elapsed = time.perf_counter() - start
 
     result = {
+        "interrupted": interrupted,
+        "steps_done": history["step"][-1],
         "initial_loss": history["loss"][0],
         "final_loss": history["loss"][-1],
         "initial_test_acc": history["test_acc"][0],
@@ -181,8 +198,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for k, name in enumerate(CLASSES):
             sel = t_labels == k
             print(f"  {name:14s} {float((pred[sel] == k).float().mean()):6.1%}")
+    stopped = f" (interrupted after step {result['steps_done']})" if interrupted else ""
     print(
-        f"nano_classifier summary: steps={args.steps} pop={args.pop_size} loss {result['initial_loss']:.3f} -> "
+        f"nano_classifier summary{stopped}: steps={args.steps} pop={args.pop_size} loss {result['initial_loss']:.3f} -> "
         f"{result['final_loss']:.3f}, train acc {result['final_train_acc']:.1%}, test acc "
         f"{result['initial_test_acc']:.1%} -> {result['final_test_acc']:.1%} (chance 10%) in {elapsed:.1f}s on {device}"
     )
@@ -202,4 +220,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(INTERRUPTED_EXIT if main()["interrupted"] else 0)

@@ -6,8 +6,13 @@ The examples are imported from examples/ and their ``main(argv)`` is called in-p
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
+import re
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -88,6 +93,33 @@ def test_nano_egg_reads_npy(nano_egg, tmp_path):
     assert r["best_valid_bpb"] < r["initial_valid_bpb"] - 0.5
 
 
+def test_nano_egg_missing_data_file_names_the_argument(nano_egg, tmp_path, capsys):
+    missing = tmp_path / "no_such_corpus.npy"
+    with pytest.raises(SystemExit) as exc:
+        nano_egg.main(["--data", str(missing), "--quiet"])
+    assert exc.value.code == 2  # an argparse usage error, before any work
+    err = capsys.readouterr().err
+    assert "--data" in err and str(missing) in err and nano_egg.SAMPLE_DATA in err
+
+
+def test_shipped_minipile_sample():
+    corpus = _load("corpus", EXAMPLES / "nano_egg" / "corpus.py")
+    data = corpus.load_corpus(str(ROOT / "examples" / "nano_egg" / "data" / "minipile_valid_1000.npy"))
+    assert data.dtype == np.uint8 and data.shape == (2_777_886,)
+    assert data[0] == 0 and int((data == 0).sum()) == 500  # 500 documents, a 0 before each
+    train, valid = corpus.split_documents(data, max_docs=1000)
+    assert (int((train == 0).sum()), int((valid == 0).sum())) == (450, 50)
+
+
+@pytest.mark.parametrize("doc", ["README.md", "docs/examples.md", "examples/nano_egg/train.py"])
+def test_documented_data_paths_exist(doc):
+    # Every `--data PATH` in the docs is a path from the repository root that exists.
+    paths = re.findall(r"--data (\S+\.npy)", (ROOT / doc).read_text())
+    assert paths
+    for path in paths:
+        assert (ROOT / path).is_file(), f"{doc}: --data {path} does not exist"
+
+
 def test_split_documents():
     corpus = _load("corpus", EXAMPLES / "nano_egg" / "corpus.py")
     docs = [bytes([65 + i]) * (i + 3) for i in range(20)]
@@ -150,3 +182,108 @@ def test_batched_cartpole_matches_gymnasium(cartpole):
         assert bool(b_term[0]) == terminated
         if terminated:
             break
+
+
+def test_cartpole_without_gymnasium_says_how_to_install(cartpole, monkeypatch):
+    monkeypatch.setitem(sys.modules, "gymnasium", None)  # `import gymnasium` now fails
+    with pytest.raises(SystemExit) as exc:
+        cartpole.main(["--mode", "sequential", "--steps", "1", "--quiet"])
+    assert 'pip install -e ".[rl]"' in str(exc.value.code)
+
+
+# ------------------------------------------------------------------ all examples
+def _interrupt_after(module, monkeypatch, n_steps):
+    """Make the example's optimizer raise KeyboardInterrupt (as Ctrl-C does) in step ``n_steps + 1``."""
+    base = module.EggrollOptimizer
+
+    class Interrupted(base):
+        calls = 0
+
+        def step(self, closure):
+            type(self).calls += 1
+            if type(self).calls > n_steps:
+                raise KeyboardInterrupt
+            return super().step(closure)
+
+    monkeypatch.setattr(module, "EggrollOptimizer", Interrupted)
+
+
+def _main(module, argv):
+    try:
+        return module.main(argv)
+    except KeyboardInterrupt:  # fail this test rather than stop the whole session
+        pytest.fail("KeyboardInterrupt escaped main(): the run did not stop cleanly")
+
+
+INTERRUPT_CASES = {
+    "nano_classifier": (["--steps", "50", "--pop-size", "8", "--n-per-class", "4"], "step", [0, 1, 2, 3]),
+    "nano_egg": ([*TINY_LM, "--epochs", "50"], "epoch", [1, 2, 3]),
+    "cartpole": (["--mode", "vectorized", "--steps", "50", "--pop-size", "8", "--eval-episodes", "2", "--no-stop"],
+                 "step", [1, 2, 3]),
+}
+
+
+@pytest.mark.parametrize("name", list(INTERRUPT_CASES))
+def test_interrupted_run_still_writes_plot_and_json(name, request, monkeypatch, tmp_path):
+    module = request.getfixturevalue({"nano_classifier": "classifier", "nano_egg": "nano_egg"}.get(name, name))
+    argv, key, steps = INTERRUPT_CASES[name]
+    _interrupt_after(module, monkeypatch, 3)
+    png, js = tmp_path / "curve.png", tmp_path / "run.json"
+    r = _main(module, [*argv, "--quiet", "--plot", str(png), "--json", str(js)])
+    assert r["interrupted"] is True
+    saved = json.loads(js.read_text())
+    assert saved["interrupted"] is True
+    assert saved["history"][key] == steps
+    assert len({len(v) for v in saved["history"].values()}) == 1
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_run_interrupted_before_its_first_step(nano_egg, cartpole, monkeypatch, tmp_path):
+    for module, argv in ((nano_egg, TINY_LM), (cartpole, ["--steps", "5", "--pop-size", "8"])):
+        _interrupt_after(module, monkeypatch, 0)
+        r = _main(module, [*argv, "--quiet", "--plot", str(tmp_path / "c.png"), "--json", str(tmp_path / "r.json")])
+        assert r["interrupted"] is True and r["history"]["step" if module is cartpole else "epoch"] == []
+        assert json.loads((tmp_path / "r.json").read_text())["interrupted"] is True
+        assert (tmp_path / "c.png").exists()
+
+
+def test_ctrl_c_writes_results_and_exits_130(tmp_path):
+    # The real thing: SIGINT to a running example, once its progress bar is up.
+    js = tmp_path / "run.json"
+    proc = subprocess.Popen(
+        [sys.executable, str(EXAMPLES / "nano_classifier.py"), "--steps", "1000000", "--json", str(js)],
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+    assert proc.stderr is not None
+    seen = b""
+    deadline = time.monotonic() + 120
+    while b"nano_classifier:" not in seen and time.monotonic() < deadline:  # the tqdm bar, on stderr
+        chunk = proc.stderr.read1(4096)
+        if not chunk:
+            break
+        seen += chunk
+    proc.send_signal(signal.SIGINT)
+    proc.stderr.read()
+    assert proc.wait(timeout=60) == 130, seen.decode(errors="replace")[-2000:]
+    assert json.loads(js.read_text())["interrupted"] is True
+
+
+def test_threads_option(classifier, monkeypatch):
+    seen = []
+    base = classifier.EggrollOptimizer
+
+    class Recording(base):
+        def step(self, closure):
+            seen.append(torch.get_num_threads())
+            return super().step(closure)
+
+    monkeypatch.setattr(classifier, "EggrollOptimizer", Recording)
+    argv = ["--steps", "2", "--pop-size", "8", "--n-per-class", "4", "--quiet"]
+    torch.set_num_threads(2)
+    classifier.main(argv)  # default: one thread while training, the caller's number afterwards
+    assert seen == [1, 1] and torch.get_num_threads() == 2
+    torch.set_num_threads(1)
+    classifier.main([*argv, "--threads", "2"])
+    assert seen[2:] == [2, 2] and torch.get_num_threads() == 1
+    with pytest.raises(SystemExit):
+        classifier.parse_args(["--threads", "-1"])

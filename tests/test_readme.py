@@ -46,3 +46,18 @@ def test_original_api_snippet(tmp_path: Path, monkeypatch) -> None:  # type: ign
     exec(compile(_block_containing("TorchEggrollES(model"), "README.md", "exec"), namespace)
     assert (tmp_path / "es.pt").exists()
     assert namespace["es"].optimizer.generation == 2
+
+
+def test_quick_start_installs_cpu_torch_first() -> None:
+    # A bare `torch` requirement pulls the multi-GB CUDA build on Linux: the Quick start installs
+    # the CPU build before anything that depends on torch, and runs the tests as CI does.
+    section = README.read_text().split("## Quick start", 1)[1].split("\n## ", 1)[0]
+    (block,) = re.findall(r"```bash\n(.*?)```", section, flags=re.S)
+    commands = [c for c in block.replace("\\\n", " ").splitlines() if c.strip() and not c.startswith("#")]
+    assert len(commands) == 2
+    setup, tests = commands
+    cpu = setup.index("pip install torch --index-url https://download.pytorch.org/whl/cpu")
+    assert cpu < setup.index("pip install -e") < setup.index("python examples/nano_classifier.py")
+    assert tests.strip().endswith("python -m pytest -q")
+    ci = (README.parent / ".ci" / "run").read_text()
+    assert "\npython -m pytest -q\n" in ci

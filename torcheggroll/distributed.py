@@ -3,7 +3,7 @@
 Every rank holds the same parameters and the same seed. A generation's ``N`` members are split
 into contiguous shards of whole antithetic pairs; each rank evaluates its shard, the ``N`` losses
 are all-gathered, and every rank regenerates the same noise and applies the same update, so
-parameters stay identical without any parameter or gradient traffic.
+parameters stay identical without any parameter or gradient traffic (docs/algorithm.md, section 9).
 
 A step costs two small collectives: a fixed-size header in which every rank reports whether it
 evaluated its shard and which seed, generation and population it used, then the losses. The

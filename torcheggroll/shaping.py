@@ -42,7 +42,7 @@ class IdenticalLossesWarning(RuntimeWarning):
 def zscore(losses: torch.Tensor) -> torch.Tensor:
     """``(l - mean) / std`` with the unbiased std; only mean-centred when ``std <= 1e-8``.
 
-    This is the original torcheggroll's normalization.
+    This is the original torcheggroll's normalization (docs/algorithm.md, section 4).
     """
     centred = losses - losses.mean()
     if losses.numel() < 2:

@@ -2,8 +2,8 @@
 
 The default corpus is built on the spot from the Python source files of the running
 interpreter's standard library (present on every machine, no download). ``--data PATH`` loads a
-``.npy`` file in the same format, such as the MiniPile validation slice the original torcheggroll
-example used.
+``.npy`` file in the same format, such as the MiniPile sample shipped in ``data/`` (the file the
+original torcheggroll example validated on; origin and terms in ``data/README.md``).
 """
 
 from __future__ import annotations

@@ -3,8 +3,8 @@
 
 Quick test of the original torcheggroll example, on the file it used::
 
-    python examples/nano_egg/train.py --data /path/to/minipile_valid_1000.npy --mode float \\
-        --epochs 50 --hidden-dim 32 --n-layers 1 --pop-size 512 --max-docs 1000
+    python examples/nano_egg/train.py --data examples/nano_egg/data/minipile_valid_1000.npy \\
+        --mode float --epochs 50 --hidden-dim 32 --n-layers 1 --pop-size 512 --max-docs 1000
 
 Without ``--data`` it trains on the Python sources of the standard library (no download).
 ``--mode int`` runs int8 weights and activations with int32 accumulation (see mingru.py).
@@ -34,12 +34,16 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from _common import (  # noqa: E402
+    INTERRUPTED_EXIT,
     add_common_args,
+    fmt,
     progress,
     require_positive,
     resolve_device,
     save_json,
     save_plot,
+    torch_threads,
+    trim_history,
 )
 from corpus import load_corpus, split_documents  # noqa: E402
 from mingru import build_model  # noqa: E402
@@ -50,6 +54,8 @@ from torcheggroll import EggrollOptimizer, Population  # noqa: E402
 LN2 = math.log(2.0)
 # Per-mode defaults: int master weights live on the int8 scale (16 = 1.0), so sigma is in those units.
 MODE_DEFAULTS = {"float": {"lr": 0.3, "sigma": 0.05}, "int": {"lr": 1.0, "sigma": 2.0}}
+# The MiniPile sample shipped with the example (data/README.md), from the repository root.
+SAMPLE_DATA = "examples/nano_egg/data/minipile_valid_1000.npy"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -66,7 +72,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=32, help="windows per generation")
     p.add_argument("--chunk", type=int, default=2, help="windows evaluated at a time inside the forward (bounds memory)")
     p.add_argument("--valid-windows", type=int, default=64)
-    p.add_argument("--data", default=None, help=".npy of uint8 bytes, 0 before each document")
+    p.add_argument(
+        "--data",
+        default=None,
+        help=".npy of uint8 bytes, 0 before each document (default: the Python standard library "
+        f"sources); a MiniPile sample ships as {SAMPLE_DATA}",
+    )
     p.add_argument("--max-docs", type=int, default=0, help="keep the first N documents (0: all)")
     p.add_argument("--seed", type=int, default=0)
     add_common_args(
@@ -75,6 +86,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "materialized can be faster at small widths on CPU: docs/examples.md",
     )
     args = p.parse_args(argv)
+    if args.data is not None and not Path(args.data).is_file():
+        p.error(f"--data: no such file: {args.data} (the MiniPile sample: {SAMPLE_DATA})")
     for key, value in MODE_DEFAULTS[args.mode].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -129,7 +142,13 @@ def centre_bpb(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, chunk: 
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Train, print the summary, write ``--plot``/``--json``; Ctrl-C stops early and still writes them."""
     args = parse_args(argv)
+    with torch_threads(args.threads):
+        return run(args)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
     device = resolve_device(args.device)
     # round(W + sigma E_i) is not low rank: int mode always runs per-member (materialized) weights.
     path = "materialized" if args.mode == "int" else args.path
@@ -158,43 +177,55 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     history: dict[str, list[float]] = {"epoch": [], "train_bpb": [], "valid_bpb": [], "tokens_per_s": []}
     start = time.perf_counter()
+    interrupted = False
     bar = progress(range(1, args.epochs + 1), total=args.epochs, desc=f"nano_egg[{args.mode}]", quiet=args.quiet)
-    for epoch in bar:
-        t0 = time.perf_counter()
-        x, y = windows(train, rng.integers(0, train.size - args.seq_len - 1, args.batch_size), args.seq_len, device)
+    try:
+        for epoch in bar:
+            t0 = time.perf_counter()
+            starts = rng.integers(0, train.size - args.seq_len - 1, args.batch_size)
+            x, y = windows(train, starts, args.seq_len, device)
 
-        def closure(population: Population, x: torch.Tensor = x, y: torch.Tensor = y) -> torch.Tensor:
-            return population_bpb(population, window_loss, x, y, path)
+            def closure(population: Population, x: torch.Tensor = x, y: torch.Tensor = y) -> torch.Tensor:
+                return population_bpb(population, window_loss, x, y, path)
 
-        train_bpb = float(opt.step(closure))
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        tok_s = args.pop_size * x.numel() / (time.perf_counter() - t0)
-        valid_bpb = centre_bpb(model, vx, vy, args.chunk)
-        for key, val in zip(history, (epoch, train_bpb, valid_bpb, tok_s), strict=True):
-            history[key].append(val)
-        if not args.quiet:
-            bar.set_postfix(train=f"{train_bpb:.3f}", valid=f"{valid_bpb:.3f}", tok_s=f"{tok_s:,.0f}")
-            bar.write(f"epoch {epoch:4d} | train {train_bpb:.3f} bpb | valid {valid_bpb:.3f} bpb | {tok_s:,.0f} tok/s")
+            train_bpb = float(opt.step(closure))
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            tok_s = args.pop_size * x.numel() / (time.perf_counter() - t0)
+            valid_bpb = centre_bpb(model, vx, vy, args.chunk)
+            for key, val in zip(history, (epoch, train_bpb, valid_bpb, tok_s), strict=True):
+                history[key].append(val)
+            if not args.quiet:
+                bar.set_postfix(train=f"{train_bpb:.3f}", valid=f"{valid_bpb:.3f}", tok_s=f"{tok_s:,.0f}")
+                bar.write(f"epoch {epoch:4d} | train {train_bpb:.3f} bpb | valid {valid_bpb:.3f} bpb | {tok_s:,.0f} tok/s")
+    except KeyboardInterrupt:
+        interrupted = True
+        trim_history(history)
+    bar.close()
     elapsed = time.perf_counter() - start
 
+    done = len(history["epoch"])
     result: dict[str, Any] = {
         "mode": args.mode,
         "epochs": args.epochs,
-        "final_train_bpb": history["train_bpb"][-1],
-        "final_valid_bpb": history["valid_bpb"][-1],
-        "best_valid_bpb": min(history["valid_bpb"]),
-        "initial_valid_bpb": history["valid_bpb"][0],
-        "mean_tokens_per_s": float(np.mean(history["tokens_per_s"])),
+        "epochs_done": done,
+        "interrupted": interrupted,
+        # None when the run was stopped before its first epoch ended.
+        "final_train_bpb": history["train_bpb"][-1] if done else None,
+        "final_valid_bpb": history["valid_bpb"][-1] if done else None,
+        "best_valid_bpb": min(history["valid_bpb"]) if done else None,
+        "initial_valid_bpb": history["valid_bpb"][0] if done else None,
+        "mean_tokens_per_s": float(np.mean(history["tokens_per_s"])) if done else None,
         "seconds": elapsed,
         "device": str(device),
         "args": vars(args),
         "history": history,
     }
+    stopped = f" (interrupted after epoch {done})" if interrupted else ""
     print(
-        f"nano_egg summary: mode={args.mode} epochs={args.epochs} train={result['final_train_bpb']:.3f} bpb "
-        f"valid={result['final_valid_bpb']:.3f} bpb (best {result['best_valid_bpb']:.3f}) "
-        f"{result['mean_tokens_per_s']:,.0f} tok/s {elapsed:.1f}s on {device}"
+        f"nano_egg summary{stopped}: mode={args.mode} epochs={args.epochs} train={fmt(result['final_train_bpb'])} bpb "
+        f"valid={fmt(result['final_valid_bpb'])} bpb (best {fmt(result['best_valid_bpb'])}) "
+        f"{fmt(result['mean_tokens_per_s'], ',.0f')} tok/s {elapsed:.1f}s on {device}"
     )
     if args.plot:
         save_plot(
@@ -212,4 +243,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(INTERRUPTED_EXIT if main()["interrupted"] else 0)
