@@ -244,3 +244,70 @@ def test_forward_recording_gradients_does_not_use_the_op(kernels_on: torch.devic
 def test_disabled_by_environment(kernels_on: torch.device, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TORCHEGGROLL_FUSED", "0")
     assert not fused_linear.fused_available(torch.zeros(2, device=kernels_on, dtype=torch.float16))
+
+
+# ---------------------------------------------------------------------------- one row per member
+@BOTH
+@pytest.mark.parametrize("rank", [1, 2, 4, 8])
+@pytest.mark.parametrize("paired", [True, False], ids=["pairs", "singles"])
+@pytest.mark.parametrize("bias", [None, "shared", "member"])
+def test_onthefly_rowwise_matches_the_noise_definition(
+    kernels_on: torch.device, rank: int, paired: bool, bias: str | None
+) -> None:
+    """The kernels that draw the factors themselves against the factors of
+    :func:`torcheggroll.noise.draw_noise` (an independent implementation of the definition)."""
+    from torcheggroll import _triton_onthefly as otf
+    from torcheggroll.noise import draw_noise, seed_key
+
+    g = torch.Generator().manual_seed(rank)
+    P, n, m = 6, 72, 40
+    seed, generation, index = 2**40 + 5, 3, 7
+    noise = draw_noise((m, n), rank, P // 2 if paired else P, seed=seed, generation=generation,
+                       param_index=index, device="cpu", dtype=torch.float32)
+    for dtype in _dtypes(kernels_on):
+        x = torch.randn(P, n, generator=g).to(dtype)
+        w = (torch.randn(m, n, generator=g) / n**0.5).to(dtype)
+        draw = torch.arange(P) // 2 if paired else torch.arange(P)
+        coeff = torch.randn(P, generator=g)
+        b = None if bias is None else torch.randn(m if bias == "shared" else (P, m), generator=g).to(dtype)
+        got = otf.linear_rowwise(
+            x.to(kernels_on), w.to(kernels_on), None if b is None else b.to(kernels_on),
+            draw.to(kernels_on), coeff.to(kernels_on), seed_key(seed), generation, index, rank, paired,
+        ).float().cpu()
+        ref = x.float() @ w.float().T + torch.einsum(
+            "pn,pnr,pmr->pm", x.float(), noise.b[draw], noise.a[draw] * coeff.view(-1, 1, 1)
+        )
+        if b is not None:
+            ref = ref + b.float()
+        err = ((got - ref).abs().max() / ref.abs().max()).item()
+        assert err < 2 * _tolerance(dtype), (dtype, err)
+
+
+@BOTH
+def test_one_row_per_member_never_fills_the_noise_buffer(
+    kernels_on: torch.device, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A capturable forward with one row per member draws the factors in the kernels: the
+    noise buffer stays unfilled, and the outputs are the reference's."""
+    from torcheggroll import _triton_onthefly as otf
+
+    calls: list[int] = []
+    original = otf.linear_rowwise
+    monkeypatch.setattr(otf, "linear_rowwise", lambda *a: calls.append(1) or original(*a))
+    for dtype in _dtypes(kernels_on):
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Linear(24, 40, bias=False), nn.ReLU(), nn.Linear(40, 8, bias=False))
+        net = net.to(kernels_on, dtype)
+        opt = EggrollOptimizer(net.parameters(), sigma=0.1, rank=4, pop_size=6, seed=3, capturable=True)
+        x = torch.randn(6, 1, 24, device=kernels_on, dtype=dtype)
+        pop = opt.population()
+        calls.clear()
+        with torch.no_grad():
+            fast = pop.forward(net, x, per_member=True)
+            assert len(calls) == 2
+            buffer = opt._plan_for_step().buffers[0].buffer
+            assert torch.count_nonzero(buffer) == 0  # never filled
+            slow = pop.forward(net, x, per_member=True, path="materialized")
+        assert torch.count_nonzero(buffer) > 0  # the reference reads it: filled on first use
+        err = ((fast.float() - slow.float()).abs().max() / slow.float().abs().max()).item()
+        assert err < 4 * _tolerance(dtype), (dtype, err)

@@ -805,13 +805,16 @@ def test_cuda_lockstep_through_a_cpu_checkpoint_and_sgd_equivalence():
         sgd.zero_grad()
         est.compute_grad(pop_closure(m2, x, y))
         sgd.step()
-    assert_bitwise(params_of(m1), params_of(m2))
+    # On CUDA a lone matrix without weight decay takes its update in its product's epilogue
+    # (p.addmm_), which rounds once where SGD's p.add_(g) rounds g first: equal to rounding.
+    for a, b in zip(params_of(m1), params_of(m2), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
     buf = io.BytesIO()
     torch.save({"model": m1.state_dict(), "opt": opt.state_dict()}, buf)
     buf.seek(0)
     ckpt = torch.load(buf, map_location="cpu", weights_only=True)
-    assert ckpt["opt"]["state"][0] == {"seed": 2**40 + 1, "generation": 2}
+    assert ckpt["opt"]["state"][0] == {"seed": 2**40 + 1, "generation": 2, "noise_version": 2}
     m3 = make_model(seed=9).to(dev)
     m3.load_state_dict(ckpt["model"])
     resumed = EggrollOptimizer(m3.parameters(), seed=0)

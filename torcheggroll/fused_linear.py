@@ -31,12 +31,15 @@ from __future__ import annotations
 import functools
 import importlib
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 __all__ = [
+    "OnTheFly",
     "fused_available",
     "lowrank_linear",
     "lowrank_linear_batched",
@@ -46,6 +49,36 @@ __all__ = [
     "member_factors",
     "member_projection_fused",
 ]
+
+
+@dataclass(frozen=True)
+class OnTheFly:
+    """What a layer's noise is a function of, for kernels that draw the factors where they use
+    them (one row per member, :mod:`torcheggroll._triton_onthefly`), and ``fill``, which fills
+    the noise buffers before any kernel reads them instead. ``key`` and ``generation`` are ints
+    or device tensors; without them only ``fill`` is known."""
+
+    fill: Callable[[], None]
+    key: Any = None
+    generation: Any = None
+    index: int = 0
+    rank: int = 0
+    paired: bool = False
+
+    def rowwise(self, x: torch.Tensor, rows: int) -> bool:
+        """Whether the on-the-fly kernels take an input of ``rows`` rows per member like ``x``."""
+        if self.key is None or rows != 1 or not (x.is_cuda or _cpu_interpreted()):
+            return False
+        kernels = _onthefly()
+        return kernels is not None and kernels.supported_rank(self.rank)
+
+
+@functools.lru_cache(maxsize=1)
+def _onthefly() -> Any:
+    try:
+        return importlib.import_module(f"{__package__}._triton_onthefly")
+    except ImportError:
+        return None
 
 
 def member_factors(
@@ -246,6 +279,7 @@ def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a: torch
 def _lowrank_linear_vmap(
     info: Any, in_dims: tuple[int | None, ...], x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     a: torch.Tensor, b: torch.Tensor, draw: torch.Tensor, coeff: torch.Tensor,
+    source: OnTheFly | None = None,
 ) -> tuple[torch.Tensor, int]:
     x_dim, w_dim, bias_dim, a_dim, b_dim, draw_dim, coeff_dim = in_dims
     size = info.batch_size
@@ -260,9 +294,18 @@ def _lowrank_linear_vmap(
     if bias is not None and bias_dim is not None:
         bias = bias.movedim(bias_dim, 0)
     shared = w_dim is None and a_dim is None and b_dim is None
-    if shared and x3.numel() > 0 and fused_available(x3):
+    if shared and source is not None and x3.numel() > 0 and source.rowwise(x3, x3.shape[1]):
+        out = _onthefly().linear_rowwise(
+            x3[:, 0], weight, bias, draws, coeffs, source.key, source.generation, source.index,
+            source.rank, source.paired,
+        ).unsqueeze(1)
+    elif shared and x3.numel() > 0 and fused_available(x3):
+        if source is not None:
+            source.fill()
         out = lowrank_linear_fused(x3, weight, bias, a, b, draws, coeffs)
     else:  # per-member centres or draws are not what the low-rank forward passes; kept for totality
+        if source is not None:
+            source.fill()
         members = torch.arange(size, device=draws.device)
         a_p = a.index_select(0, draws) if a_dim is None else a.movedim(a_dim, 0)[members, draws]
         b_p = b.index_select(0, draws) if b_dim is None else b.movedim(b_dim, 0)[members, draws]
@@ -291,6 +334,7 @@ def lowrank_linear_batched(
     b: torch.Tensor,
     draw: torch.Tensor,
     coeff: torch.Tensor,
+    source: OnTheFly | None = None,
 ) -> torch.Tensor | None:
     """:func:`lowrank_linear` called per member inside the innermost :func:`torch.func.vmap`,
     without the operator dispatch: the batching rule applied to the unwrapped tensors directly.
@@ -303,7 +347,9 @@ def lowrank_linear_batched(
 
     Per member (inside the vmap): ``x`` ``(..., n)``, ``weight`` ``(m, n)``, ``bias`` ``None`` or
     ``(m,)``, ``a`` ``(D, m, r)`` and ``b`` ``(D, n, r)`` unbatched draws, ``draw`` and ``coeff``
-    0-d. Returns ``(..., m)`` in ``x.dtype``, batched like ``x``.
+    0-d. ``source``: see :class:`OnTheFly` (with one row per member the factors are drawn in
+    the kernels, otherwise the buffer is filled first). Returns ``(..., m)`` in ``x.dtype``,
+    batched like ``x``.
     """
     fx = torch._C._functorch
     level = fx.maybe_get_level(draw)
@@ -322,6 +368,7 @@ def lowrank_linear_batched(
     assert x_dim is not None
     with torch._C._ExcludeDispatchKeyGuard(_BATCHED_KEY):
         out, out_dim = _lowrank_linear_vmap(
-            _VmapInfo(x_val.shape[x_dim]), in_dims, x_val, weight, bias_val, a, b, draw_val, coeff_val
+            _VmapInfo(x_val.shape[x_dim]), in_dims, x_val, weight, bias_val, a, b, draw_val,
+            coeff_val, source,
         )
     return fx._add_batch_dim(out, out_dim, level)

@@ -34,7 +34,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from ._dispatch import HandlerMode, is_batched, register
-from .fused_linear import fused_available, lowrank_linear, lowrank_linear_batched
+from .fused_linear import OnTheFly, fused_available, lowrank_linear, lowrank_linear_batched
 from .materialized import (
     materialized_forward,
     named_tensors,
@@ -67,6 +67,15 @@ class _Population(Protocol):
 
     def member_table(self, kind: Any, device: Any, dtype: torch.dtype) -> torch.Tensor: ...
 
+    def entry(self, param: torch.Tensor) -> Any: ...
+
+    def noise_source(self, param: torch.Tensor) -> tuple[Any, Any, int] | None: ...
+
+    def fill_noise(self) -> None: ...
+
+    @property
+    def antithetic(self) -> bool: ...
+
 
 @dataclass
 class _Factor:
@@ -86,12 +95,20 @@ class _Factor:
     draw: torch.Tensor | None = None
     coeff: torch.Tensor | None = None
     cached: dict[str, torch.Tensor] = field(default_factory=dict)
+    # With the draws: what the noise is a function of, for kernels that make it where they use
+    # it, and the hook that fills the draws' buffer before anything reads them.
+    source: OnTheFly | None = None
+
+    def _filled(self) -> None:
+        if self.source is not None:
+            self.source.fill()
 
     @property
     def a(self) -> torch.Tensor:
         """``(m, r)`` this member's ``A`` scaled by its coefficient, in the weight's dtype."""
         if "a" not in self.cached:
             assert self.a_draws is not None and self.draw is not None and self.coeff is not None
+            self._filled()
             self.cached["a"] = (self.a_draws[self.draw] * self.coeff).to(self.weight.dtype)
         return self.cached["a"]
 
@@ -100,6 +117,7 @@ class _Factor:
         """``(n, r)`` this member's ``B``, in the weight's dtype."""
         if "b" not in self.cached:
             assert self.b_draws is not None and self.draw is not None
+            self._filled()
             self.cached["b"] = self.b_draws[self.draw].to(self.weight.dtype)
         return self.cached["b"]
 
@@ -121,8 +139,12 @@ class _Factor:
         if self.a_draws is not None and _fusable(x, w, bias):
             a_draws = self.a_draws if rows is None else self.a_draws[:, rows]
             assert self.b_draws is not None and self.draw is not None and self.coeff is not None
-            out = lowrank_linear_batched(x, w, bias, a_draws, self.b_draws, self.draw, self.coeff)
+            source = self.source if rows is None else None
+            out = lowrank_linear_batched(
+                x, w, bias, a_draws, self.b_draws, self.draw, self.coeff, source=source
+            )
             if out is None:
+                self._filled()
                 out = lowrank_linear(x, w, bias, a_draws, self.b_draws, self.draw, self.coeff)
             return out
         a = self.a if rows is None else self.a[rows]
@@ -524,10 +546,13 @@ def lowrank_forward(
     coeffs: list[torch.Tensor] = []
     given: list[torch.Tensor] = []
     factors_ab: list[tuple[torch.Tensor, torch.Tensor]] = []
+    sources: dict[int, OnTheFly] = {}
+    # Antithetic pairs that a shard keeps whole: members 2i, 2i + 1 of it share a draw.
+    paired = bool(population.antithetic) and size % 2 == 0
     for name, t in named_tensors(module):
         if not population.owns(t):
             continue
-        noise = population.noise(t)
+        noise = population.entry(t).noise  # views of the noise buffers, maybe not yet filled
         if not noise.is_low_rank:
             batched[name] = population.perturbed(t)
         elif id(t) not in lazy_names:
@@ -536,6 +561,10 @@ def lowrank_forward(
                 assert noise.a is not None and noise.b is not None
                 drawn.append((t, noise.a, noise.b))
                 coeffs.append(population.coefficients(t, noise.factor_scale))
+                origin = population.noise_source(t)
+                sources[id(t)] = OnTheFly(
+                    population.fill_noise, *origin, noise.rank, paired
+                ) if origin is not None else OnTheFly(population.fill_noise)
             else:
                 given.append(t)
                 factors_ab.append(population.lowrank_factors(t))
@@ -556,7 +585,8 @@ def lowrank_forward(
         kw: dict[str, Any],
     ) -> Any:
         factors = {
-            id(w): _Factor(w, lazy_names[id(w)], a_draws=a, b_draws=b, draw=draw, coeff=c)
+            id(w): _Factor(w, lazy_names[id(w)], a_draws=a, b_draws=b, draw=draw, coeff=c,
+                           source=sources[id(w)])
             for (w, a, b), c in zip(drawn, cs, strict=True)
         }
         factors.update(

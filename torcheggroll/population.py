@@ -193,8 +193,8 @@ class Population:
     def coefficients(self, param: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
         """``(size,)`` ``scale * sigma * sign_i`` of each local member for ``param``, in the
         noise dtype."""
-        e, noise = self.entry(param), self.noise(param)
-        ref = noise.a if noise.a is not None else noise.dense
+        e = self.entry(param)
+        ref = e.noise.a if e.noise.a is not None else e.noise.dense  # its device and dtype only
         assert ref is not None
         return self.member_table("signs", ref.device, ref.dtype) * (e.sigma * scale)
 
