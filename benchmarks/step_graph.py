@@ -116,6 +116,32 @@ def runners(cfg: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return out
 
 
+def profile(cfg: dict[str, Any], device: torch.device, rows: int = 15) -> str:
+    """The GPU kernels of a few eager capturable steps, by total time (torch.profiler)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    torch.manual_seed(0)
+    dtype = getattr(torch, cfg["dtype"])
+    model = build(cfg, device)
+    x = torch.randn(cfg["pop"], cfg["rows"], cfg["width"], device=device, dtype=dtype)
+    opt = EggrollOptimizer(model.parameters(), lr=1e-3, sigma=1e-2, rank=cfg["rank"],
+                           pop_size=cfg["pop"], seed=0, capturable=True)
+
+    def closure(population: Any) -> torch.Tensor:
+        return population.forward(model, x, per_member=True).float().pow(2).mean(dim=(1, 2))
+
+    with torch.no_grad():
+        for _ in range(3):
+            opt.step(closure)
+        torch.cuda.synchronize()
+        with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(5):
+                opt.step(closure)
+            torch.cuda.synchronize()
+    return str(prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows))
+
+
 def time_ms(fn: Any) -> float:
     from triton.testing import do_bench
 
@@ -221,7 +247,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--repeats", type=int, default=30, help="CPU: timed calls per measurement")
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--plot", type=Path, default=None)
+    p.add_argument("--configs", default=None, help="comma-separated names to run (default: all)")
+    p.add_argument("--profile", default=None, help="print the kernels of this configuration's step")
     args = p.parse_args(argv)
+    if args.profile:
+        cfg = next(c for c in gpu_configs("gpu") if c["name"] == args.profile)
+        print(profile(cfg, torch.device("cuda")))
+        return
     meta: dict[str, Any] = {
         "script": "benchmarks/step_graph.py", "argv": sys.argv[1:] if argv is None else argv,
         "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
@@ -243,6 +275,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{'config':<16}{'inference ms':>13}" + "".join(f"{m:>22}" for m in METHODS[1:]))
         results = []
         for cfg in gpu_configs(args.preset):
+            if args.configs and cfg["name"] not in args.configs.split(","):
+                continue
             try:
                 row = dict(cfg, **measure_gpu(cfg, device, args.trials))
             except Exception as exc:  # report and go on with the other configurations
