@@ -242,9 +242,12 @@ def linear_rowwise(
     block_k = 64 if _INTERPRET else 128
     split_k = 1 if _INTERPRET else max(1, min(16, triton.cdiv(132 * 2, triton.cdiv(units, block_d))))
     split_k = min(split_k, triton.cdiv(n, block_k))
-    h = torch.zeros(P, rank, device=x.device, dtype=torch.float32)
-    coeff = coeff.to(torch.float32).contiguous()
-    draw = draw.to(torch.int64).contiguous()
+    # (split over K, the programs add their parts into h)
+    h = (torch.zeros if split_k > 1 else torch.empty)(P, rank, device=x.device, dtype=torch.float32)
+    if coeff.dtype != torch.float32 or not coeff.is_contiguous():
+        coeff = coeff.to(torch.float32).contiguous()
+    if draw.dtype != torch.int64 or not draw.is_contiguous():
+        draw = draw.to(torch.int64).contiguous()
     xs = x if x.stride(-1) == 1 else x.contiguous()
     _projection[(triton.cdiv(units, block_d), split_k)](
         xs, coeff, draw, h, key_t, gen_t, k0, k1, g, param_index, P, n, xs.stride(0),

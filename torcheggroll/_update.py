@@ -136,14 +136,21 @@ def _operands(plan: Plan, b: int, k: int, c: torch.Tensor) -> tuple[torch.Tensor
     rows, draws, m, r = bucket.a.shape
     n = bucket.b.shape[2]
     coef = c.index_select(0, groups) * (1.0 / math.sqrt(r))  # (P, D)
-    lhs = (bucket.a * coef[:, :, None, None]).permute(0, 2, 1, 3).reshape(rows, m, draws * r)
-    rhs = bucket.b.permute(0, 2, 1, 3).reshape(rows, n, draws * r)
-    dtype = plan.owned[plan.bucket_updates[b][k].owned[0]].param.dtype
-    if dtype in _HALF:
-        # The update is rounded to the parameter's dtype anyway, and a float32 product would cost
-        # more than the population's forward.
-        lhs, rhs = lhs.to(dtype), rhs.to(dtype)
-    return lhs, rhs
+    param_dtype = plan.owned[plan.bucket_updates[b][k].owned[0]].param.dtype
+    # Half-precision parameters: the update is rounded to their dtype anyway, and a float32
+    # product would cost more than the population's forward.
+    dtype = param_dtype if param_dtype in _HALF else bucket.a.dtype
+    if r == 1:
+        # (m, D) and (n, D) are transposes of the draws: no copy besides the scaling and cast.
+        lhs = torch.empty(rows, draws, m, dtype=dtype, device=c.device)
+        torch.mul(bucket.a[..., 0], coef[:, :, None], out=lhs)
+        rhs = bucket.b[..., 0] if dtype == bucket.b.dtype else bucket.b[..., 0].to(dtype)
+        return lhs.transpose(1, 2), rhs.transpose(1, 2)
+    lhs = torch.empty(rows, m, draws, r, dtype=dtype, device=c.device)
+    torch.mul(bucket.a.permute(0, 2, 1, 3), coef[:, None, :, None], out=lhs)
+    rhs = torch.empty(rows, n, draws, r, dtype=dtype, device=c.device)
+    rhs.copy_(bucket.b.permute(0, 2, 1, 3))
+    return lhs.view(rows, m, draws * r), rhs.view(rows, n, draws * r)
 
 
 def directions(
@@ -251,7 +258,7 @@ def apply(plan: Plan, groups: Sequence[dict[str, Any]], found: Update) -> None:
                 lhs, rhs = _operands(plan, b, k, c)
                 owned = plan.owned[update.owned[0]]
                 p2d = owned.param.detach().view(lhs.shape[1], rhs.shape[1])
-                p2d.addmm_(lhs[0].to(p2d.dtype), rhs[0].T.to(p2d.dtype), alpha=-groups[owned.group]["lr"])
+                p2d.addmm_(lhs[0], rhs[0].T, alpha=-groups[owned.group]["lr"])
                 fused.add(update.owned[0])
     rest = [o for o in range(len(plan.owned)) if o not in fused and o not in found.new_values]
     if rest:
