@@ -11,6 +11,7 @@ from .lowrank import LowRankFallbackError
 from .noise import ParamNoise, draw_noise
 from .optimizer import EggrollOptimizer
 from .population import Population
+from .scaling import width_scaled_groups
 from .shaping import IdenticalLossesWarning, NonFiniteLossWarning
 
 __version__ = "0.3.0"
@@ -29,4 +30,5 @@ __all__ = [
     "generate_lora_noise",
     "generate_noise_for_shapes",
     "generate_standard_noise",
+    "width_scaled_groups",
 ]

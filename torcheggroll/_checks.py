@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from .scaling import SIGMA_SCALINGS
 from .shaping import SHAPINGS
 
 __all__ = [
@@ -68,6 +69,11 @@ def check_hyper(
 
 def check_group(group: dict[str, Any], read_device_tensors: bool = True) -> None:
     """Check a (complete) param group's per-group settings."""
+    scaling = group.get("sigma_scaling", "none")
+    if not isinstance(scaling, str) or scaling not in SIGMA_SCALINGS:
+        raise ValueError(
+            f"Invalid sigma_scaling: {scaling!r} (expected one of {list(SIGMA_SCALINGS)})"
+        )
     check_hyper(
         lr=group["lr"],
         sigma=group["sigma"],

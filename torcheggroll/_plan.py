@@ -15,6 +15,7 @@ import torch
 
 from .noise import compute_dtype, is_low_rank, num_draws
 from .noise_buffer import NoiseBuffer, NoiseEntry
+from .scaling import sigma_scale
 
 __all__ = ["Owned", "Plan", "signature"]
 
@@ -29,6 +30,7 @@ class Owned:
     group: int
     buffer: int
     entry: int
+    scale: float = 1.0  # the factor on the group's sigma (sigma_scaling)
 
 
 def signature(param_groups: list[dict[str, Any]]) -> tuple[Any, ...]:
@@ -49,6 +51,7 @@ class BucketUpdate:
 
     owned: tuple[int, ...]
     groups: torch.Tensor
+    scales: torch.Tensor  # (P, 1) float64 factors on sigma
 
 
 class Plan:
@@ -80,12 +83,23 @@ class Plan:
             b = len(self.buffers)
             self.buffers.append(buffer)
             for e, (i, g, p) in enumerate(params):
-                self.owned.append(Owned(p, i, g, b, e))
+                scaling = param_groups[g].get("sigma_scaling", "none")
+                self.owned.append(Owned(p, i, g, b, e, sigma_scale(p.shape, scaling)))
         # Per buffer: owned positions by entry, the buckets' group indices, the dense entries.
         self.entry_owned: list[list[int]] = [[0] * len(b.entries) for b in self.buffers]
         for pos, o in enumerate(self.owned):
             self.entry_owned[o.buffer][o.entry] = pos
         self.member_tables: dict[Any, torch.Tensor] = {}  # see Population.member_table
+        # Per buffer: (T,) float64 factors on sigma of the dense region's columns, or None.
+        self.dense_scales: list[torch.Tensor | None] = []
+        for b, buffer in enumerate(self.buffers):
+            if buffer.dense is None:
+                self.dense_scales.append(None)
+                continue
+            col = torch.ones(buffer.dense.shape[1], dtype=torch.float64)
+            for e, (start, numel) in buffer.dense_columns.items():
+                col[start : start + numel] = self.owned[self.entry_owned[b][e]].scale
+            self.dense_scales.append(None if bool((col == 1).all()) else col.to(buffer.device))
         self.bucket_updates: list[list[BucketUpdate]] = []
         for b, buffer in enumerate(self.buffers):
             updates = []
@@ -94,7 +108,10 @@ class Plan:
                 groups = torch.tensor(
                     [self.owned[o].group for o in owned], dtype=torch.int64, device=buffer.device
                 )
-                updates.append(BucketUpdate(owned, groups))
+                scales = torch.tensor(
+                    [[self.owned[o].scale] for o in owned], dtype=torch.float64, device=buffer.device
+                )
+                updates.append(BucketUpdate(owned, groups, scales))
             self.bucket_updates.append(updates)
 
     def fill(self, seed: Any, generation: Any) -> None:

@@ -135,7 +135,7 @@ def _operands(plan: Plan, b: int, k: int, c: torch.Tensor) -> tuple[torch.Tensor
     groups = plan.bucket_updates[b][k].groups
     rows, draws, m, r = bucket.a.shape
     n = bucket.b.shape[2]
-    coef = c.index_select(0, groups) * (1.0 / math.sqrt(r))  # (P, D)
+    coef = c.index_select(0, groups) * (plan.bucket_updates[b][k].scales.to(c.dtype) / math.sqrt(r))
     param_dtype = plan.owned[plan.bucket_updates[b][k].owned[0]].param.dtype
     # Half-precision parameters: the update is rounded to their dtype anyway, and a float32
     # product would cost more than the population's forward.
@@ -204,7 +204,10 @@ def grads(
                 lhs, rhs = _operands(plan, b, k, c)
                 torch.bmm(lhs, rhs.transpose(1, 2), out=prod)  # (P, m, n)
         if buffer.dense is not None:
-            torch.matmul(c, buffer.dense, out=next(products))  # (G, T)
+            prod = next(products)
+            torch.matmul(c, buffer.dense, out=prod)  # (G, T)
+            if plan.dense_scales[b] is not None:
+                prod.mul_(plan.dense_scales[b].to(prod.dtype))  # type: ignore[union-attr]
     out: dict[int, torch.Tensor] = {}
     for o in wanted:
         d = ws.raw[o]

@@ -92,6 +92,11 @@ class EggrollOptimizer(Optimizer):
             rank), ``"centered"`` (mean-centred) or ``"raw"`` (unchanged).
         weight_decay: L2 penalty added to the update as in SGD (default: 0).
         maximize: the closure returns a fitness to maximize instead of a loss (default: False).
+        sigma_scaling: ``"none"`` (default: ``sigma`` is every entry's noise scale),
+            ``"fan_in"`` (matrices and conv kernels ``(out, in, ...)`` get
+            ``sigma / sqrt(fan_in)``, so that one ``sigma`` moves every layer's output alike at
+            any width) or ``"fan_in_rows"`` (the same for weights stored ``(in, out)``); see
+            :mod:`torcheggroll.scaling` and :func:`~torcheggroll.width_scaled_groups`.
         process_group: shard the population over this torch.distributed group; by default the
             world group when torch.distributed is initialized. ``False`` turns sharding off
             (each process then evaluates the whole population itself).
@@ -158,6 +163,7 @@ class EggrollOptimizer(Optimizer):
         shaping: str = "zscore",
         weight_decay: float = 0.0,
         maximize: bool = False,
+        sigma_scaling: str = "none",
         process_group: Any = None,
         capturable: bool = False,
     ) -> None:
@@ -172,6 +178,7 @@ class EggrollOptimizer(Optimizer):
             shaping=shaping,
             weight_decay=weight_decay,
             maximize=maximize,
+            sigma_scaling=sigma_scaling,
             capturable=capturable,
         )
         check_group(defaults)
@@ -244,6 +251,7 @@ class EggrollOptimizer(Optimizer):
             group.setdefault("maximize", False)
             group.setdefault("antithetic", True)
             group.setdefault("capturable", False)
+            group.setdefault("sigma_scaling", "none")
         for key, value in (("_last_losses", None), ("_plan", None), ("_pending", []),
                            ("_counters", None)):
             self.__dict__.setdefault(key, value)
@@ -398,8 +406,8 @@ class EggrollOptimizer(Optimizer):
 
         sigmas = [float(group["sigma"]) for group in self.param_groups]
         entries = [
-            PerturbedParam(o.param, o.index, sigmas[o.group], plan.buffers[o.buffer].noise[o.entry],
-                           o.group)
+            PerturbedParam(o.param, o.index, sigmas[o.group] * o.scale,
+                           plan.buffers[o.buffer].noise[o.entry], o.group)
             for o in plan.owned
         ]
         if not entries:
