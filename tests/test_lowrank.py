@@ -414,7 +414,7 @@ def test_a_call_with_arguments_a_handler_does_not_know_declines(monkeypatch: pyt
     class NewArg(nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.lin = nn.Linear(3, 4)
+            self.lin = nn.Linear(6, 8)
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return F.linear(x, self.lin.weight, self.lin.bias)
@@ -437,7 +437,7 @@ def test_a_call_with_arguments_a_handler_does_not_know_declines(monkeypatch: pyt
     monkeypatch.setitem(lowrank._LowRankMode.HANDLERS, linear_with_new_arg, lowrank._LowRankMode.HANDLERS[F.linear])
     monkeypatch.setattr(F, "linear", linear_with_new_arg)
 
-    x = torch.randn(5, 3)
+    x = torch.randn(5, 6)
     population = opt.population()
     out = population.forward(model, x)  # the handler would raise a TypeError on future_flag
     assert population.last_fallbacks == ["lin.weight"]

@@ -408,7 +408,7 @@ def test_noise_dtype_follows_compute_dtype():
         (torch.float32, torch.float32),
         (torch.float64, torch.float64),
     ]:
-        p = torch.zeros(4, 3, dtype=dtype, requires_grad=True)
+        p = torch.zeros(8, 6, dtype=dtype, requires_grad=True)
         opt = EggrollOptimizer([p], pop_size=4, seed=0)
         assert opt.population().noise(p).a.dtype == expected
 
@@ -519,3 +519,19 @@ def test_cuda_and_cpu_draw_the_same_noise():
                          device="cuda", dtype=torch.float32)
     assert (on_cuda.a.cpu() - ref.a).abs().max().item() <= FLOAT_TOLERANCE
     print(f"largest CPU/CUDA difference of the noise: {worst:.3g}")
+
+
+def test_a_side_no_larger_than_the_rank_gets_dense_noise():
+    # (1, 1, D) class tokens, (1, T, D) position tables and narrow matrices: factors would be no
+    # smaller than the tensor, so the optimizer draws them dense (and they are used as they are
+    # by every operation, never through a fallback).
+    params = {
+        "cls": torch.zeros(1, 1, 16, requires_grad=True),
+        "pos": torch.zeros(1, 5, 16, requires_grad=True),
+        "narrow": torch.zeros(3, 16, requires_grad=True),
+        "wide": torch.zeros(8, 16, requires_grad=True),
+    }
+    opt = EggrollOptimizer(list(params.values()), rank=3, pop_size=4, seed=0)
+    pop = opt.population()
+    kinds = {k: pop.noise(p).is_low_rank for k, p in params.items()}
+    assert kinds == {"cls": False, "pos": False, "narrow": False, "wide": True}

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from .noise import compute_dtype, is_low_rank, num_draws
+from .noise import compute_dtype, effective_rank, num_draws
 from .noise_buffer import NoiseBuffer, NoiseEntry
 from .scaling import sigma_scale
 
@@ -75,10 +75,7 @@ class Plan:
         self.owned: list[Owned] = []
         ranks = [int(group["rank"]) for group in param_groups]
         for (device, dtype), params in by_buffer.items():
-            entries = [
-                NoiseEntry(i, p.shape, ranks[g] if is_low_rank(p.shape, ranks[g]) else 0)
-                for i, g, p in params
-            ]
+            entries = [NoiseEntry(i, p.shape, effective_rank(p.shape, ranks[g])) for i, g, p in params]
             buffer = NoiseBuffer(entries, self.draws, device, compute_dtype(dtype))
             b = len(self.buffers)
             self.buffers.append(buffer)

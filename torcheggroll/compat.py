@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from ._checks import check_hyper as _check_hyper
 from ._checks import check_population as _check_population
-from .noise import compute_dtype, draw_noise, member_pairs, member_signs, num_draws
+from .noise import compute_dtype, draw_noise, effective_rank, member_pairs, member_signs, num_draws
 from .optimizer import EggrollOptimizer
 from .population import Population
 from .shaping import centered, zscore
@@ -198,7 +198,8 @@ def generate_noise_for_shapes(
     checked: list[tuple[str, torch.Size, int]] = []
     for name, shape in shapes.items():
         rank = ranks.get(name)
-        checked.append((name, torch.Size(shape), 0 if rank is None else _check_rank(rank)))
+        size = torch.Size(shape)
+        checked.append((name, size, 0 if rank is None else effective_rank(size, _check_rank(rank))))
     draws = num_draws(n, antithetic)
     members = _members_in_halves(n, antithetic, device)
     noise_dtype = compute_dtype(dtype)

@@ -48,6 +48,7 @@ __all__ = [
     "lowrank_linear_reference",
     "member_factors",
     "member_projection_fused",
+    "population_linear",
 ]
 
 
@@ -276,6 +277,31 @@ def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a: torch
     return x.new_empty(*x.shape[:-1], weight.shape[0])
 
 
+def population_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    draw: torch.Tensor,
+    coeff: torch.Tensor,
+    source: OnTheFly | None = None,
+) -> torch.Tensor:
+    """The whole population's layer in the fused kernels: ``x`` ``(P, R, n)`` member-major, a
+    shared ``weight`` ``(m, n)``, ``bias`` ``None``, ``(m,)`` or ``(P, m)``, the generation's
+    draws ``a``, ``b`` and each member's ``draw`` and ``coeff`` ``(P,)``. With one row per member
+    and ``source`` the factors are drawn in the kernels, otherwise read from the filled draws.
+    Returns ``(P, R, m)``; both population forwards call this."""
+    if source is not None and source.rowwise(x, x.shape[1]):
+        return _onthefly().linear_rowwise(
+            x[:, 0], weight, bias, draw, coeff, source.key, source.generation, source.index,
+            source.rank, source.paired,
+        ).unsqueeze(1)
+    if source is not None:
+        source.fill()
+    return lowrank_linear_fused(x, weight, bias, a, b, draw, coeff)
+
+
 def _lowrank_linear_vmap(
     info: Any, in_dims: tuple[int | None, ...], x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     a: torch.Tensor, b: torch.Tensor, draw: torch.Tensor, coeff: torch.Tensor,
@@ -294,15 +320,8 @@ def _lowrank_linear_vmap(
     if bias is not None and bias_dim is not None:
         bias = bias.movedim(bias_dim, 0)
     shared = w_dim is None and a_dim is None and b_dim is None
-    if shared and source is not None and x3.numel() > 0 and source.rowwise(x3, x3.shape[1]):
-        out = _onthefly().linear_rowwise(
-            x3[:, 0], weight, bias, draws, coeffs, source.key, source.generation, source.index,
-            source.rank, source.paired,
-        ).unsqueeze(1)
-    elif shared and x3.numel() > 0 and fused_available(x3):
-        if source is not None:
-            source.fill()
-        out = lowrank_linear_fused(x3, weight, bias, a, b, draws, coeffs)
+    if shared and x3.numel() > 0 and fused_available(x3):
+        out = population_linear(x3, weight, bias, a, b, draws, coeffs, source)
     else:  # per-member centres or draws are not what the low-rank forward passes; kept for totality
         if source is not None:
             source.fill()

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils import _pytree as pytree
 
+from . import _ops
 from ._dispatch import HandlerMode, is_batched, register
 from .fused_linear import OnTheFly, fused_available, lowrank_linear, lowrank_linear_batched
 from .materialized import (
@@ -129,9 +130,6 @@ class _Factor:
             self.cached["w"] = (w.to(delta.dtype) + delta.reshape(w.shape)).to(w.dtype)
         return self.cached["w"]
 
-    def correction(self, x: torch.Tensor) -> torch.Tensor:
-        """``(x B) A^T`` for ``x`` of shape ``(..., n)``: the rank-r part of ``x W_i^T``."""
-        return (x @ self.b.to(x.dtype)) @ self.a.to(x.dtype).T
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None, rows: slice | None = None) -> torch.Tensor:
         """``x W_i[rows]^T + bias``: the shared GEMM plus the rank-r correction."""
@@ -148,11 +146,7 @@ class _Factor:
                 out = lowrank_linear(x, w, bias, a_draws, self.b_draws, self.draw, self.coeff)
             return out
         a = self.a if rows is None else self.a[rows]
-        base = F.linear(x, w, bias)
-        h = x @ self.b.to(x.dtype)
-        if x.dim() == 2:
-            return torch.addmm(base, h, a.to(x.dtype).T)
-        return base + h @ a.to(x.dtype).T
+        return F.linear(x, w, bias) + _ops.linear_correction(x, a, self.b)
 
 
 def _fusable(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> bool:
@@ -262,7 +256,7 @@ def _h_embedding(
     if f is None or max_norm is not None:
         return NotImplemented  # max_norm renormalizes rows of the weight in place: materialize
     base = F.embedding(input, weight, padding_idx)
-    return base + F.embedding(input, f.a.to(weight.dtype)) @ f.b.to(weight.dtype).T
+    return base + _ops.embedding_correction(input, f.a.to(weight.dtype), f.b.to(weight.dtype))
 
 
 def _conv_handler(conv: Callable[..., torch.Tensor], spatial: int) -> Callable[..., Any]:
@@ -279,15 +273,9 @@ def _conv_handler(conv: Callable[..., torch.Tensor], spatial: int) -> Callable[.
         f = mode.factor(weight)
         if f is None or groups != 1 or mode.factor(bias) is not None:
             return NotImplemented
-        out_ch, in_ch, *kernel = weight.shape
-        r = f.b.shape[-1]
-        # E = A B^T with B viewed as r kernels of shape (in, *k): an r-channel conv, then a 1x1
-        # conv that mixes the r channels into the outputs with A.
-        k_b = f.b.to(weight.dtype).T.reshape(r, in_ch, *kernel)
-        k_a = f.a.to(weight.dtype).reshape(out_ch, r, *([1] * spatial))
         base = conv(input, weight, bias, stride, padding, dilation)
-        h = conv(input, k_b, None, stride, padding, dilation)
-        return base + conv(h, k_a)
+        kernel = tuple(weight.shape[2:])
+        return base + _ops.conv_correction(conv, input, f.a, f.b, kernel, stride, padding, dilation)
 
     return handler
 

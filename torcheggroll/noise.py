@@ -44,6 +44,7 @@ __all__ = [
     "block_normals",
     "compute_dtype",
     "draw_noise",
+    "effective_rank",
     "matrix_shape",
     "member_pairs",
     "member_signs",
@@ -179,8 +180,18 @@ def matrix_shape(shape: torch.Size | tuple[int, ...]) -> tuple[int, int]:
 
 
 def is_low_rank(shape: torch.Size | tuple[int, ...], rank: int) -> bool:
-    """Whether a parameter of this shape gets low-rank noise at this rank."""
+    """Whether noise of this rank for a parameter of this shape is drawn as factors."""
     return rank > 0 and len(shape) >= 2
+
+
+def effective_rank(shape: torch.Size | tuple[int, ...], rank: int) -> int:
+    """The rank the optimizer draws a parameter's noise at: ``rank`` for a matrix view whose
+    sides both exceed it, else 0 (dense). A side ``<= rank`` (a class token ``(1, 1, D)``, a
+    position table ``(1, T, D)``, a narrow layer) makes the factors no smaller than the tensor,
+    and dense noise of such a tensor is used by every operation as it is."""
+    if not is_low_rank(shape, rank):
+        return 0
+    return rank if min(matrix_shape(shape)) > rank else 0
 
 
 @dataclass(frozen=True)
