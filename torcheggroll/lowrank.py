@@ -259,6 +259,25 @@ def _h_embedding(
     return base + _ops.embedding_correction(input, f.a.to(weight.dtype), f.b.to(weight.dtype))
 
 
+def _h_addmm(mode: _LowRankMode, input: torch.Tensor, mat1: torch.Tensor, mat2: torch.Tensor, *,
+             beta: Any = 1, alpha: Any = 1, out: Any = None) -> Any:
+    """``torch.addmm(bias, x, W)`` with ``W`` owned, used as the right operand (GPT-2's
+    ``Conv1D``): the shared product plus ``(x a) b^T``."""
+    f = mode.factor(mat2)
+    if f is None or out is not None or mode.factor(input) is not None or mode.factor(mat1) is not None:
+        return NotImplemented
+    base = torch.addmm(input, mat1, mat2, beta=beta, alpha=alpha)
+    return base + alpha * _ops.right_correction(mat1, f.a, f.b)
+
+
+def _h_matmul(mode: _LowRankMode, input: torch.Tensor, other: torch.Tensor) -> Any:
+    """``x @ W`` with ``W`` owned (``(m, n)``, the right operand)."""
+    f = mode.factor(other)
+    if f is None or other.dim() != 2 or mode.factor(input) is not None:
+        return NotImplemented
+    return torch.matmul(input, other) + _ops.right_correction(input, f.a, f.b)
+
+
 def _conv_handler(conv: Callable[..., torch.Tensor], spatial: int) -> Callable[..., Any]:
     def handler(
         mode: _LowRankMode,
@@ -441,6 +460,10 @@ _LowRankMode.HANDLERS = register({
     F.conv2d: _conv_handler(F.conv2d, 2),
     F.conv3d: _conv_handler(F.conv3d, 3),
     F.multi_head_attention_forward: _h_mha,
+    torch.addmm: _h_addmm,
+    torch.matmul: _h_matmul,
+    torch.mm: _h_matmul,
+    torch.Tensor.__matmul__: _h_matmul,
 })
 
 

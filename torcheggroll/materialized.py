@@ -12,6 +12,7 @@ Nothing here knows the optimizer: a population is anything with ``size``, ``owns
 from __future__ import annotations
 
 import inspect
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Protocol
 
@@ -177,8 +178,42 @@ def vmap_members(
     inputs = [m_leaves[i] for i in m_at] + [d_leaves[i] for i in d_at]
     flat = iter(torch.func.vmap(flat_fn, in_dims=in_dims, randomness=randomness)(*inputs))
     tree, others = spec
-    leaves = [next(flat) if x is _TENSOR else x for x in others]
+    leaves = [next(flat) if x is _TENSOR else _no_escapes(x) for x in others]
     return pytree.tree_unflatten(leaves, tree)
+
+
+def _no_escapes(value: Any) -> Any:
+    """``value`` unless it holds tensors of the vmap that has ended (a KV cache object built
+    inside the forward): those cannot be used, so it is dropped with a warning."""
+    if not any(is_batched(t) for t in _tensors_in(value)):
+        return value
+    warnings.warn(
+        f"the population forward dropped an output of type {type(value).__name__}: it holds "
+        "per-member tensors of the vmapped forward (a KV cache?), which cannot leave it. Pass "
+        "use_cache=False to the model, or decode with population.rows(model) (the population as "
+        "rows of one batch), where caches work",
+        UserWarning,
+        stacklevel=4,
+    )
+    return None
+
+
+def _tensors_in(obj: Any, depth: int = 4) -> Iterator[torch.Tensor]:
+    """Tensors inside an object's attributes, lists, tuples and dicts (a few levels deep)."""
+    if isinstance(obj, torch.Tensor):
+        yield obj
+        return
+    if depth == 0 or isinstance(obj, (str, bytes, int, float, bool, type(None))):
+        return
+    items: Any = ()
+    if isinstance(obj, dict):
+        items = obj.values()
+    elif isinstance(obj, (list, tuple)):
+        items = obj
+    elif hasattr(obj, "__dict__"):
+        items = vars(obj).values()
+    for item in items:
+        yield from _tensors_in(item, depth - 1)
 
 
 def materialized_forward(

@@ -11,10 +11,11 @@ from torch import nn
 
 from . import lowrank, materialized
 from .noise import ParamNoise, compute_dtype, member_pairs, member_signs
+from .rows import Rows
 
 __all__ = ["PerturbedParam", "Population"]
 
-ForwardPath = Literal["auto", "lowrank", "materialized"]
+ForwardPath = Literal["auto", "lowrank", "materialized", "rows"]
 
 
 @dataclass(frozen=True)
@@ -262,6 +263,26 @@ class Population:
         base = (param if centre is None else centre).detach().to(compute_dtype(param.dtype))
         return (base + noise.materialize(coeff)[0]).to(param.dtype)
 
+    def rows(self, module: nn.Module, batch: int | None = None) -> Rows:
+        """The population as rows of one batch of ``module``, to use as a context manager: inside
+        it, ``module`` runs as it is (no vmap) on member-major batches ``(P * B, ...)`` - member
+        ``p`` owns rows ``[p * B, (p + 1) * B)`` - and every use of an owned parameter is
+        corrected row by row (see :mod:`torcheggroll.rows`). Data-dependent control flow,
+        attention masks, KV caches and sampling work, so a whole population decodes with one
+        batched ``generate``::
+
+            with population.rows(model) as rows:
+                out = model.generate(rows.repeat(prompt_ids), attention_mask=rows.repeat(mask),
+                                     max_new_tokens=32)
+            tokens = rows.split(out)  # (P, B, T)
+
+        Args:
+            module: the model whose parameters (some or all) the optimizer owns.
+            batch: rows per member ``B``, if known (else from :meth:`Rows.repeat`,
+                :meth:`Rows.flatten` or the first batch the model sees).
+        """
+        return Rows(self, module, batch)
+
     def stacked(self, module: nn.Module) -> dict[str, torch.Tensor]:
         """Each local member's parameters and buffers of ``module``: name -> ``(size, *shape)``.
 
@@ -297,13 +318,19 @@ class Population:
         :attr:`last_fallbacks` lists the owned matrices this call had to materialize (empty
         after a materialized forward, and after a call that raised).
         """
-        if path not in ("auto", "lowrank", "materialized"):
+        if path not in ("auto", "lowrank", "materialized", "rows"):
             raise ValueError(
-                f"Invalid path: {path!r} (expected 'auto', 'lowrank' or 'materialized')"
+                f"Invalid path: {path!r} (expected 'auto', 'lowrank', 'materialized' or 'rows')"
             )
         self.last_fallbacks = []
         if per_member:
             _check_per_member(self.size, args, kwargs)
+        if path == "rows":
+            rows = self.rows(module)
+            inputs = rows.flatten((args, kwargs)) if per_member else rows.repeat((args, kwargs))
+            with rows:
+                out = module(*inputs[0], **inputs[1])
+            return rows.split(out)
         if path == "materialized":
             return materialized.materialized_forward(
                 self, module, args, kwargs, per_member, randomness

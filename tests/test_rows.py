@@ -1,0 +1,160 @@
+"""The population as rows of one batch (``path="rows"``, ``population.rows``) against references:
+every member's parameters copied into a plain model, and the vmap forward."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from torcheggroll import EggrollOptimizer
+from torcheggroll.rows import RowsAttributionError
+
+POP = 6
+
+
+class Block(nn.Module):
+    """Layers a rows forward must correct: linear, embedding, conv, norms, an owned vector."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(11, 8, padding_idx=0)
+        self.pos = nn.Parameter(torch.randn(1, 5, 8) * 0.1)  # (1, T, D): dense noise
+        self.norm = nn.LayerNorm(8)
+        self.rms = nn.RMSNorm(8)
+        self.lin = nn.Linear(8, 12)
+        self.gain = nn.Parameter(torch.ones(12))  # used as `(1 + gain) * x`
+        self.out = nn.Linear(12, 3, bias=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.rms(self.norm(self.emb(ids) + self.pos))
+        h = torch.tanh(self.lin(h)) * (1 + self.gain)
+        return self.out(h).mean(dim=1)
+
+
+class TinyCNN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.gn = nn.GroupNorm(2, 8)
+        self.c2 = nn.Conv2d(8, 8, 3, stride=2, dilation=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8 * 3 * 3, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.gn(self.c1(x)))
+        x = torch.relu(self.bn(self.c2(x)))
+        return self.fc(x.flatten(1))
+
+
+CASES: list[tuple[str, Callable[[], nn.Module], Callable[[], torch.Tensor]]] = [
+    ("mlp", lambda: nn.Sequential(nn.Linear(5, 16), nn.ReLU(), nn.Linear(16, 3)), lambda: torch.randn(4, 5)),
+    ("block", Block, lambda: torch.randint(0, 11, (3, 5))),
+    ("cnn-eval", lambda: TinyCNN().eval(), lambda: torch.randn(2, 3, 8, 8)),
+    ("cnn-train", TinyCNN, lambda: torch.randn(3, 3, 8, 8)),
+    ("conv1d", lambda: nn.Conv1d(3, 8, 3, padding=1), lambda: torch.randn(2, 3, 9)),
+    ("gru-free-linear-3d", lambda: nn.Linear(6, 7), lambda: torch.randn(2, 4, 6)),
+]
+
+
+def _reference(population: Any, model: nn.Module, x: torch.Tensor, per_member: bool) -> torch.Tensor:
+    """Each member's parameters copied into a plain model (batch norm on that member's batch,
+    running statistics untouched as in the population forwards)."""
+    stacked = population.stacked(model)
+    outs = []
+    for j in range(len(population)):
+        m = copy.deepcopy(model)
+        with torch.no_grad():
+            for name, t in list(m.named_parameters()) + list(m.named_buffers()):
+                t.copy_(stacked[name][j])
+        outs.append(m(x[j] if per_member else x))
+    return torch.stack(outs)
+
+
+def _setup(factory: Callable[[], nn.Module], rank: int = 2) -> tuple[nn.Module, EggrollOptimizer]:
+    torch.manual_seed(0)
+    model = factory().double()
+    return model, EggrollOptimizer(model.parameters(), sigma=0.2, rank=rank, pop_size=POP, seed=3)
+
+
+@pytest.mark.parametrize("per_member", [False, True], ids=["shared", "per-member"])
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_rows_forward_matches_each_member_in_a_plain_model(case: Any, per_member: bool) -> None:
+    _, factory, make = case
+    model, opt = _setup(factory)
+    torch.manual_seed(1)
+    x = make()
+    if x.is_floating_point():
+        x = x.double()
+    if per_member:
+        x = torch.stack([x] + [torch.randn_like(x) if x.is_floating_point() else x.roll(j, -1) for j in range(1, POP)])
+    population = opt.population()
+    with torch.no_grad():
+        rows = population.forward(model, x, per_member=per_member, path="rows")
+        expected = _reference(population, model, x, per_member)
+        torch.testing.assert_close(rows, expected, rtol=1e-10, atol=1e-12)
+        # ... and the vmap forward computes the same (the shared corrections of _ops).
+        vmapped = population.forward(model, x, per_member=per_member)
+        torch.testing.assert_close(rows, vmapped, rtol=1e-10, atol=1e-12)
+
+
+def test_rows_leave_batch_norm_statistics_alone() -> None:
+    model, opt = _setup(TinyCNN)
+    before = model.bn.running_mean.clone()
+    with torch.no_grad():
+        opt.population().forward(model, torch.randn(3, 3, 8, 8).double(), path="rows")
+    assert torch.equal(model.bn.running_mean, before)
+
+
+def test_repeat_flatten_split() -> None:
+    model, opt = _setup(lambda: nn.Linear(3, 2))
+    rows = opt.population().rows(model)
+    x = torch.randn(4, 3)
+    batch = rows.repeat(x)
+    assert batch.shape == (POP * 4, 3) and torch.equal(batch[4:8], x) and rows.batch == 4
+    assert rows.split(torch.zeros(POP * 4, 2)).shape == (POP, 4, 2)
+    with pytest.raises(ValueError, match="already hold 4 rows per member"):
+        rows.repeat(torch.randn(5, 3))
+    with pytest.raises(ValueError, match="expected a shape"):
+        opt.population().rows(model).flatten(torch.randn(POP + 1, 2, 3))
+
+
+class Misuse(nn.Module):
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+        self.lin = nn.Linear(6, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.how == "sum":
+            return self.lin(x) + self.lin.weight.sum()  # not a per-row use
+        return self.lin(x.reshape(-1)[: 3 * 6].reshape(3, 6))  # rows that are no batch
+
+
+@pytest.mark.parametrize("how", ["sum", "not-a-batch"])
+def test_an_unattributable_use_raises_naming_parameter_and_operation(how: str) -> None:
+    model, opt = _setup(lambda: Misuse(how))
+    with pytest.raises(RowsAttributionError, match=r"'lin\.weight'.*(sum|F\.linear)"):
+        with torch.no_grad():
+            opt.population().forward(model, torch.randn(4, 6).double(), path="rows")
+
+
+def test_es_trains_through_the_rows_forward() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 1))
+    x = torch.randn(64, 4)
+    y = x[:, :1] * 0.7 - x[:, 1:2] * 0.3
+    opt = EggrollOptimizer(model.parameters(), lr=0.3, sigma=0.05, pop_size=32, seed=0)
+
+    def closure(population: Any) -> torch.Tensor:
+        return (population.forward(model, x, path="rows") - y).pow(2).mean(dim=(1, 2))
+
+    with torch.no_grad():
+        start = float((model(x) - y).pow(2).mean())
+        for _ in range(60):
+            opt.step(closure)
+        assert float((model(x) - y).pow(2).mean()) < 0.5 * start

@@ -1,0 +1,560 @@
+"""The population as rows of one batch: every member's inputs stacked member-major, the model run
+as it is (no ``vmap``), each use of an owned parameter corrected row by row.
+
+Member ``p`` of ``P`` owns rows ``[p * B, (p + 1) * B)`` of every batch (dimension 0) the model
+sees. Inside :meth:`Population.rows <torcheggroll.Population.rows>` a torch-function mode watches
+the optimizer's parameters:
+
+* a low-rank matrix ``W`` (``nn.Linear``'s ``F.linear``, ``torch.addmm``/``matmul`` with ``W`` as
+  the right operand as in GPT-2's ``Conv1D``, ``F.embedding``, ``F.conv*``) is used as it is by
+  one shared operation over all rows, and member ``p``'s rows get the rank-r correction from its
+  factors (:mod:`torcheggroll._ops`, the code the ``vmap`` forward uses too; the fused CUDA
+  kernels for bfloat16/float16 linear layers) - the structure of multi-LoRA serving;
+* a tensor with dense noise (bias, norm weight, class token, position table) enters the
+  operation with one value per member, broadcast over that member's rows (``F.linear``'s and
+  ``addmm``'s bias, ``F.layer_norm``, ``F.rms_norm``, ``F.group_norm``, ``F.batch_norm``,
+  ``mul``/``add``/``sub``/``div``, ``expand``); an elementwise result that does not involve the
+  rows (``1 + weight``) is tracked as a derived per-member tensor.
+
+Batch norm in training mode normalizes each member's rows with their own statistics and leaves
+the running statistics alone, as the ``vmap`` forward does. Any other use of an owned parameter
+raises :class:`RowsAttributionError` naming the parameter and the operation: never a silently
+wrong answer. Because nothing is vmapped, data-dependent control flow, attention masks, KV
+caches and sampling (Hugging Face ``generate``) work as in plain inference.
+"""
+
+from __future__ import annotations
+
+import functools
+import operator
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils import _pytree as pytree
+
+from . import _ops
+from ._dispatch import HandlerMode, register
+from .fused_linear import OnTheFly, fused_available, population_linear
+from .lowrank import _METADATA, LowRankFallbackError
+
+__all__ = ["Rows", "RowsAttributionError"]
+
+
+class RowsAttributionError(LowRankFallbackError):
+    """An owned parameter is used in a way the rows forward cannot attribute to members' rows."""
+
+
+@dataclass
+class _Owned:
+    """An owned tensor as the rows forward sees it: low rank (per-member factors ``a``
+    ``(P, m, r)`` scaled, ``b`` ``(P, n, r)``) or dense (per-member values ``(P, *shape)``)."""
+
+    name: str
+    tensor: torch.Tensor
+    low_rank: bool
+    get_factors: Callable[[], tuple[torch.Tensor, torch.Tensor]] | None = None
+    get_values: Callable[[], torch.Tensor] | None = None
+    fused: tuple[Any, ...] | None = None  # (a draws, b draws, draw, coeff, source)
+    cache: dict[str, Any] = field(default_factory=dict)
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if "ab" not in self.cache:
+            assert self.get_factors is not None
+            self.cache["ab"] = self.get_factors()
+        return self.cache["ab"]  # type: ignore[no-any-return]
+
+    def values(self) -> torch.Tensor:
+        if "v" not in self.cache:
+            assert self.get_values is not None
+            self.cache["v"] = self.get_values()
+        return self.cache["v"]  # type: ignore[no-any-return]
+
+
+class _RowsMode(HandlerMode):
+    def __init__(self, rows: Rows) -> None:
+        super().__init__()
+        self.rows = rows
+
+    def owned(self, t: Any) -> _Owned | None:
+        o = self.rows.owned.get(id(t))
+        return o if o is not None and o.tensor is t else None
+
+    def _owned_in(self, args: Any, kwargs: dict[str, Any]) -> list[_Owned]:
+        hits = []
+        for value in (*args, *kwargs.values()):
+            for t in value if isinstance(value, (list, tuple)) else (value,):
+                o = self.owned(t)
+                if o is not None:
+                    hits.append(o)
+        return hits
+
+    def __torch_function__(self, func: Callable[..., Any], types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        # Most operations of a model touch no owned tensor: let them through at once.
+        if func not in _ALWAYS and not self._owned_in(args, kwargs):
+            return func(*args, **kwargs)
+        return super().__torch_function__(func, types, args, kwargs)
+
+    def decline(self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        hits = self._owned_in(args, kwargs)
+        if not hits:
+            return func(*args, **kwargs)
+        if getattr(func, "__name__", None) == "__get__" or func in _METADATA:
+            out = func(*args, **kwargs)
+            if not isinstance(out, torch.Tensor):
+                return out  # shape, dtype, device ... are the centre's
+        name = getattr(func, "__name__", str(func))
+        raise RowsAttributionError(
+            f"rows forward: parameter {hits[0].name!r} is used by {name}, which the rows-of-one-"
+            "batch forward cannot attribute to members' rows; use population.forward(model, ...) "
+            "(the vmap forward) for this model, or keep that parameter out of the optimizer"
+        )
+
+
+# Operations intercepted even without an owned argument: batch norm's statistics must be each
+# member's own.
+_ALWAYS = {F.batch_norm}
+
+
+class Rows:
+    """The population as rows of one batch of ``module`` (see the module doc); made by
+    :meth:`Population.rows <torcheggroll.Population.rows>`.
+
+    Use it as a context manager around any code that runs ``module`` on member-major batches::
+
+        with population.rows(model) as rows:
+            out = model.generate(rows.repeat(prompt_ids), attention_mask=rows.repeat(mask))
+        tokens = rows.split(out)  # (P, B, T)
+
+    Attributes:
+        size: ``P``, the number of local members.
+        batch: rows per member, once known (from :meth:`repeat`, :meth:`flatten` or the first
+            batch the model sees).
+    """
+
+    def __init__(self, population: Any, module: nn.Module, batch: int | None = None) -> None:
+        self.population = population
+        self.module = module
+        self.size = population.size
+        self.batch = batch
+        self.owned: dict[int, _Owned] = {}
+        self._mode: _RowsMode | None = None
+        paired = bool(population.antithetic) and self.size % 2 == 0
+        for name, t in module.named_parameters(remove_duplicate=False):
+            if id(t) in self.owned or not population.owns(t):
+                continue
+            noise = population.entry(t).noise
+            if noise.is_low_rank:
+                o = _Owned(name, t, True, get_factors=functools.partial(population.lowrank_factors, t))
+                if fused_available(t):
+                    origin = population.noise_source(t)
+                    source = OnTheFly(population.fill_noise)
+                    if origin is not None:
+                        key, generation, index = origin
+                        source = OnTheFly(population.fill_noise, key, generation, index,
+                                          noise.rank, paired)
+                    o.fused = (
+                        noise.a, noise.b,
+                        population.member_table("pairs", t.device, torch.int64),
+                        population.coefficients(t, noise.factor_scale), source,
+                    )
+            else:
+                o = _Owned(name, t, False, get_values=functools.partial(population.perturbed, t))
+            self.owned[id(t)] = o
+
+    # ------------------------------------------------------------------ batches
+    def repeat(self, x: Any) -> Any:
+        """Inputs shared by every member, ``(B, ...)``, as one batch ``(P * B, ...)``
+        (member-major; nested structures of tensors too)."""
+        def tile(t: torch.Tensor) -> torch.Tensor:
+            self._set_batch(t.shape[0])
+            return t.repeat(self.size, *([1] * (t.dim() - 1)))
+
+        return pytree.tree_map(lambda t: tile(t) if isinstance(t, torch.Tensor) else t, x)
+
+    def flatten(self, x: Any) -> Any:
+        """Per-member inputs ``(P, B, ...)`` as one batch ``(P * B, ...)``."""
+        def flat(t: torch.Tensor) -> torch.Tensor:
+            if t.dim() < 2 or t.shape[0] != self.size:
+                raise ValueError(
+                    f"Invalid per-member input: expected a shape (P={self.size}, B, ...), got "
+                    f"{tuple(t.shape)}"
+                )
+            self._set_batch(t.shape[1])
+            return t.reshape(self.size * t.shape[1], *t.shape[2:])
+
+        return pytree.tree_map(lambda t: flat(t) if isinstance(t, torch.Tensor) else t, x)
+
+    def split(self, x: Any) -> Any:
+        """Outputs ``(P * B, ...)`` as ``(P, B, ...)`` (other leaves are returned as they are)."""
+        def split(t: torch.Tensor) -> torch.Tensor:
+            if t.dim() == 0 or t.shape[0] % self.size:
+                return t
+            return t.reshape(self.size, t.shape[0] // self.size, *t.shape[1:])
+
+        return pytree.tree_map(lambda t: split(t) if isinstance(t, torch.Tensor) else t, x)
+
+    def _set_batch(self, b: int) -> None:
+        if self.batch is not None and self.batch != b:
+            raise ValueError(
+                f"Invalid batch: the rows already hold {self.batch} rows per member, got {b}"
+            )
+        self.batch = b
+
+    @property
+    def total(self) -> int | None:
+        """``P * B``, the rows of one batch, once known."""
+        return None if self.batch is None else self.size * self.batch
+
+    # ------------------------------------------------------------------ context
+    def __enter__(self) -> Rows:
+        self._mode = _RowsMode(self)
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        assert self._mode is not None
+        self._mode.__exit__(*exc)
+        self._mode = None
+
+    # ------------------------------------------------------------------ row helpers
+    def group(self, t: torch.Tensor, o: _Owned, op: str) -> torch.Tensor:
+        """``t`` ``(P * B * k, ...)`` as ``(P, B * k, ...)``: its first dimension is the batch,
+        possibly flattened with the next ones (``x.view(-1, d)`` of a ``(P * B, T, d)``
+        batch-first tensor, as GPT-2's ``Conv1D`` does); errors naming ``o`` and ``op`` when it
+        is not a multiple of the batch."""
+        n = t.shape[0] if t.dim() else 0
+        if self.batch is None and n and n % self.size == 0:
+            self.batch = n // self.size
+        if self.total is None or n == 0 or n % self.total:
+            raise RowsAttributionError(
+                f"rows forward: parameter {o.name!r} meets, in {op}, a tensor whose first "
+                f"dimension ({n}) is not a multiple of the batch of {self.size} members x "
+                f"{self.batch} rows; the rows forward needs every batch member-major (batch "
+                "first) in dimension 0"
+            )
+        return t.reshape(self.size, n // self.size, *t.shape[1:])
+
+    def member_values(self, o: _Owned, ndim: int, trailing: int | None = None) -> torch.Tensor:
+        """``o``'s per-member values ``(P, *shape)`` shaped to broadcast against a grouped
+        ``(P, B, *rest)`` tensor, ``ndim = 1 + len(rest)``: ``shape`` right-aligned against
+        ``(B, *rest)`` (so a leading 1 of ``shape`` stands for the batch), or with ``trailing``
+        dimensions of ``rest`` after it (a per-channel bias of a convolution)."""
+        v = o.values()
+        shape = (*v.shape[1:], *([1] * (trailing or 0)))
+        pad = ndim - len(shape)
+        if pad < 0:
+            raise RowsAttributionError(
+                f"rows forward: parameter {o.name!r} of shape {tuple(v.shape[1:])} does not "
+                "broadcast against the rows it meets"
+            )
+        return v.reshape(self.size, *([1] * pad), *shape)
+
+
+# ---------------------------------------------------------------------------- handlers
+def _shared(mode: _RowsMode, t: torch.Tensor | None) -> torch.Tensor | None:
+    """``t`` if it is not owned (used as it is), None if it is (its per-member values are
+    added separately)."""
+    return None if t is None or mode.owned(t) is not None else t
+
+
+def _add_bias(rows: Rows, y3: torch.Tensor, bias: _Owned | None) -> torch.Tensor:
+    if bias is None:
+        return y3
+    return y3 + rows.member_values(bias, y3.dim() - 1)
+
+
+def _h_linear(mode: _RowsMode, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> Any:
+    rows, w, b = mode.rows, mode.owned(weight), mode.owned(bias)
+    if (w is None and b is None) or mode.owned(input) is not None:
+        return NotImplemented
+    key = w or b
+    assert key is not None
+    x3 = rows.group(input, key, "F.linear")
+    lead = x3.shape[:2]
+    x3 = x3.reshape(rows.size, -1, input.shape[-1])  # (P, L, n)
+    if w is not None and w.low_rank:
+        if w.fused is not None and _no_grad(input, weight):
+            a_draws, b_draws, draw, coeff, source = w.fused
+            bias_arg = bias if b is None else b.values()
+            y3 = population_linear(x3, weight, bias_arg, a_draws, b_draws, draw, coeff, source)
+            return y3.reshape(*input.shape[:-1], weight.shape[0])
+        a, bf = w.factors()
+        y3 = F.linear(x3, weight, _shared(mode, bias)) + _ops.linear_correction(x3, a, bf)
+    elif w is not None:  # dense noise: each member's whole matrix
+        y3 = x3 @ w.values().transpose(-1, -2)
+        if bias is not None and b is None:
+            y3 = y3 + bias
+    else:
+        y3 = F.linear(x3, weight, None)
+    y3 = _add_bias(rows, y3, b)
+    return y3.reshape(*lead, *input.shape[1:-1], y3.shape[-1]).reshape(*input.shape[:-1], -1)
+
+
+def _right(mode: _RowsMode, x: torch.Tensor, weight: torch.Tensor, op: str) -> torch.Tensor | None:
+    """``x @ W`` with ``W`` owned (``W`` ``(m, n)`` used as the right operand), or None."""
+    w = mode.owned(weight)
+    if w is None or weight.dim() != 2:
+        return None
+    rows = mode.rows
+    x3 = rows.group(x, w, op).reshape(rows.size, -1, x.shape[-1])
+    if w.low_rank:
+        a, b = w.factors()
+        y3 = torch.matmul(x3, weight) + _ops.right_correction(x3, a, b)
+    else:
+        y3 = x3 @ w.values()
+    return y3.reshape(*x.shape[:-1], weight.shape[-1])
+
+
+def _h_addmm(mode: _RowsMode, input: torch.Tensor, mat1: torch.Tensor, mat2: torch.Tensor, *,
+             beta: Any = 1, alpha: Any = 1, out: Any = None) -> Any:
+    if out is not None or beta != 1 or alpha != 1 or mode.owned(mat1) is not None:
+        return NotImplemented
+    b = mode.owned(input)
+    y = _right(mode, mat1, mat2, "torch.addmm")
+    if y is None:
+        if b is None:
+            return NotImplemented
+        y = mat1 @ mat2
+    if b is None:
+        return y + input
+    rows = mode.rows
+    y3 = rows.group(y, b, "torch.addmm")
+    return (y3 + rows.member_values(b, y3.dim() - 1)).reshape(y.shape)
+
+
+def _h_matmul(mode: _RowsMode, input: torch.Tensor, other: torch.Tensor) -> Any:
+    if mode.owned(input) is not None:
+        return NotImplemented  # W @ x: not a per-row use
+    y = _right(mode, input, other, "matmul")
+    return NotImplemented if y is None else y
+
+
+def _h_embedding(mode: _RowsMode, input: torch.Tensor, weight: torch.Tensor, padding_idx: int | None = None,
+                 max_norm: float | None = None, norm_type: float = 2.0, scale_grad_by_freq: bool = False,
+                 sparse: bool = False) -> Any:
+    w = mode.owned(weight)
+    if w is None or max_norm is not None:
+        return NotImplemented  # max_norm renormalizes rows of the weight in place
+    rows = mode.rows
+    ids = input
+    if ids.dim() and ids.shape[0] == 1 and rows.total not in (None, 1):
+        ids = ids.expand(rows.total, *ids.shape[1:])  # shared ids (position tables)
+    ids3 = rows.group(ids, w, "F.embedding")
+    if w.low_rank:
+        a, b = w.factors()
+        out = F.embedding(ids3, weight, padding_idx) + _ops.embedding_correction(
+            ids3, a.to(weight.dtype), b.to(weight.dtype)
+        )
+    else:
+        table = w.values()  # (P, V, D)
+        vocab = table.shape[1]
+        offset = torch.arange(rows.size, device=ids.device).view(-1, *([1] * (ids3.dim() - 1)))
+        out = F.embedding(ids3 + offset * vocab, table.reshape(-1, table.shape[-1]))
+    return out.reshape(*ids.shape, weight.shape[-1])
+
+
+def _conv(conv: Callable[..., torch.Tensor], name: str) -> Callable[..., Any]:
+    def handler(mode: _RowsMode, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                stride: Any = 1, padding: Any = 0, dilation: Any = 1, groups: int = 1) -> Any:
+        w, b = mode.owned(weight), mode.owned(bias)
+        if (w is None and b is None) or groups != 1 or mode.owned(input) is not None:
+            return NotImplemented
+        rows = mode.rows
+        key = w or b
+        assert key is not None
+        x3 = rows.group(input, key, name)
+        y = conv(input, weight, _shared(mode, bias), stride, padding, dilation)
+        y3 = y.reshape(rows.size, -1, *y.shape[1:])
+        if w is not None:
+            if not w.low_rank:
+                return NotImplemented  # dense kernels: the materialized reference
+            a, bf = w.factors()
+            y3 = y3 + _ops.conv_correction(conv, x3, a, bf, tuple(weight.shape[2:]), stride, padding, dilation)
+        if b is not None:
+            y3 = y3 + rows.member_values(b, y3.dim() - 1, trailing=y3.dim() - 3)
+        return y3.reshape(y.shape)
+
+    return handler
+
+
+def _h_layer_norm(mode: _RowsMode, input: torch.Tensor, normalized_shape: Any, weight: torch.Tensor | None = None,
+                  bias: torch.Tensor | None = None, eps: float = 1e-5) -> Any:
+    w, b = mode.owned(weight), mode.owned(bias)
+    if w is None and b is None:
+        return NotImplemented
+    rows = mode.rows
+    y = F.layer_norm(input, normalized_shape, _shared(mode, weight), _shared(mode, bias), eps)
+    return _affine(rows, y, w, b, "F.layer_norm")
+
+
+def _affine(rows: Rows, y: torch.Tensor, w: _Owned | None, b: _Owned | None, op: str,
+            trailing: int | None = None) -> torch.Tensor:
+    key = w or b
+    assert key is not None
+    y3 = rows.group(y, key, op)
+    if w is not None:
+        y3 = y3 * rows.member_values(w, y3.dim() - 1, trailing)
+    if b is not None:
+        y3 = y3 + rows.member_values(b, y3.dim() - 1, trailing)
+    return y3.reshape(y.shape)
+
+
+def _h_rms_norm(mode: _RowsMode, input: torch.Tensor, normalized_shape: Any, weight: torch.Tensor | None = None,
+                eps: float | None = None) -> Any:
+    w = mode.owned(weight)
+    if w is None:
+        return NotImplemented
+    y = F.rms_norm(input, normalized_shape, None, eps)
+    return _affine(mode.rows, y, w, None, "F.rms_norm")
+
+
+def _h_group_norm(mode: _RowsMode, input: torch.Tensor, num_groups: int, weight: torch.Tensor | None = None,
+                  bias: torch.Tensor | None = None, eps: float = 1e-5) -> Any:
+    w, b = mode.owned(weight), mode.owned(bias)
+    if w is None and b is None:
+        return NotImplemented
+    y = F.group_norm(input, num_groups, _shared(mode, weight), _shared(mode, bias), eps)
+    return _affine(mode.rows, y, w, b, "F.group_norm", trailing=input.dim() - 2)
+
+
+def _h_batch_norm(mode: _RowsMode, input: torch.Tensor, running_mean: torch.Tensor | None,
+                  running_var: torch.Tensor | None, weight: torch.Tensor | None = None,
+                  bias: torch.Tensor | None = None, training: bool = False, momentum: float = 0.1,
+                  eps: float = 1e-5) -> Any:
+    rows = mode.rows
+    w, b = mode.owned(weight), mode.owned(bias)
+    if not training and w is None and b is None:
+        return NotImplemented
+    trailing = input.dim() - 2
+    if training:
+        # Each member's statistics, over its own rows and positions; the running statistics
+        # are left alone (as the vmap forward leaves them).
+        if rows.total is None or input.shape[0] != rows.total:
+            key = w or b or _Owned("batch_norm statistics", input, False)
+            x3 = rows.group(input, key, "F.batch_norm")
+        else:
+            x3 = input.reshape(rows.size, -1, *input.shape[1:])
+        dims = [1, *range(3, x3.dim())]
+        mean = x3.mean(dim=dims, keepdim=True)
+        var = x3.var(dim=dims, unbiased=False, keepdim=True)
+        y = ((x3 - mean) * torch.rsqrt(var + eps)).reshape(input.shape)
+    else:
+        y = F.batch_norm(input, running_mean, running_var, None, None, False, momentum, eps)
+    shape = [1, -1] + [1] * trailing
+    if weight is not None and w is None:
+        y = y * weight.reshape(shape)
+    if bias is not None and b is None:
+        y = y + bias.reshape(shape)
+    if w is None and b is None:
+        return y
+    return _affine(rows, y, w, b, "F.batch_norm", trailing=trailing)
+
+
+def _elementwise(op: Callable[..., torch.Tensor], name: str, reflected: bool = False) -> Callable[..., Any]:
+    """``op(input, other)`` with an owned dense tensor on either side: member ``p``'s value where
+    the other side holds rows; a derived per-member tensor where it does not (``1 + weight``)."""
+
+    def handler(mode: _RowsMode, input: Any, other: Any, *, alpha: Any = 1) -> Any:
+        lhs, rhs = (other, input) if reflected else (input, other)
+
+        def call(x: Any, y: Any) -> Any:
+            return op(x, y) if alpha == 1 else op(x, y, alpha=alpha)
+
+        ol, orr = mode.owned(lhs), mode.owned(rhs)
+        o = ol or orr
+        if o is None or (ol is not None and orr is not None) or o.low_rank:
+            return NotImplemented
+        rows = mode.rows
+        plain = rhs if o is ol else lhs
+        if isinstance(plain, torch.Tensor) and plain.dim() and rows.total is not None \
+                and plain.shape[0] % rows.total == 0 and plain.dim() >= o.tensor.dim():
+            p3 = rows.group(plain, o, name)
+            v = rows.member_values(o, p3.dim() - 1)
+            out = call(v, p3) if o is ol else call(p3, v)
+            return out.reshape(plain.shape[0], *out.shape[2:])
+        # The rows are not involved: a per-member tensor derived from the owned one.
+        centre = call(lhs, rhs)
+        v = o.values()
+        values = call(v, plain) if o is ol else call(plain, v)
+        derived = _Owned(f"{o.name} ({name})", centre, False, get_values=lambda: values)
+        rows.owned[id(centre)] = derived
+        return centre
+
+    return handler
+
+
+def _h_expand(mode: _RowsMode, self: torch.Tensor, *sizes: Any) -> Any:
+    o = mode.owned(self)
+    if o is None or o.low_rank:
+        return NotImplemented
+    rows = mode.rows
+    shape = list(sizes[0]) if len(sizes) == 1 and isinstance(sizes[0], (list, tuple, torch.Size)) else list(sizes)
+    if shape and rows.total is not None and shape[0] == rows.total:
+        v = o.values()  # (P, 1, ...): member p's value for each of its rows
+        target = [rows.size, rows.total // rows.size] + [
+            v.shape[i + 1] if s == -1 else s for i, s in enumerate(shape[1:], start=1)
+        ]
+        return v.unsqueeze(1).reshape(rows.size, 1, *v.shape[2:]).expand(*target).reshape(rows.total, *target[2:])
+    return NotImplemented
+
+
+def _h_to(mode: _RowsMode, self: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+    """``Tensor.to`` / ``float`` / ``type_as`` of an owned dense tensor: a derived per-member
+    tensor converted alike."""
+    o = mode.owned(self)
+    if o is None:
+        return NotImplemented
+    centre = self.to(*args, **kwargs)
+    if centre is self:
+        return self
+    if o.low_rank:
+        return NotImplemented
+    values = o.values().to(*args, **kwargs)
+    mode.rows.owned[id(centre)] = _Owned(o.name, centre, False, get_values=lambda: values)
+    return centre
+
+
+def _no_grad(*tensors: torch.Tensor) -> bool:
+    return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+
+
+_RowsMode.HANDLERS = register({
+    F.linear: _h_linear,
+    torch.addmm: _h_addmm,
+    torch.matmul: _h_matmul,
+    torch.mm: _h_matmul,
+    torch.Tensor.__matmul__: _h_matmul,
+    torch.Tensor.matmul: _h_matmul,
+    F.embedding: _h_embedding,
+    F.conv1d: _conv(F.conv1d, "F.conv1d"),
+    F.conv2d: _conv(F.conv2d, "F.conv2d"),
+    F.conv3d: _conv(F.conv3d, "F.conv3d"),
+    F.layer_norm: _h_layer_norm,
+    F.rms_norm: _h_rms_norm,
+    F.group_norm: _h_group_norm,
+    F.batch_norm: _h_batch_norm,
+    torch.mul: _elementwise(torch.mul, "mul"),
+    torch.Tensor.mul: _elementwise(torch.mul, "mul"),
+    torch.Tensor.__mul__: _elementwise(torch.mul, "mul"),
+    torch.Tensor.__rmul__: _elementwise(torch.mul, "mul", reflected=True),
+    torch.add: _elementwise(torch.add, "add"),
+    torch.Tensor.add: _elementwise(torch.add, "add"),
+    torch.Tensor.__add__: _elementwise(torch.add, "add"),
+    torch.Tensor.__radd__: _elementwise(torch.add, "add", reflected=True),
+    torch.sub: _elementwise(torch.sub, "sub"),
+    torch.Tensor.sub: _elementwise(torch.sub, "sub"),
+    torch.Tensor.__sub__: _elementwise(torch.sub, "sub"),
+    torch.Tensor.__rsub__: _elementwise(operator.sub, "sub", reflected=True),
+    torch.div: _elementwise(torch.div, "div"),
+    torch.Tensor.div: _elementwise(torch.div, "div"),
+    torch.Tensor.__truediv__: _elementwise(torch.div, "div"),
+    torch.Tensor.expand: _h_expand,
+    torch.Tensor.to: _h_to,
+    torch.Tensor.float: lambda mode, self, *a, **k: _h_to(mode, self, torch.float32),
+    torch.Tensor.type_as: lambda mode, self, other: _h_to(mode, self, other.dtype),
+})
