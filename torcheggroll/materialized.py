@@ -176,7 +176,17 @@ def vmap_members(
 
     in_dims = (0,) * len(m_at) + (0 if per_member else None,) * len(d_at)
     inputs = [m_leaves[i] for i in m_at] + [d_leaves[i] for i in d_at]
-    flat = iter(torch.func.vmap(flat_fn, in_dims=in_dims, randomness=randomness)(*inputs))
+    try:
+        flat = iter(torch.func.vmap(flat_fn, in_dims=in_dims, randomness=randomness)(*inputs))
+    except RuntimeError as exc:
+        if "data-dependent control flow" not in str(exc):
+            raise
+        raise RuntimeError(
+            f"{exc}\n\nThe model branches on the values of per-member tensors, which a vmapped "
+            "forward cannot do (attention masks built from per-member inputs, generate loops). "
+            "Run the population as rows of one batch instead: population.forward(model, ..., "
+            "path='rows') or `with population.rows(model) as rows: ...`"
+        ) from exc
     tree, others = spec
     leaves = [next(flat) if x is _TENSOR else _no_escapes(x) for x in others]
     return pytree.tree_unflatten(leaves, tree)

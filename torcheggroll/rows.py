@@ -370,11 +370,15 @@ def _conv(conv: Callable[..., torch.Tensor], name: str) -> Callable[..., Any]:
         x3 = rows.group(input, key, name)
         y = conv(input, weight, _shared(mode, bias), stride, padding, dilation)
         y3 = y.reshape(rows.size, -1, *y.shape[1:])
-        if w is not None:
-            if not w.low_rank:
-                return NotImplemented  # dense kernels: the materialized reference
+        if w is not None and w.low_rank:
             a, bf = w.factors()
             y3 = y3 + _ops.conv_correction(conv, x3, a, bf, tuple(weight.shape[2:]), stride, padding, dilation)
+        elif w is not None:  # dense noise: each member's whole kernel, as one grouped conv
+            k = w.values() - weight  # (P, out, in, *k): the members' perturbations
+            n, p = x3.shape[1], rows.size
+            xs = x3.transpose(0, 1).reshape(n, p * x3.shape[2], *x3.shape[3:])
+            d = conv(xs, k.reshape(p * k.shape[1], *k.shape[2:]), None, stride, padding, dilation, p)
+            y3 = y3 + d.reshape(n, p, -1, *d.shape[2:]).transpose(0, 1)
         if b is not None:
             y3 = y3 + rows.member_values(b, y3.dim() - 1, trailing=y3.dim() - 3)
         return y3.reshape(y.shape)

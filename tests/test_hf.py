@@ -1,0 +1,210 @@
+"""Hugging Face transformers models, built from tiny configs (no download), through both
+population forwards and through one batched ``generate`` of the whole population.
+
+The references are independent of the library's forward code: each member's parameters
+(``population.stacked``) copied into a plain copy of the model, run (or asked to ``generate``)
+member by member. float64 throughout, so the comparisons are exact to rounding.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from torcheggroll import EggrollOptimizer
+from torcheggroll.rows import RowsAttributionError
+
+transformers = pytest.importorskip("transformers")
+
+POP = 4
+
+
+def _llama() -> nn.Module:
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return transformers.LlamaForCausalLM(cfg)
+
+
+def _qwen2() -> nn.Module:
+    cfg = transformers.Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return transformers.Qwen2ForCausalLM(cfg)
+
+
+def _gpt2() -> nn.Module:
+    return transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4,
+                                                                n_positions=64))
+
+
+def _bert() -> nn.Module:
+    cfg = transformers.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                  intermediate_size=48, max_position_embeddings=64, num_labels=3)
+    return transformers.BertForSequenceClassification(cfg)
+
+
+def _vit() -> nn.Module:
+    cfg = transformers.ViTConfig(image_size=16, patch_size=4, num_channels=3, hidden_size=32, num_hidden_layers=2,
+                                 num_attention_heads=4, intermediate_size=48, num_labels=3)
+    return transformers.ViTForImageClassification(cfg)
+
+
+def _resnet() -> nn.Module:
+    cfg = transformers.ResNetConfig(num_channels=3, embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], num_labels=3)
+    return transformers.ResNetForImageClassification(cfg)
+
+
+def _text(batch: int = 2) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(7)
+    ids = torch.randint(1, 64, (batch, 7), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0  # left padding
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def _images(size: int) -> Callable[[], dict[str, torch.Tensor]]:
+    return lambda: {"pixel_values": torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(7)).double()}
+
+
+MODELS: list[tuple[str, Callable[[], nn.Module], Callable[[], dict[str, torch.Tensor]]]] = [
+    ("llama", _llama, _text), ("qwen2", _qwen2, _text), ("gpt2", _gpt2, _text), ("bert", _bert, _text),
+    ("vit", _vit, _images(16)), ("resnet-eval", _resnet, _images(32)),
+]
+DECODERS = [m for m in MODELS if m[0] in ("llama", "qwen2", "gpt2")]
+
+
+def _setup(factory: Callable[[], nn.Module], train: bool = False) -> tuple[nn.Module, EggrollOptimizer]:
+    torch.manual_seed(0)
+    model = factory().double().train(train)
+    return model, EggrollOptimizer(model.parameters(), sigma=0.05, rank=2, pop_size=POP, seed=1)
+
+
+def _member_models(population: Any, model: nn.Module) -> list[nn.Module]:
+    """Plain copies of ``model``, one per member, with that member's parameters."""
+    stacked = population.stacked(model)
+    members = []
+    for j in range(len(population)):
+        m = copy.deepcopy(model)
+        with torch.no_grad():
+            for name, t in list(m.named_parameters()) + list(m.named_buffers()):
+                t.copy_(stacked[name][j])
+        members.append(m)
+    return members
+
+
+@pytest.mark.parametrize("case", MODELS, ids=[m[0] for m in MODELS])
+def test_logits_of_both_forwards_equal_each_member_in_a_plain_model(case: Any) -> None:
+    _, factory, inputs = case
+    model, opt = _setup(factory)
+    kw = inputs()
+    population = opt.population()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # vmap's fallbacks for unbatched kernels, dropped caches
+        expected = torch.stack([m(**kw).logits for m in _member_models(population, model)])
+        rows = population.forward(model, **kw, path="rows").logits
+        vmapped = population.forward(model, **kw, path="lowrank").logits  # no fallback anywhere
+    torch.testing.assert_close(rows, expected, rtol=0, atol=1e-12)
+    torch.testing.assert_close(vmapped, expected, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("case", DECODERS, ids=[m[0] for m in DECODERS])
+def test_one_batched_generate_gives_every_member_its_own_greedy_tokens(case: Any) -> None:
+    _, factory, inputs = case
+    model, opt = _setup(factory)
+    kw = inputs()
+    population = opt.population()
+    settings = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        with population.rows(model) as rows:
+            out = model.generate(rows.repeat(kw["input_ids"]), attention_mask=rows.repeat(kw["attention_mask"]),
+                                 **settings)
+        tokens = rows.split(out)  # (P, B, T)
+        for j, member in enumerate(_member_models(population, model)):
+            ref = member.generate(**kw, **settings)
+            # A member whose rows all end early stops early alone; in the batch it is padded
+            # while the others go on.
+            assert torch.equal(tokens[j][:, : ref.shape[1]], ref)
+            assert bool((tokens[j][:, ref.shape[1] :] == settings["pad_token_id"]).all())
+    # Members differ (the perturbations matter), so the test would notice crossed rows.
+    assert not all(torch.equal(tokens[0], tokens[j]) for j in range(1, POP))
+
+
+def test_sampled_generate_with_a_cache_runs_per_member_rows() -> None:
+    model, opt = _setup(_gpt2)
+    kw = _text()
+    population = opt.population()
+    torch.manual_seed(3)
+    with torch.no_grad(), population.rows(model) as rows:
+        out = model.generate(rows.repeat(kw["input_ids"]), attention_mask=rows.repeat(kw["attention_mask"]),
+                             max_new_tokens=5, do_sample=True, top_k=8, pad_token_id=0, use_cache=True)
+    assert out.shape == (POP * 2, 12) and torch.equal(rows.split(out)[:, :, :7], kw["input_ids"].expand(POP, 2, 7))
+
+
+def test_per_member_prompts_and_masks_through_rows() -> None:
+    """Per-member inputs with attention masks: transformers' mask code branches on values, which
+    a vmapped forward cannot run; the rows forward runs it as plain inference does."""
+    model, opt = _setup(_llama)
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(1, 64, (POP, 2, 6), generator=g)
+    mask = torch.ones_like(ids)
+    mask[:, 0, :3] = 0
+    population = opt.population()
+    with torch.no_grad():
+        out = population.forward(model, input_ids=ids, attention_mask=mask, per_member=True, path="rows").logits
+        members = _member_models(population, model)
+        for j in range(POP):
+            ref = members[j](input_ids=ids[j], attention_mask=mask[j]).logits
+            torch.testing.assert_close(out[j], ref, rtol=0, atol=1e-12)
+        with pytest.raises(RuntimeError, match="path='rows'"):
+            population.forward(model, input_ids=ids, attention_mask=mask, per_member=True)
+
+
+def test_the_vmap_forward_drops_a_kv_cache_with_a_warning() -> None:
+    model, opt = _setup(_gpt2)
+    with torch.no_grad(), pytest.warns(UserWarning, match="KV cache"):
+        out = opt.population().forward(model, **_text(), use_cache=True)
+    assert out.past_key_values is None and out.logits.shape[0] == POP
+
+
+def test_resnet_in_training_mode_normalizes_each_member_by_its_own_rows() -> None:
+    model, opt = _setup(_resnet, train=True)
+    kw = _images(32)()
+    population = opt.population()
+    with torch.no_grad():
+        expected = torch.stack([m(**kw).logits for m in _member_models(population, model)])
+        rows = population.forward(model, **kw, path="rows").logits
+    torch.testing.assert_close(rows, expected, rtol=0, atol=1e-10)
+
+
+def test_t5s_relative_position_table_is_refused_by_rows_not_misattributed() -> None:
+    cfg = transformers.T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4,
+                                decoder_start_token_id=0)
+    model, opt = _setup(lambda: transformers.T5ForConditionalGeneration(cfg))
+    ids = torch.randint(0, 64, (2, 7))
+    with torch.no_grad(), pytest.raises(RowsAttributionError, match="relative_attention_bias"):
+        opt.population().forward(model, input_ids=ids, decoder_input_ids=ids[:, :5], path="rows")
+
+
+def test_es_lowers_a_language_model_loss_through_rows() -> None:
+    model, _ = _setup(_gpt2)
+    model.float()
+    opt = EggrollOptimizer(model.parameters(), lr=0.5, sigma=0.02, rank=2, pop_size=8, seed=0)
+    ids = _text(4)["input_ids"]
+
+    def lm_losses(logits: torch.Tensor) -> torch.Tensor:  # (P, B, T, V) -> (P,)
+        logp = logits[:, :, :-1].log_softmax(-1)
+        return -logp.gather(-1, ids[None, :, 1:, None].expand(logits.shape[0], -1, -1, 1)).mean(dim=(1, 2, 3))
+
+    def closure(population: Any) -> torch.Tensor:
+        return lm_losses(population.forward(model, input_ids=ids, path="rows").logits)
+
+    with torch.no_grad():
+        start = float(lm_losses(model(input_ids=ids).logits[None]))
+        for _ in range(15):
+            opt.step(closure)
+        assert float(lm_losses(model(input_ids=ids).logits[None])) < start - 0.05
