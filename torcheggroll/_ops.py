@@ -25,17 +25,27 @@ def _groups(a: torch.Tensor) -> int:
     return a.dim() - 2
 
 
-def linear_correction(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``(x b) a^T``: the rank-r part of ``x W^T`` (``nn.Linear``'s layout, ``W`` ``(m, n)``).
+def linear_correction(
+    x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, base: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``(x b) a^T``: the rank-r part of ``x W^T`` (``nn.Linear``'s layout, ``W`` ``(m, n)``),
+    added to ``base`` (the shared product, same shape as the result) when given.
 
     ``x`` is ``(*G, ..., n)`` for factors ``a`` ``(*G, m, r)``, ``b`` ``(*G, n, r)``; returns
     ``(*G, ..., m)``.
     """
     g = _groups(a)
-    lead, n = x.shape[:g], x.shape[-1]
+    lead, n, m = x.shape[:g], x.shape[-1], a.shape[-2]
     rows = x.reshape(*lead, -1, n)
-    out = (rows @ b.to(x.dtype)) @ a.to(x.dtype).transpose(-1, -2)
-    return out.reshape(*x.shape[:-1], a.shape[-2])
+    h = rows @ b.to(x.dtype)
+    a_t = a.to(x.dtype).transpose(-1, -2)
+    if base is None:
+        return (h @ a_t).reshape(*x.shape[:-1], m)
+    if g == 0:
+        return torch.addmm(base.reshape(-1, m), h, a_t).reshape(*x.shape[:-1], m)
+    if g == 1:
+        return torch.baddbmm(base.reshape(*lead, -1, m), h, a_t).reshape(*x.shape[:-1], m)
+    return base + (h @ a_t).reshape(*x.shape[:-1], m)
 
 
 def right_correction(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -146,7 +146,7 @@ class _Factor:
                 out = lowrank_linear(x, w, bias, a_draws, self.b_draws, self.draw, self.coeff)
             return out
         a = self.a if rows is None else self.a[rows]
-        return F.linear(x, w, bias) + _ops.linear_correction(x, a, self.b)
+        return _ops.linear_correction(x, a, self.b, base=F.linear(x, w, bias))
 
 
 def _fusable(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> bool:

@@ -94,9 +94,14 @@ class _RowsMode(HandlerMode):
 
     def __torch_function__(self, func: Callable[..., Any], types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
-        # Most operations of a model touch no owned tensor: let them through at once.
-        if func not in _ALWAYS and not self._owned_in(args, kwargs):
-            return func(*args, **kwargs)
+        # Most operations of a model touch no owned tensor: let them through at once (a cheap
+        # look at the top-level arguments first; lists, as torch.cat's, are looked into after).
+        if func not in _ALWAYS:
+            ids = self.rows.owned
+            hit = any(id(a) in ids for a in args) or any(id(v) in ids for v in kwargs.values())
+            nested = any(type(a) in (list, tuple) for a in args)
+            if not hit and (not nested or not self._owned_in(args, kwargs)):
+                return func(*args, **kwargs)
         return super().__torch_function__(func, types, args, kwargs)
 
     def decline(self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -284,7 +289,7 @@ def _h_linear(mode: _RowsMode, input: torch.Tensor, weight: torch.Tensor, bias: 
             y3 = population_linear(x3, weight, bias_arg, a_draws, b_draws, draw, coeff, source)
             return y3.reshape(*input.shape[:-1], weight.shape[0])
         a, bf = w.factors()
-        y3 = F.linear(x3, weight, _shared(mode, bias)) + _ops.linear_correction(x3, a, bf)
+        y3 = _ops.linear_correction(x3, a, bf, base=F.linear(x3, weight, _shared(mode, bias)))
     elif w is not None:  # dense noise: each member's whole matrix
         y3 = x3 @ w.values().transpose(-1, -2)
         if bias is not None and b is None:
