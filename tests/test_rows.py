@@ -138,9 +138,8 @@ class Misuse(nn.Module):
 @pytest.mark.parametrize("how", ["sum", "not-a-batch"])
 def test_an_unattributable_use_raises_naming_parameter_and_operation(how: str) -> None:
     model, opt = _setup(lambda: Misuse(how))
-    with pytest.raises(RowsAttributionError, match=r"'lin\.weight'.*(sum|F\.linear)"):
-        with torch.no_grad():
-            opt.population().forward(model, torch.randn(4, 6).double(), path="rows")
+    with pytest.raises(RowsAttributionError, match=r"'lin\.weight'.*(sum|F\.linear)"), torch.no_grad():
+        opt.population().forward(model, torch.randn(4, 6).double(), path="rows")
 
 
 def test_es_trains_through_the_rows_forward() -> None:
