@@ -45,8 +45,16 @@ def test_capturable_steps_equal_the_default_steps(shaping: str) -> None:
     runs = []
     for capturable in (False, True):
         model = mlp()
-        opt = EggrollOptimizer(model.parameters(), lr=0.1, sigma=0.05, pop_size=8, seed=5,
-                               shaping=shaping, weight_decay=0.01, capturable=capturable)
+        opt = EggrollOptimizer(
+            model.parameters(),
+            lr=0.1,
+            sigma=0.05,
+            pop_size=8,
+            seed=5,
+            shaping=shaping,
+            weight_decay=0.01,
+            capturable=capturable,
+        )
         for _ in range(4):
             opt.step(closure_for(model, x, y))
         runs.append((params(model), opt.last_losses, opt.generation))

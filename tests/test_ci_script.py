@@ -28,7 +28,8 @@ if [ "$1" = "-m" ] && [ "$2" = "venv" ]; then
     mkdir -p "$3/bin"
     printf 'export PATH="%s/bin:$PATH"\\n' "$3" > "$3/bin/activate"
     for tool in python ruff mypy; do
-        printf '#!/usr/bin/env bash\\nsleep "${FAKE_SLEEP:-0}"\\nexit "${FAKE_RC:-0}"\\n' > "$3/bin/$tool"
+        printf '#!/usr/bin/env bash\\nsleep "${FAKE_SLEEP:-0}"\\nexit "${FAKE_RC:-0}"\\n' \\
+            > "$3/bin/$tool"
         chmod +x "$3/bin/$tool"
     done
     head -c 100000 /dev/zero > "$3/payload"
@@ -54,7 +55,9 @@ def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
 @pytest.mark.parametrize("rc", ["0", "1"])
 def test_ci_run_removes_its_temporary_venv(tmp_path, rc):
     env = _env(tmp_path, FAKE_RC=rc)
-    proc = subprocess.run(["bash", str(CI_RUN)], env=env, capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        ["bash", str(CI_RUN)], env=env, capture_output=True, text=True, timeout=60
+    )
     assert proc.returncode == int(rc), proc.stderr
     assert list((tmp_path / "tmp").iterdir()) == []
 
@@ -77,7 +80,9 @@ def test_ci_run_removes_its_temporary_venv_when_interrupted(tmp_path, sig):
 def test_ci_run_keeps_a_user_venv(tmp_path, rc):
     venv = tmp_path / "my venv"
     env = _env(tmp_path, FAKE_RC=rc, CI_VENV=str(venv))
-    proc = subprocess.run(["bash", str(CI_RUN)], env=env, capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        ["bash", str(CI_RUN)], env=env, capture_output=True, text=True, timeout=60
+    )
     assert proc.returncode == int(rc), proc.stderr
     assert (venv / "payload").exists()
     assert list((tmp_path / "tmp").iterdir()) == []

@@ -44,7 +44,9 @@ def make_data() -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(16, 5, generator=g), torch.randn(16, 3, generator=g)
 
 
-def make_opt(model: nn.Module, pop_size: int, seed: int | None = 7, **kwargs: Any) -> EggrollOptimizer:
+def make_opt(
+    model: nn.Module, pop_size: int, seed: int | None = 7, **kwargs: Any
+) -> EggrollOptimizer:
     return EggrollOptimizer(
         model.parameters(), lr=0.1, sigma=0.05, rank=2, pop_size=pop_size, seed=seed, **kwargs
     )

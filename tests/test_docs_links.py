@@ -1,4 +1,5 @@
-"""The documentation stands on its own: relative links resolve, and nothing points outside the repository."""
+"""The documentation stands on its own: relative links resolve, and nothing points outside the
+repository."""
 
 from __future__ import annotations
 
@@ -8,10 +9,21 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-MARKDOWN = sorted([ROOT / "README.md", ROOT / "CHANGELOG.md", *(ROOT / "docs").glob("*.md"),
-                   *(ROOT / "examples").rglob("*.md"), *(ROOT / "benchmarks").rglob("*.md")])
-SOURCES = sorted(p for d in ("torcheggroll", "examples", "benchmarks", "tests", ".ci")
-                 for p in (ROOT / d).rglob("*") if p.suffix in {".py", ".sh", ".md", ""} and p.is_file())
+MARKDOWN = sorted(
+    [
+        ROOT / "README.md",
+        ROOT / "CHANGELOG.md",
+        *(ROOT / "docs").glob("*.md"),
+        *(ROOT / "examples").rglob("*.md"),
+        *(ROOT / "benchmarks").rglob("*.md"),
+    ]
+)
+SOURCES = sorted(
+    p
+    for d in ("torcheggroll", "examples", "benchmarks", "tests", ".ci")
+    for p in (ROOT / d).rglob("*")
+    if p.suffix in {".py", ".sh", ".md", ""} and p.is_file()
+)
 LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
 
 

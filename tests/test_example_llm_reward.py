@@ -42,20 +42,63 @@ def test_a_local_checkpoint_with_its_own_tokenizer(llm_reward, tmp_path):
     word-level tokenizer, no download) and asks in words, through the text verifier."""
     from tokenizers import Tokenizer, models, pre_tokenizers
 
-    words = ["<pad>", "<eos>", "<unk>", "What", "is", "+", "?", "Answer", "with", "the", "number", "only", ".",
-             ":", "\n", *[str(d) for d in range(10)]]
+    words = [
+        "<pad>",
+        "<eos>",
+        "<unk>",
+        "What",
+        "is",
+        "+",
+        "?",
+        "Answer",
+        "with",
+        "the",
+        "number",
+        "only",
+        ".",
+        ":",
+        "\n",
+        *[str(d) for d in range(10)],
+    ]
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Digits(individual_digits=True),
-                                                 pre_tokenizers.Punctuation()])
-    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
-    cfg = transformers.LlamaConfig(vocab_size=len(words), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                   num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64,
-                                   bos_token_id=None, eos_token_id=1, pad_token_id=0)
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.WhitespaceSplit(),
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.Punctuation(),
+        ]
+    )
+    fast = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>"
+    )
+    cfg = transformers.LlamaConfig(
+        vocab_size=len(words),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=64,
+        bos_token_id=None,
+        eos_token_id=1,
+        pad_token_id=0,
+    )
     torch.manual_seed(0)
     transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path / "ckpt")
     fast.save_pretrained(tmp_path / "ckpt")
-    res = llm_reward.main(["--model", str(tmp_path / "ckpt"), "--steps", "2", "--pop-size", "4", "--prompts", "3",
-                           "--quiet"])
+    res = llm_reward.main(
+        [
+            "--model",
+            str(tmp_path / "ckpt"),
+            "--steps",
+            "2",
+            "--pop-size",
+            "4",
+            "--prompts",
+            "3",
+            "--quiet",
+        ]
+    )
     assert res["steps_done"] == 2
     assert 0.0 <= res["initial_reward"] <= 1.0 and 0.0 <= res["final_reward"] <= 1.0
 

@@ -61,7 +61,17 @@ def _tolerance(dtype: torch.dtype) -> float:
     return 4 * torch.finfo(dtype).eps
 
 
-def _problem(P: int, R: int, n: int, m: int, r: int, bias: str | None, device: torch.device, dtype: torch.dtype, seed: int = 0):  # type: ignore[no-untyped-def]
+def _problem(
+    P: int,
+    R: int,
+    n: int,
+    m: int,
+    r: int,
+    bias: str | None,
+    device: torch.device,
+    dtype: torch.dtype,
+    seed: int = 0,
+):  # type: ignore[no-untyped-def]
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(P, R, n, generator=g).to(device, dtype)
     w = (torch.randn(m, n, generator=g) / n**0.5).to(device, dtype)
@@ -69,13 +79,19 @@ def _problem(P: int, R: int, n: int, m: int, r: int, bias: str | None, device: t
     b = (torch.randn((P + 1) // 2, n, r, generator=g) / n**0.5).to(device)
     draw = (torch.arange(P) // 2).to(device)
     coeff = torch.randn(P, generator=g).to(device)
-    bb = None if bias is None else torch.randn(m if bias == "shared" else (P, m), generator=g).to(device, dtype)
+    bb = (
+        None
+        if bias is None
+        else torch.randn(m if bias == "shared" else (P, m), generator=g).to(device, dtype)
+    )
     return x, w, bb, a, b, draw, coeff
 
 
 def _reference(x, w, bb, a, b, draw, coeff) -> torch.Tensor:  # type: ignore[no-untyped-def]
     a_p, b_p = fused_linear.member_factors(a, b, draw, coeff, torch.float32)
-    return fused_linear.lowrank_linear_reference(x.float(), w.float(), None if bb is None else bb.float(), a_p, b_p)
+    return fused_linear.lowrank_linear_reference(
+        x.float(), w.float(), None if bb is None else bb.float(), a_p, b_p
+    )
 
 
 # Rows per member that divide the tile, that do not, and that exceed it; odd widths; ranks 1..16;
@@ -95,7 +111,9 @@ CASES = [
 @BOTH
 @pytest.mark.parametrize("backend", fused_linear.GEMM_BACKENDS)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "P{}-R{}-n{}-m{}-r{}-bias{}".format(*c))
-def test_fused_matches_reference(kernels_on: torch.device, backend: str, case: tuple, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_fused_matches_reference(
+    kernels_on: torch.device, backend: str, case: tuple, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(fused_linear, "GEMM_BACKEND", backend)
     for dtype in _dtypes(kernels_on):
         args = _problem(*case, kernels_on, dtype)
@@ -117,8 +135,10 @@ def test_projection_matches_reference(kernels_on: torch.device, P: int, R: int, 
     assert ((h - ref).abs().max() / ref.abs().max()).item() < _tolerance(torch.float16)
 
 
-@pytest.mark.parametrize("block_m, rows, rank_p2, expected", [(128, 16, 4, True), (128, 1, 4, False),
-                                                              (128, 32, 16, True), (128, 16, 16, False)])
+@pytest.mark.parametrize(
+    "block_m, rows, rank_p2, expected",
+    [(128, 16, 4, True), (128, 1, 4, False), (128, 32, 16, True), (128, 16, 16, False)],
+)
 def test_block_diagonal_switch(block_m: int, rows: int, rank_p2: int, expected: bool) -> None:
     pytest.importorskip("triton")
     from torcheggroll._triton_kernels import block_diagonal
@@ -132,7 +152,9 @@ def test_block_diagonal_switch(block_m: int, rows: int, rank_p2: int, expected: 
     rank=st.integers(1, 16),
     tile=st.integers(0, 1000),
 )
-def test_members_per_tile_bounds_every_tile(log_block: int, rows: int, rank: int, tile: int) -> None:
+def test_members_per_tile_bounds_every_tile(
+    log_block: int, rows: int, rank: int, tile: int
+) -> None:
     pytest.importorskip("triton")
     from torcheggroll._triton_kernels import members_per_tile
 
@@ -155,29 +177,53 @@ def test_fused_rejects_mismatched_shapes() -> None:
 def test_op_batching_rule_without_kernels() -> None:
     """The op under vmap (shared or per-member input) equals the per-member composite, also
     where the kernels do not run (float32 on CPU)."""
-    x, w, bb, a, b, draw, coeff = _problem(4, 3, 16, 8, 2, "member", torch.device("cpu"), torch.float32)
-    expected = torch.stack([fused_linear.lowrank_linear_member(x[i], w, bb[i], a, b, draw[i], coeff[i]) for i in range(4)])
-    got = torch.vmap(fused_linear.lowrank_linear, in_dims=(0, None, 0, None, None, 0, 0))(x, w, bb, a, b, draw, coeff)
+    x, w, bb, a, b, draw, coeff = _problem(
+        4, 3, 16, 8, 2, "member", torch.device("cpu"), torch.float32
+    )
+    expected = torch.stack(
+        [
+            fused_linear.lowrank_linear_member(x[i], w, bb[i], a, b, draw[i], coeff[i])
+            for i in range(4)
+        ]
+    )
+    got = torch.vmap(fused_linear.lowrank_linear, in_dims=(0, None, 0, None, None, 0, 0))(
+        x, w, bb, a, b, draw, coeff
+    )
     torch.testing.assert_close(got, expected)
-    shared = torch.vmap(fused_linear.lowrank_linear, in_dims=(None, None, 0, None, None, 0, 0))(x[0], w, bb, a, b, draw, coeff)
-    expected0 = torch.stack([fused_linear.lowrank_linear_member(x[0], w, bb[i], a, b, draw[i], coeff[i]) for i in range(4)])
+    shared = torch.vmap(fused_linear.lowrank_linear, in_dims=(None, None, 0, None, None, 0, 0))(
+        x[0], w, bb, a, b, draw, coeff
+    )
+    expected0 = torch.stack(
+        [
+            fused_linear.lowrank_linear_member(x[0], w, bb[i], a, b, draw[i], coeff[i])
+            for i in range(4)
+        ]
+    )
     torch.testing.assert_close(shared, expected0)
 
 
 def test_batched_shortcut_matches_the_op_and_declines_outside_its_level() -> None:
     """The low-rank forward's shortcut past the operator dispatch gives the batching rule's
     result, and returns None where its inputs are not batched at the innermost vmap level."""
-    x, w, bb, a, b, draw, coeff = _problem(4, 3, 16, 8, 2, "member", torch.device("cpu"), torch.float32)
+    x, w, bb, a, b, draw, coeff = _problem(
+        4, 3, 16, 8, 2, "member", torch.device("cpu"), torch.float32
+    )
     dims = (0, None, 0, None, None, 0, 0)
     expected = torch.vmap(fused_linear.lowrank_linear, in_dims=dims)(x, w, bb, a, b, draw, coeff)
     got = torch.vmap(fused_linear.lowrank_linear_batched, in_dims=dims)(x, w, bb, a, b, draw, coeff)
     torch.testing.assert_close(got, expected)
-    shared_bias = torch.vmap(fused_linear.lowrank_linear_batched, in_dims=(0, None, None, None, None, 0, 0))
+    shared_bias = torch.vmap(
+        fused_linear.lowrank_linear_batched, in_dims=(0, None, None, None, None, 0, 0)
+    )
     torch.testing.assert_close(
         shared_bias(x, w, bb[0], a, b, draw, coeff),
-        torch.vmap(fused_linear.lowrank_linear, in_dims=(0, None, None, None, None, 0, 0))(x, w, bb[0], a, b, draw, coeff),
+        torch.vmap(fused_linear.lowrank_linear, in_dims=(0, None, None, None, None, 0, 0))(
+            x, w, bb[0], a, b, draw, coeff
+        ),
     )
-    assert fused_linear.lowrank_linear_batched(x[0], w, bb[0], a, b, draw[0], coeff[0]) is None  # not under vmap
+    assert (
+        fused_linear.lowrank_linear_batched(x[0], w, bb[0], a, b, draw[0], coeff[0]) is None
+    )  # not under vmap
 
     seen: list[object] = []
 
@@ -185,6 +231,7 @@ def test_batched_shortcut_matches_the_op_and_declines_outside_its_level() -> Non
         def per_row(row: torch.Tensor) -> torch.Tensor:
             seen.append(fused_linear.lowrank_linear_batched(row, w, None, a, b, d, c))
             return row
+
         return torch.vmap(per_row)(xp)
 
     torch.vmap(record)(x, draw, coeff)
@@ -204,7 +251,9 @@ class _Net(nn.Module):
 
 @BOTH
 @pytest.mark.parametrize("per_member", [True, False], ids=["per-member", "broadcast"])
-def test_forward_uses_fused_and_matches_materialized(kernels_on: torch.device, per_member: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_forward_uses_fused_and_matches_materialized(
+    kernels_on: torch.device, per_member: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     calls: list[int] = []
     original = fused_linear.lowrank_linear_fused
 
@@ -230,7 +279,9 @@ def test_forward_uses_fused_and_matches_materialized(kernels_on: torch.device, p
 
 
 @BOTH
-def test_forward_recording_gradients_does_not_use_the_op(kernels_on: torch.device, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_forward_recording_gradients_does_not_use_the_op(
+    kernels_on: torch.device, monkeypatch: pytest.MonkeyPatch
+) -> None:
     calls: list[int] = []
     monkeypatch.setattr(fused_linear, "lowrank_linear_fused", lambda *a: calls.append(1))
     net = nn.Linear(16, 8).to(kernels_on, torch.float16)
@@ -262,19 +313,43 @@ def test_onthefly_rowwise_matches_the_noise_definition(
     g = torch.Generator().manual_seed(rank)
     P, n, m = 6, 72, 40
     seed, generation, index = 2**40 + 5, 3, 7
-    noise = draw_noise((m, n), rank, P // 2 if paired else P, seed=seed, generation=generation,
-                       param_index=index, device="cpu", dtype=torch.float32)
+    noise = draw_noise(
+        (m, n),
+        rank,
+        P // 2 if paired else P,
+        seed=seed,
+        generation=generation,
+        param_index=index,
+        device="cpu",
+        dtype=torch.float32,
+    )
     # One dtype a device: each combination compiles two kernels on CUDA.
     for dtype in [torch.bfloat16 if kernels_on.type == "cuda" else torch.float16]:
         x = torch.randn(P, n, generator=g).to(dtype)
         w = (torch.randn(m, n, generator=g) / n**0.5).to(dtype)
         draw = torch.arange(P) // 2 if paired else torch.arange(P)
         coeff = torch.randn(P, generator=g)
-        b = None if bias is None else torch.randn(m if bias == "shared" else (P, m), generator=g).to(dtype)
-        got = otf.linear_rowwise(
-            x.to(kernels_on), w.to(kernels_on), None if b is None else b.to(kernels_on),
-            draw.to(kernels_on), coeff.to(kernels_on), seed_key(seed), generation, index, rank, paired,
-        ).float().cpu()
+        b = (
+            None
+            if bias is None
+            else torch.randn(m if bias == "shared" else (P, m), generator=g).to(dtype)
+        )
+        got = (
+            otf.linear_rowwise(
+                x.to(kernels_on),
+                w.to(kernels_on),
+                None if b is None else b.to(kernels_on),
+                draw.to(kernels_on),
+                coeff.to(kernels_on),
+                seed_key(seed),
+                generation,
+                index,
+                rank,
+                paired,
+            )
+            .float()
+            .cpu()
+        )
         ref = x.float() @ w.float().T + torch.einsum(
             "pn,pnr,pmr->pm", x.float(), noise.b[draw], noise.a[draw] * coeff.view(-1, 1, 1)
         )
@@ -299,7 +374,9 @@ def test_one_row_per_member_never_fills_the_noise_buffer(
         torch.manual_seed(0)
         net = nn.Sequential(nn.Linear(24, 40, bias=False), nn.ReLU(), nn.Linear(40, 8, bias=False))
         net = net.to(kernels_on, dtype)
-        opt = EggrollOptimizer(net.parameters(), sigma=0.1, rank=4, pop_size=6, seed=3, capturable=True)
+        opt = EggrollOptimizer(
+            net.parameters(), sigma=0.1, rank=4, pop_size=6, seed=3, capturable=True
+        )
         x = torch.randn(6, 1, 24, device=kernels_on, dtype=dtype)
         pop = opt.population()
         calls.clear()

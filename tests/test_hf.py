@@ -26,36 +26,68 @@ POP = 4
 
 
 def _llama() -> nn.Module:
-    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    cfg = transformers.LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
     return transformers.LlamaForCausalLM(cfg)
 
 
 def _qwen2() -> nn.Module:
-    cfg = transformers.Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    cfg = transformers.Qwen2Config(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
     return transformers.Qwen2ForCausalLM(cfg)
 
 
 def _gpt2() -> nn.Module:
-    return transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4,
-                                                                n_positions=64))
+    return transformers.GPT2LMHeadModel(
+        transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=64)
+    )
 
 
 def _bert() -> nn.Module:
-    cfg = transformers.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                  intermediate_size=48, max_position_embeddings=64, num_labels=3)
+    cfg = transformers.BertConfig(
+        vocab_size=64,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=48,
+        max_position_embeddings=64,
+        num_labels=3,
+    )
     return transformers.BertForSequenceClassification(cfg)
 
 
 def _vit() -> nn.Module:
-    cfg = transformers.ViTConfig(image_size=16, patch_size=4, num_channels=3, hidden_size=32, num_hidden_layers=2,
-                                 num_attention_heads=4, intermediate_size=48, num_labels=3)
+    cfg = transformers.ViTConfig(
+        image_size=16,
+        patch_size=4,
+        num_channels=3,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=48,
+        num_labels=3,
+    )
     return transformers.ViTForImageClassification(cfg)
 
 
 def _resnet() -> nn.Module:
-    cfg = transformers.ResNetConfig(num_channels=3, embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], num_labels=3)
+    cfg = transformers.ResNetConfig(
+        num_channels=3, embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], num_labels=3
+    )
     return transformers.ResNetForImageClassification(cfg)
 
 
@@ -68,17 +100,27 @@ def _text(batch: int = 2) -> dict[str, torch.Tensor]:
 
 
 def _images(size: int) -> Callable[[], dict[str, torch.Tensor]]:
-    return lambda: {"pixel_values": torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(7)).double()}
+    return lambda: {
+        "pixel_values": torch.randn(
+            2, 3, size, size, generator=torch.Generator().manual_seed(7)
+        ).double()
+    }
 
 
 MODELS: list[tuple[str, Callable[[], nn.Module], Callable[[], dict[str, torch.Tensor]]]] = [
-    ("llama", _llama, _text), ("qwen2", _qwen2, _text), ("gpt2", _gpt2, _text), ("bert", _bert, _text),
-    ("vit", _vit, _images(16)), ("resnet-eval", _resnet, _images(32)),
+    ("llama", _llama, _text),
+    ("qwen2", _qwen2, _text),
+    ("gpt2", _gpt2, _text),
+    ("bert", _bert, _text),
+    ("vit", _vit, _images(16)),
+    ("resnet-eval", _resnet, _images(32)),
 ]
 DECODERS = [m for m in MODELS if m[0] in ("llama", "qwen2", "gpt2")]
 
 
-def _setup(factory: Callable[[], nn.Module], train: bool = False) -> tuple[nn.Module, EggrollOptimizer]:
+def _setup(
+    factory: Callable[[], nn.Module], train: bool = False
+) -> tuple[nn.Module, EggrollOptimizer]:
     torch.manual_seed(0)
     model = factory().double().train(train)
     return model, EggrollOptimizer(model.parameters(), sigma=0.05, rank=2, pop_size=POP, seed=1)
@@ -121,8 +163,11 @@ def test_one_batched_generate_gives_every_member_its_own_greedy_tokens(case: Any
     settings = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
     with torch.no_grad():
         with population.rows(model) as rows:
-            out = model.generate(rows.repeat(kw["input_ids"]), attention_mask=rows.repeat(kw["attention_mask"]),
-                                 **settings)
+            out = model.generate(
+                rows.repeat(kw["input_ids"]),
+                attention_mask=rows.repeat(kw["attention_mask"]),
+                **settings,
+            )
         tokens = rows.split(out)  # (P, B, T)
         for j, member in enumerate(_member_models(population, model)):
             ref = member.generate(**kw, **settings)
@@ -140,9 +185,18 @@ def test_sampled_generate_with_a_cache_runs_per_member_rows() -> None:
     population = opt.population()
     torch.manual_seed(3)
     with torch.no_grad(), population.rows(model) as rows:
-        out = model.generate(rows.repeat(kw["input_ids"]), attention_mask=rows.repeat(kw["attention_mask"]),
-                             max_new_tokens=5, do_sample=True, top_k=8, pad_token_id=0, use_cache=True)
-    assert out.shape == (POP * 2, 12) and torch.equal(rows.split(out)[:, :, :7], kw["input_ids"].expand(POP, 2, 7))
+        out = model.generate(
+            rows.repeat(kw["input_ids"]),
+            attention_mask=rows.repeat(kw["attention_mask"]),
+            max_new_tokens=5,
+            do_sample=True,
+            top_k=8,
+            pad_token_id=0,
+            use_cache=True,
+        )
+    assert out.shape == (POP * 2, 12) and torch.equal(
+        rows.split(out)[:, :, :7], kw["input_ids"].expand(POP, 2, 7)
+    )
 
 
 def test_per_member_prompts_and_masks_through_rows() -> None:
@@ -155,7 +209,9 @@ def test_per_member_prompts_and_masks_through_rows() -> None:
     mask[:, 0, :3] = 0
     population = opt.population()
     with torch.no_grad():
-        out = population.forward(model, input_ids=ids, attention_mask=mask, per_member=True, path="rows").logits
+        out = population.forward(
+            model, input_ids=ids, attention_mask=mask, per_member=True, path="rows"
+        ).logits
         members = _member_models(population, model)
         for j in range(POP):
             ref = members[j](input_ids=ids[j], attention_mask=mask[j]).logits
@@ -182,8 +238,15 @@ def test_resnet_in_training_mode_normalizes_each_member_by_its_own_rows() -> Non
 
 
 def test_t5s_relative_position_table_is_refused_by_rows_not_misattributed() -> None:
-    cfg = transformers.T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4,
-                                decoder_start_token_id=0)
+    cfg = transformers.T5Config(
+        vocab_size=64,
+        d_model=32,
+        d_kv=8,
+        d_ff=48,
+        num_layers=2,
+        num_heads=4,
+        decoder_start_token_id=0,
+    )
     model, opt = _setup(lambda: transformers.T5ForConditionalGeneration(cfg))
     ids = torch.randint(0, 64, (2, 7))
     with torch.no_grad(), pytest.raises(RowsAttributionError, match="relative_attention_bias"):
@@ -198,7 +261,9 @@ def test_es_lowers_a_language_model_loss_through_rows() -> None:
 
     def lm_losses(logits: torch.Tensor) -> torch.Tensor:  # (P, B, T, V) -> (P,)
         logp = logits[:, :, :-1].log_softmax(-1)
-        return -logp.gather(-1, ids[None, :, 1:, None].expand(logits.shape[0], -1, -1, 1)).mean(dim=(1, 2, 3))
+        return -logp.gather(-1, ids[None, :, 1:, None].expand(logits.shape[0], -1, -1, 1)).mean(
+            dim=(1, 2, 3)
+        )
 
     def closure(population: Any) -> torch.Tensor:
         return lm_losses(population.forward(model, input_ids=ids, path="rows").logits)

@@ -94,29 +94,64 @@ def _mha(**kw: Any) -> nn.Module:
 
 # (id, model factory, input factory (batch leading), forward kwargs)
 CASES: list[tuple[str, Callable[[], nn.Module], Callable[[], tuple[Any, ...]], dict[str, Any]]] = [
-    ("mlp", lambda: nn.Sequential(nn.Linear(5, 16), nn.ReLU(), nn.Linear(16, 3)), lambda: (torch.randn(4, 5),), {}),
+    (
+        "mlp",
+        lambda: nn.Sequential(nn.Linear(5, 16), nn.ReLU(), nn.Linear(16, 3)),
+        lambda: (torch.randn(4, 5),),
+        {},
+    ),
     ("linear-3d-input", lambda: nn.Linear(5, 7), lambda: (torch.randn(2, 3, 5),), {}),
-    ("embedding", lambda: nn.Embedding(10, 6, padding_idx=0), lambda: (torch.randint(0, 10, (4, 7)),), {}),
+    (
+        "embedding",
+        lambda: nn.Embedding(10, 6, padding_idx=0),
+        lambda: (torch.randint(0, 10, (4, 7)),),
+        {},
+    ),
     ("conv1d", lambda: nn.Conv1d(3, 8, 3, padding="same"), lambda: (torch.randn(2, 3, 9),), {}),
-    ("conv2d-dilated", lambda: nn.Conv2d(3, 4, 3, stride=2, padding=2, dilation=2), lambda: (torch.randn(2, 3, 9, 9),), {}),
-    ("conv3d-dilated", lambda: nn.Conv3d(2, 3, 2, dilation=(1, 2, 2)), lambda: (torch.randn(1, 2, 4, 5, 5),), {}),
+    (
+        "conv2d-dilated",
+        lambda: nn.Conv2d(3, 4, 3, stride=2, padding=2, dilation=2),
+        lambda: (torch.randn(2, 3, 9, 9),),
+        {},
+    ),
+    (
+        "conv3d-dilated",
+        lambda: nn.Conv3d(2, 3, 2, dilation=(1, 2, 2)),
+        lambda: (torch.randn(1, 2, 4, 5, 5),),
+        {},
+    ),
     ("cnn", TinyCNN, lambda: (torch.randn(2, 3, 8, 8),), {}),
     ("grucell", lambda: nn.GRUCell(5, 7), lambda: (torch.randn(4, 5), torch.randn(4, 7)), {}),
     ("lstmcell", lambda: nn.LSTMCell(5, 7), lambda: (torch.randn(4, 5),), {}),
     ("rnncell", lambda: nn.RNNCell(5, 7), lambda: (torch.randn(4, 5),), {}),
     ("gru-2layer", lambda: nn.GRU(5, 7, num_layers=2), lambda: (torch.randn(6, 3, 5),), {}),
-    ("lstm-bidir", lambda: nn.LSTM(5, 7, batch_first=True, bidirectional=True), lambda: (torch.randn(3, 6, 5),), {}),
+    (
+        "lstm-bidir",
+        lambda: nn.LSTM(5, 7, batch_first=True, bidirectional=True),
+        lambda: (torch.randn(3, 6, 5),),
+        {},
+    ),
     ("mingru", lambda: MinGRU(6, 10), lambda: (torch.randn(2, 5, 6),), {}),
     ("mha-self", _mha, lambda: (torch.randn(3, 5, 8),) * 3, {}),
     ("mha-self-noweights", _mha, lambda: (torch.randn(3, 5, 8),) * 3, {"need_weights": False}),
-    ("mha-cross", _mha, lambda: (torch.randn(3, 5, 8), torch.randn(3, 6, 8), torch.randn(3, 6, 8)), {}),
+    (
+        "mha-cross",
+        _mha,
+        lambda: (torch.randn(3, 5, 8), torch.randn(3, 6, 8), torch.randn(3, 6, 8)),
+        {},
+    ),
     (
         "mha-masks",
         _mha,
         lambda: (torch.randn(2, 5, 8),) * 3,
         {"key_padding_mask": torch.tensor([[False] * 5, [False] * 3 + [True] * 2])},
     ),
-    ("mha-kdim", lambda: _mha(kdim=6, vdim=4), lambda: (torch.randn(2, 5, 8), torch.randn(2, 3, 6), torch.randn(2, 3, 4)), {}),
+    (
+        "mha-kdim",
+        lambda: _mha(kdim=6, vdim=4),
+        lambda: (torch.randn(2, 5, 8), torch.randn(2, 3, 6), torch.randn(2, 3, 4)),
+        {},
+    ),
     (
         "transformer-layer",
         lambda: nn.TransformerEncoderLayer(16, 4, 32, dropout=0.0, batch_first=True).eval(),
@@ -129,16 +164,32 @@ CASES: list[tuple[str, Callable[[], nn.Module], Callable[[], tuple[Any, ...]], d
 IDS = [c[0] for c in CASES]
 
 
-def _reference(population: Any, model: nn.Module, inputs: tuple[Any, ...], kwargs: dict[str, Any], per_member: bool) -> Any:
+def _reference(
+    population: Any,
+    model: nn.Module,
+    inputs: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    per_member: bool,
+) -> Any:
     """One member at a time with its materialized parameters: obviously correct, slow."""
     stacked = population.stacked(model)
     outs = []
     for j in range(len(population)):
         xs = tuple(x[j] for x in inputs) if per_member else inputs
-        kw = pytree.tree_map(lambda t, j=j: t[j] if isinstance(t, torch.Tensor) else t, kwargs) if per_member else kwargs
+        kw = (
+            pytree.tree_map(lambda t, j=j: t[j] if isinstance(t, torch.Tensor) else t, kwargs)
+            if per_member
+            else kwargs
+        )
         params = {k: v[j] for k, v in stacked.items()}
-        outs.append(torch.func.functional_call(copy.deepcopy(model), params, xs, kw, tie_weights=False))
-    return pytree.tree_map(lambda *ys: torch.stack(ys) if ys[0] is not None else None, *outs) if isinstance(outs[0], tuple) else torch.stack(outs)
+        outs.append(
+            torch.func.functional_call(copy.deepcopy(model), params, xs, kw, tie_weights=False)
+        )
+    return (
+        pytree.tree_map(lambda *ys: torch.stack(ys) if ys[0] is not None else None, *outs)
+        if isinstance(outs[0], tuple)
+        else torch.stack(outs)
+    )
 
 
 def _assert_close(actual: Any, expected: Any, rtol: float, atol: float) -> None:
@@ -146,7 +197,12 @@ def _assert_close(actual: Any, expected: Any, rtol: float, atol: float) -> None:
         torch.testing.assert_close(a, e, rtol=rtol, atol=atol)
 
 
-def _setup(factory: Callable[[], nn.Module], device: torch.device, rank: int = 3, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, EggrollOptimizer]:
+def _setup(
+    factory: Callable[[], nn.Module],
+    device: torch.device,
+    rank: int = 3,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[nn.Module, EggrollOptimizer]:
     torch.manual_seed(0)
     model = factory().to(device=device, dtype=dtype)
     opt = EggrollOptimizer(model.parameters(), sigma=0.2, rank=rank, pop_size=POP, seed=3)
@@ -174,11 +230,22 @@ def test_lowrank_matches_reference(case: Any, per_member: bool, device: str) -> 
     torch.manual_seed(1)
     inputs = make_inputs()
     if per_member:
-        inputs = tuple(torch.stack([x] + [torch.randn_like(x) if x.is_floating_point() else x.roll(j, -1) for j in range(1, POP)]) for x in inputs)
+        inputs = tuple(
+            torch.stack(
+                [x]
+                + [
+                    torch.randn_like(x) if x.is_floating_point() else x.roll(j, -1)
+                    for j in range(1, POP)
+                ]
+            )
+            for x in inputs
+        )
         if case[0].startswith("mha-self"):
             inputs = (inputs[0],) * 3  # self-attention: one tensor as query, key and value
         # per_member applies to every tensor input, keyword arguments (masks) included
-        kwargs = pytree.tree_map(lambda t: t.expand(POP, *t.shape) if isinstance(t, torch.Tensor) else t, kwargs)
+        kwargs = pytree.tree_map(
+            lambda t: t.expand(POP, *t.shape) if isinstance(t, torch.Tensor) else t, kwargs
+        )
     inputs, kwargs = _to(inputs, dev), _to(kwargs, dev)
     population = opt.population()
     # cuDNN's convolution and RNN kernels use TF32 by default (about 1e-3 relative error);
@@ -219,7 +286,9 @@ def test_unsupported_use_falls_back_to_materialized_weights() -> None:
     population = opt.population()
     out = population.forward(model, x)
     assert population.last_fallbacks == ["w"]
-    torch.testing.assert_close(out, _reference(population, model, (x,), {}, False), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(
+        out, _reference(population, model, (x,), {}, False), rtol=1e-4, atol=1e-5
+    )
     with pytest.raises(LowRankFallbackError, match="'w'"):
         population.forward(model, x, path="lowrank")
 
@@ -233,7 +302,9 @@ def test_grouped_conv_and_max_norm_embedding_fall_back() -> None:
         population = opt.population()
         out = population.forward(model, x)
         assert population.last_fallbacks == ["weight"]
-        torch.testing.assert_close(out, _reference(population, model, (x,), {}, False), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(
+            out, _reference(population, model, (x,), {}, False), rtol=1e-4, atol=1e-5
+        )
 
 
 def test_metadata_of_owned_weight_is_the_centre() -> None:
@@ -243,7 +314,10 @@ def test_metadata_of_owned_weight_is_the_centre() -> None:
             self.lin = nn.Linear(3, 4)
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.lin(x).reshape(-1, self.lin.weight.shape[0]) * self.lin.weight.dtype.is_floating_point
+            return (
+                self.lin(x).reshape(-1, self.lin.weight.shape[0])
+                * self.lin.weight.dtype.is_floating_point
+            )
 
     model, opt = _setup(UsesShape, torch.device("cpu"))
     population = opt.population()
@@ -263,13 +337,19 @@ def test_dense_rank_zero_group_is_materialized_per_member() -> None:
     x = torch.randn(3, 4)
     population = opt.population()
     out = population.forward(model, x, path="lowrank")
-    torch.testing.assert_close(out, _reference(population, model, (x,), {}, False), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(
+        out, _reference(population, model, (x,), {}, False), rtol=1e-4, atol=1e-5
+    )
 
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_bf16_model_within_bf16_tolerance(device: str) -> None:
     dev = _device(device)
-    model, opt = _setup(lambda: nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4)), dev, dtype=torch.bfloat16)
+    model, opt = _setup(
+        lambda: nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4)),
+        dev,
+        dtype=torch.bfloat16,
+    )
     x = torch.randn(8, 16, device=dev, dtype=torch.bfloat16)
     population = opt.population()
     fast = population.forward(model, x)
@@ -287,9 +367,15 @@ def test_step_through_either_path_gives_the_same_parameters() -> None:
     for path in ("materialized", "auto"):
         torch.manual_seed(0)
         model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 2))
-        opt = EggrollOptimizer(model.parameters(), lr=0.1, sigma=0.05, pop_size=POP, seed=7, shaping="centered_rank")
+        opt = EggrollOptimizer(
+            model.parameters(), lr=0.1, sigma=0.05, pop_size=POP, seed=7, shaping="centered_rank"
+        )
         for _ in range(3):
-            opt.step(lambda pop, path=path, model=model: ((pop.forward(model, x, path=path) - y) ** 2).mean(dim=(1, 2)))
+            opt.step(
+                lambda pop, path=path, model=model: (
+                    (pop.forward(model, x, path=path) - y) ** 2
+                ).mean(dim=(1, 2))
+            )
         results.append([p.detach().clone() for p in model.parameters()])
     for a, b in zip(*results, strict=True):
         # centered ranks are exact as long as the member order of the losses agrees
@@ -328,16 +414,22 @@ def test_per_generation_cache_follows_in_place_changes() -> None:
         model.weight.add_(1.0)
         model.bias.add_(1.0)
     moved = population.forward(model, x)
-    torch.testing.assert_close(moved, _reference(population, model, (x,), {}, False), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        moved, _reference(population, model, (x,), {}, False), rtol=1e-5, atol=1e-5
+    )
     assert not torch.allclose(moved, first)
 
 
 @pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
 @pytest.mark.parametrize("batch_first", [True, False], ids=["batch-first", "seq-first"])
-def test_causal_hint_without_a_mask_does_what_pytorch_does(batch_first: bool, training: bool) -> None:
+def test_causal_hint_without_a_mask_does_what_pytorch_does(
+    batch_first: bool, training: bool
+) -> None:
     """``is_causal=True`` with no ``attn_mask``: PyTorch raises, except on the fused inference
     path (eval, batch_first, ...), which ignores the hint. Both paths must do the same."""
-    model, opt = _setup(lambda: nn.MultiheadAttention(8, 2, batch_first=batch_first), torch.device("cpu"))
+    model, opt = _setup(
+        lambda: nn.MultiheadAttention(8, 2, batch_first=batch_first), torch.device("cpu")
+    )
     model.train(training)
     x = torch.randn(3, 5, 8)
     kwargs = {"is_causal": True, "need_weights": False}
@@ -345,7 +437,12 @@ def test_causal_hint_without_a_mask_does_what_pytorch_does(batch_first: bool, tr
     with torch.no_grad():
         try:
             plain = [
-                torch.func.functional_call(model, {k: v[j] for k, v in population.stacked(model).items()}, (x, x, x), kwargs)[0]
+                torch.func.functional_call(
+                    model,
+                    {k: v[j] for k, v in population.stacked(model).items()},
+                    (x, x, x),
+                    kwargs,
+                )[0]
                 for j in range(POP)
             ]
         except RuntimeError as exc:
@@ -360,9 +457,19 @@ def test_causal_hint_without_a_mask_does_what_pytorch_does(batch_first: bool, tr
     assert batch_first and not training  # the only configuration PyTorch accepts
 
 
-@pytest.mark.parametrize("factory", [lambda: nn.GRU(5, 7, num_layers=2), lambda: nn.LSTM(5, 7, batch_first=True), lambda: nn.RNN(5, 7)], ids=["gru", "lstm", "rnn"])
+@pytest.mark.parametrize(
+    "factory",
+    [
+        lambda: nn.GRU(5, 7, num_layers=2),
+        lambda: nn.LSTM(5, 7, batch_first=True),
+        lambda: nn.RNN(5, 7),
+    ],
+    ids=["gru", "lstm", "rnn"],
+)
 @pytest.mark.parametrize("rank", [0, 3])
-def test_materialized_path_runs_recurrent_layers(factory: Callable[[], nn.Module], rank: int) -> None:
+def test_materialized_path_runs_recurrent_layers(
+    factory: Callable[[], nn.Module], rank: int
+) -> None:
     """The reference path vmaps the module with per-member weights; PyTorch's fused recurrent
     kernels have no batching rule, so they run as cell equations there (and on the low-rank path
     when every weight has dense noise)."""
@@ -391,7 +498,9 @@ def test_last_fallbacks_describe_the_last_call_only() -> None:
 def test_values_assigned_through_data_are_seen_by_the_next_forward() -> None:
     """``.data`` assignment (``vector_to_parameters``) does not move the version counter: nothing
     that depends on a parameter's value may be cached across forwards of a generation."""
-    model, opt = _setup(lambda: nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)), torch.device("cpu"))
+    model, opt = _setup(
+        lambda: nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)), torch.device("cpu")
+    )
     x = torch.randn(5, 3)
     population = opt.population()
     for path in ("auto", "materialized"):
@@ -399,14 +508,20 @@ def test_values_assigned_through_data_are_seen_by_the_next_forward() -> None:
         vec = torch.nn.utils.parameters_to_vector(model.parameters())
         torch.nn.utils.vector_to_parameters(vec + 1.0, model.parameters())
         moved = population.forward(model, x, path=path)
-        torch.testing.assert_close(moved, _reference(population, model, (x,), {}, False), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            moved, _reference(population, model, (x,), {}, False), rtol=1e-5, atol=1e-5
+        )
         assert not torch.allclose(moved, first)
         for p in model.parameters():
             p.data.sub_(1.0)  # in place through .data: no version bump either
-        torch.testing.assert_close(population.forward(model, x, path=path), first, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(
+            population.forward(model, x, path=path), first, rtol=1e-5, atol=1e-6
+        )
 
 
-def test_a_call_with_arguments_a_handler_does_not_know_declines(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_call_with_arguments_a_handler_does_not_know_declines(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """A newer PyTorch may pass arguments a handler's signature lacks: the call must take the
     materialized fallback (right answer), never raise a TypeError from inside the handler."""
     import torch.nn.functional as F
@@ -434,11 +549,15 @@ def test_a_call_with_arguments_a_handler_does_not_know_declines(monkeypatch: pyt
 
     from torcheggroll import lowrank
 
-    monkeypatch.setitem(lowrank._LowRankMode.HANDLERS, linear_with_new_arg, lowrank._LowRankMode.HANDLERS[F.linear])
+    monkeypatch.setitem(
+        lowrank._LowRankMode.HANDLERS, linear_with_new_arg, lowrank._LowRankMode.HANDLERS[F.linear]
+    )
     monkeypatch.setattr(F, "linear", linear_with_new_arg)
 
     x = torch.randn(5, 6)
     population = opt.population()
     out = population.forward(model, x)  # the handler would raise a TypeError on future_flag
     assert population.last_fallbacks == ["lin.weight"]
-    torch.testing.assert_close(out, _reference(population, model, (x,), {}, False), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        out, _reference(population, model, (x,), {}, False), rtol=1e-5, atol=1e-5
+    )

@@ -170,21 +170,27 @@ def test_noise_is_the_documented_function_of_its_counters():
     # Entry e of stream s of draw k of parameter p in generation g is normal e % 4 of the
     # Philox block (e // 4 + s * 2**31, k, p, g) under the seed's key.
     seed, generation, index = 2**40 + 17, 9, 3
-    noise = _noise((5, 3), 2, 4, seed=seed, generation=generation, param_index=index,
-                   dtype=torch.float32)
+    noise = _noise(
+        (5, 3), 2, 4, seed=seed, generation=generation, param_index=index, dtype=torch.float32
+    )
     k0, k1 = seed & 0xFFFFFFFF, seed >> 32
     for stream, factor in ((0, noise.a), (1, noise.b)):
         for k in range(4):
             flat = factor[k].reshape(-1)
             for e in range(flat.numel()):
-                words = philox4x32(torch.tensor([e // 4 + stream * STREAM_B]), k, index, generation, k0, k1)
+                words = philox4x32(
+                    torch.tensor([e // 4 + stream * STREAM_B]), k, index, generation, k0, k1
+                )
                 assert torch.equal(flat[e], block_normals(words)[0, e % 4])
     assert seed_key(seed) == (k0, k1)
 
 
 def test_uniforms_and_normals_of_extreme_words():
     # Words 0 and 2**32 - 1 map to the ends of (0, 1): finite normals, never log(0).
-    words = [torch.tensor([0, 0xFFFFFFFF, 0, 0xFFFFFFFF]), torch.tensor([0, 0xFFFFFFFF, 1 << 31, 1 << 30])] * 2
+    words = [
+        torch.tensor([0, 0xFFFFFFFF, 0, 0xFFFFFFFF]),
+        torch.tensor([0, 0xFFFFFFFF, 1 << 31, 1 << 30]),
+    ] * 2
     z = block_normals(words)
     assert torch.isfinite(z).all() and z.abs().max() < 5.8  # sqrt(-2 ln 2**-24) = 5.77
 
@@ -192,7 +198,9 @@ def test_uniforms_and_normals_of_extreme_words():
 @settings(max_examples=10)
 @given(
     seed=SEEDS,
-    pairs=st.sets(st.tuples(st.integers(0, 2**32 - 1), st.integers(0, 2**32 - 1)), min_size=2, max_size=40),
+    pairs=st.sets(
+        st.tuples(st.integers(0, 2**32 - 1), st.integers(0, 2**32 - 1)), min_size=2, max_size=40
+    ),
 )
 def test_streams_never_repeat_across_generations_and_parameters(seed, pairs):
     # The first blocks of both streams of two draws, for many (generation, parameter): as
@@ -201,7 +209,7 @@ def test_streams_never_repeat_across_generations_and_parameters(seed, pairs):
     k0, k1 = seed_key(seed)
     gens = torch.tensor([g for g, _ in pairs]).view(-1, 1, 1, 1)
     params = torch.tensor([p for _, p in pairs]).view(-1, 1, 1, 1)
-    j = (torch.arange(3) .view(1, 1, 1, 3)) + torch.tensor([0, STREAM_B]).view(1, 1, 2, 1)
+    j = (torch.arange(3).view(1, 1, 1, 3)) + torch.tensor([0, STREAM_B]).view(1, 1, 2, 1)
     k = torch.arange(2).view(1, 2, 1, 1)
     words = torch.stack(philox4x32(j, k, params, gens, k0, k1), dim=-1).reshape(-1, 4)
     assert torch.unique(words, dim=0).shape[0] == words.shape[0]
@@ -413,7 +421,7 @@ def test_noise_dtype_follows_compute_dtype():
         assert opt.population().noise(p).a.dtype == expected
 
 
-# --------------------------------------------------------------------------- the two implementations
+# ------------------------------------------------------------------------ the two implementations
 # The integer words agree bitwise; the float transform (float32 log, sqrt, cos, sin of each
 # device's math library) to within FLOAT_TOLERANCE. Measured: the Triton interpreter (numpy) vs
 # PyTorch on the CPU, and CUDA vs the CPU, differ by at most a few float32 ulps of the result
@@ -489,8 +497,15 @@ def test_kernel_fill_equals_the_reference(device, on_device):
     assert err <= FLOAT_TOLERANCE, err
     # ... and the views of both are the per-parameter definition.
     for e, noise in zip(_buffer_entries(), ref.noise, strict=True):
-        single = _noise(e.shape, e.rank, 3, seed=seed, generation=generation, param_index=e.index,
-                        dtype=torch.float32)
+        single = _noise(
+            e.shape,
+            e.rank,
+            3,
+            seed=seed,
+            generation=generation,
+            param_index=e.index,
+            dtype=torch.float32,
+        )
         for x, y in zip(_tensors(noise), _tensors(single), strict=True):
             assert torch.equal(x, y)
 
@@ -515,8 +530,16 @@ def test_cuda_and_cpu_draw_the_same_noise():
             worst = max(worst, (x.cpu() - y).abs().max().item())
     assert worst <= FLOAT_TOLERANCE, worst
     ref = _noise((48, 64), 3, 32, seed=2**33 + 1, param_index=0, dtype=torch.float32)
-    on_cuda = draw_noise((48, 64), 3, 32, seed=2**33 + 1, generation=0, param_index=0,
-                         device="cuda", dtype=torch.float32)
+    on_cuda = draw_noise(
+        (48, 64),
+        3,
+        32,
+        seed=2**33 + 1,
+        generation=0,
+        param_index=0,
+        device="cuda",
+        dtype=torch.float32,
+    )
     assert (on_cuda.a.cpu() - ref.a).abs().max().item() <= FLOAT_TOLERANCE
     print(f"largest CPU/CUDA difference of the noise: {worst:.3g}")
 

@@ -51,8 +51,16 @@ BAD_KWARGS: list[tuple[dict[str, Any], type[Exception], str]] = [
     ({"sigma": -0.5}, ValueError, "Invalid sigma: -0.5"),
     ({"sigma": float("inf")}, ValueError, "Invalid sigma: inf"),
     ({"sigma": float("nan")}, ValueError, "Invalid sigma: nan"),
-    ({"sigma": "0.1"}, ValueError, r"Invalid sigma: '0.1' \(expected a finite float > 0, got str\)"),
-    ({"lr": "0.1"}, ValueError, r"Invalid learning rate: '0.1' \(expected a finite float >= 0, got str\)"),
+    (
+        {"sigma": "0.1"},
+        ValueError,
+        r"Invalid sigma: '0.1' \(expected a finite float > 0, got str\)",
+    ),
+    (
+        {"lr": "0.1"},
+        ValueError,
+        r"Invalid learning rate: '0.1' \(expected a finite float >= 0, got str\)",
+    ),
     ({"rank": -1}, ValueError, "Invalid rank: -1"),
     ({"rank": 2.0}, ValueError, r"Invalid rank: 2.0 \(expected an int >= 0, got float\)"),
     ({"pop_size": 1}, ValueError, "Invalid pop_size: 1"),
@@ -882,8 +890,9 @@ def test_default_seeds_differ_between_optimizers_and_follow_manual_seed():
     torch.manual_seed(5)
     c = EggrollOptimizer(model.parameters(), pop_size=4)
     assert a.seed != b.seed and a.seed == c.seed
-    assert not torch.equal(a.population().perturbation(model[0].weight),
-                           b.population().perturbation(model[0].weight))
+    assert not torch.equal(
+        a.population().perturbation(model[0].weight), b.population().perturbation(model[0].weight)
+    )
 
 
 def test_identical_losses_warn_that_the_closure_ignores_the_population():
@@ -915,17 +924,35 @@ def test_update_matches_an_independent_reference_across_groups():
     ``sigma * sign_i * E_i``, so this is the documented ``sigma / sqrt(N) * sum_i s_i sign_i
     E_i``)."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    model = nn.Sequential(
+        nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 4), nn.Tanh(), nn.Linear(4, 2)
+    ).double()
     groups = [
         {"params": model[0].parameters(), "lr": 0.3, "sigma": 0.05, "rank": 1, "weight_decay": 0.1},
-        {"params": model[2].parameters(), "lr": 0.05, "sigma": 0.2, "rank": 3, "weight_decay": 0.0,
-         "shaping": "centered_rank", "sigma_scaling": "fan_in"},
-        {"params": model[4].parameters(), "lr": 0.7, "sigma": 0.01, "rank": 0, "weight_decay": 0.02,
-         "shaping": "raw", "sigma_scaling": "fan_in_rows"},
+        {
+            "params": model[2].parameters(),
+            "lr": 0.05,
+            "sigma": 0.2,
+            "rank": 3,
+            "weight_decay": 0.0,
+            "shaping": "centered_rank",
+            "sigma_scaling": "fan_in",
+        },
+        {
+            "params": model[4].parameters(),
+            "lr": 0.7,
+            "sigma": 0.01,
+            "rank": 0,
+            "weight_decay": 0.02,
+            "shaping": "raw",
+            "sigma_scaling": "fan_in_rows",
+        },
     ]
     n = 10
     opt = EggrollOptimizer(groups, pop_size=n, seed=4)
-    losses = torch.tensor([0.3, -1.2, 2.5, 0.0, 0.7, 0.7, -0.4, 1.9, 0.1, -2.0], dtype=torch.float64)
+    losses = torch.tensor(
+        [0.3, -1.2, 2.5, 0.0, 0.7, 0.7, -0.4, 1.9, 0.1, -2.0], dtype=torch.float64
+    )
     population = opt.population()
     before = {p: p.detach().clone() for p in model.parameters()}
     members = {p: population.perturbed(p) for p in model.parameters()}
@@ -967,10 +994,16 @@ def test_a_non_finite_update_is_never_applied(dtype: torch.dtype):
     assert opt.generation == 1
 
 
-@pytest.mark.parametrize(("scaling", "shape", "fan_in"), [
-    ("none", (64, 48), 1), ("fan_in", (64, 48), 48), ("fan_in", (6, 4, 3, 3), 36),
-    ("fan_in_rows", (48, 64), 48), ("fan_in", (64,), 1),
-])
+@pytest.mark.parametrize(
+    ("scaling", "shape", "fan_in"),
+    [
+        ("none", (64, 48), 1),
+        ("fan_in", (64, 48), 48),
+        ("fan_in", (6, 4, 3, 3), 36),
+        ("fan_in_rows", (48, 64), 48),
+        ("fan_in", (64,), 1),
+    ],
+)
 def test_sigma_scaling_divides_each_matrix_by_its_fan_in(scaling, shape, fan_in):
     # The members' perturbations have entries of variance (sigma / sqrt(fan_in))**2: checked on
     # 4096 entries per draw of 64 draws, to within 6 standard errors of a mean of squares
@@ -983,7 +1016,10 @@ def test_sigma_scaling_divides_each_matrix_by_its_fan_in(scaling, shape, fan_in)
     m, n = shape[0], math.prod(shape[1:]) if len(shape) > 1 else 1
     tol = 6 * math.sqrt((2 + (2 * m + 2 * n + 2) / 4) / pert.numel())
     assert abs(float(pert.pow(2).mean()) / expected - 1) < tol
-    assert "sigma_scaling" in repr(opt) and opt.state_dict()["param_groups"][0]["sigma_scaling"] == scaling
+    assert (
+        "sigma_scaling" in repr(opt)
+        and opt.state_dict()["param_groups"][0]["sigma_scaling"] == scaling
+    )
 
 
 def test_width_scaled_groups_sort_layers_by_kind():

@@ -53,7 +53,9 @@ def test_quick_start_installs_cpu_torch_first() -> None:
     # the CPU build before anything that depends on torch, and runs the tests as CI does.
     section = README.read_text().split("## Quick start", 1)[1].split("\n## ", 1)[0]
     (block,) = re.findall(r"```bash\n(.*?)```", section, flags=re.S)
-    commands = [c for c in block.replace("\\\n", " ").splitlines() if c.strip() and not c.startswith("#")]
+    commands = [
+        c for c in block.replace("\\\n", " ").splitlines() if c.strip() and not c.startswith("#")
+    ]
     assert len(commands) == 2
     setup, tests = commands
     cpu = setup.index("pip install torch --index-url https://download.pytorch.org/whl/cpu")

@@ -52,7 +52,11 @@ class TinyCNN(nn.Module):
 
 
 CASES: list[tuple[str, Callable[[], nn.Module], Callable[[], torch.Tensor]]] = [
-    ("mlp", lambda: nn.Sequential(nn.Linear(5, 16), nn.ReLU(), nn.Linear(16, 3)), lambda: torch.randn(4, 5)),
+    (
+        "mlp",
+        lambda: nn.Sequential(nn.Linear(5, 16), nn.ReLU(), nn.Linear(16, 3)),
+        lambda: torch.randn(4, 5),
+    ),
     ("block", Block, lambda: torch.randint(0, 11, (3, 5))),
     ("cnn-eval", lambda: TinyCNN().eval(), lambda: torch.randn(2, 3, 8, 8)),
     ("cnn-train", TinyCNN, lambda: torch.randn(3, 3, 8, 8)),
@@ -61,7 +65,9 @@ CASES: list[tuple[str, Callable[[], nn.Module], Callable[[], torch.Tensor]]] = [
 ]
 
 
-def _reference(population: Any, model: nn.Module, x: torch.Tensor, per_member: bool) -> torch.Tensor:
+def _reference(
+    population: Any, model: nn.Module, x: torch.Tensor, per_member: bool
+) -> torch.Tensor:
     """Each member's parameters copied into a plain model (batch norm on that member's batch,
     running statistics untouched as in the population forwards)."""
     stacked = population.stacked(model)
@@ -91,7 +97,13 @@ def test_rows_forward_matches_each_member_in_a_plain_model(case: Any, per_member
     if x.is_floating_point():
         x = x.double()
     if per_member:
-        x = torch.stack([x] + [torch.randn_like(x) if x.is_floating_point() else x.roll(j, -1) for j in range(1, POP)])
+        x = torch.stack(
+            [x]
+            + [
+                torch.randn_like(x) if x.is_floating_point() else x.roll(j, -1)
+                for j in range(1, POP)
+            ]
+        )
     population = opt.population()
     with torch.no_grad():
         rows = population.forward(model, x, per_member=per_member, path="rows")
@@ -138,7 +150,10 @@ class Misuse(nn.Module):
 @pytest.mark.parametrize("how", ["sum", "not-a-batch"])
 def test_an_unattributable_use_raises_naming_parameter_and_operation(how: str) -> None:
     model, opt = _setup(lambda: Misuse(how))
-    with pytest.raises(RowsAttributionError, match=r"'lin\.weight'.*(sum|F\.linear)"), torch.no_grad():
+    with (
+        pytest.raises(RowsAttributionError, match=r"'lin\.weight'.*(sum|F\.linear)"),
+        torch.no_grad(),
+    ):
         opt.population().forward(model, torch.randn(4, 6).double(), path="rows")
 
 

@@ -132,7 +132,9 @@ def test_mask_nonfinite_makes_bad_members_the_worst(values):
         assert torch.isfinite(clean).all()
         assert torch.all(clean[~finite] == losses[finite].max())
     # the input is untouched
-    torch.testing.assert_close(losses, torch.tensor(values, dtype=torch.float64), equal_nan=True, atol=0, rtol=0)
+    torch.testing.assert_close(
+        losses, torch.tensor(values, dtype=torch.float64), equal_nan=True, atol=0, rtol=0
+    )
 
 
 def test_warn_nonfinite_says_how_many_and_whether_the_update_was_skipped():

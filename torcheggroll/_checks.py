@@ -41,7 +41,13 @@ def invalid(name: str, value: Any, expected: str) -> ValueError:
 
 
 def check_hyper(
-    *, lr: Any, sigma: Any, rank: Any, weight_decay: Any, shaping: Any, maximize: Any = False,
+    *,
+    lr: Any,
+    sigma: Any,
+    rank: Any,
+    weight_decay: Any,
+    shaping: Any,
+    maximize: Any = False,
     read_device_tensors: bool = True,
 ) -> None:
     """Check one group's settings. A tensor ``lr`` on an accelerator is read only when

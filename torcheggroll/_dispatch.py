@@ -42,8 +42,14 @@ class _Accepts:
         params = list(inspect.signature(handler).parameters.values())[1:]  # after the mode
         kinds = inspect.Parameter
         return cls(
-            positional=sum(p.kind in (kinds.POSITIONAL_ONLY, kinds.POSITIONAL_OR_KEYWORD) for p in params),
-            names=frozenset(p.name for p in params if p.kind in (kinds.POSITIONAL_OR_KEYWORD, kinds.KEYWORD_ONLY)),
+            positional=sum(
+                p.kind in (kinds.POSITIONAL_ONLY, kinds.POSITIONAL_OR_KEYWORD) for p in params
+            ),
+            names=frozenset(
+                p.name
+                for p in params
+                if p.kind in (kinds.POSITIONAL_OR_KEYWORD, kinds.KEYWORD_ONLY)
+            ),
             any_positional=any(p.kind is kinds.VAR_POSITIONAL for p in params),
             any_keyword=any(p.kind is kinds.VAR_KEYWORD for p in params),
         )
@@ -89,6 +95,8 @@ class HandlerMode(TorchFunctionMode):
                 return out
         return self.decline(func, args, kwargs)
 
-    def decline(self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    def decline(
+        self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
         """What runs when no handler takes the call: PyTorch's own function."""
         return func(*args, **kwargs)

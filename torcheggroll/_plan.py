@@ -75,7 +75,9 @@ class Plan:
         self.owned: list[Owned] = []
         ranks = [int(group["rank"]) for group in param_groups]
         for (device, dtype), params in by_buffer.items():
-            entries = [NoiseEntry(i, p.shape, effective_rank(p.shape, ranks[g])) for i, g, p in params]
+            entries = [
+                NoiseEntry(i, p.shape, effective_rank(p.shape, ranks[g])) for i, g, p in params
+            ]
             buffer = NoiseBuffer(entries, self.draws, device, compute_dtype(dtype))
             b = len(self.buffers)
             self.buffers.append(buffer)
@@ -106,7 +108,9 @@ class Plan:
                     [self.owned[o].group for o in owned], dtype=torch.int64, device=buffer.device
                 )
                 scales = torch.tensor(
-                    [[self.owned[o].scale] for o in owned], dtype=torch.float64, device=buffer.device
+                    [[self.owned[o].scale] for o in owned],
+                    dtype=torch.float64,
+                    device=buffer.device,
                 )
                 updates.append(BucketUpdate(owned, groups, scales))
             self.bucket_updates.append(updates)

@@ -23,9 +23,15 @@ __all__ = ["RECURRENT_FUNCTIONS", "Linear", "cell_function", "recurrent_function
 Linear = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 
 
-def _gru_cell(lin: Linear, x: torch.Tensor, h: torch.Tensor, w_ih: torch.Tensor,
-              w_hh: torch.Tensor, b_ih: torch.Tensor | None, b_hh: torch.Tensor | None
-              ) -> torch.Tensor:
+def _gru_cell(
+    lin: Linear,
+    x: torch.Tensor,
+    h: torch.Tensor,
+    w_ih: torch.Tensor,
+    w_hh: torch.Tensor,
+    b_ih: torch.Tensor | None,
+    b_hh: torch.Tensor | None,
+) -> torch.Tensor:
     i_r, i_z, i_n = lin(x, w_ih, b_ih).chunk(3, dim=-1)
     h_r, h_z, h_n = lin(h, w_hh, b_hh).chunk(3, dim=-1)
     r = torch.sigmoid(i_r + h_r)
@@ -34,9 +40,15 @@ def _gru_cell(lin: Linear, x: torch.Tensor, h: torch.Tensor, w_ih: torch.Tensor,
     return (1 - z) * n + z * h
 
 
-def _lstm_cell(lin: Linear, x: torch.Tensor, hc: Any, w_ih: torch.Tensor, w_hh: torch.Tensor,
-               b_ih: torch.Tensor | None, b_hh: torch.Tensor | None
-               ) -> tuple[torch.Tensor, torch.Tensor]:
+def _lstm_cell(
+    lin: Linear,
+    x: torch.Tensor,
+    hc: Any,
+    w_ih: torch.Tensor,
+    w_hh: torch.Tensor,
+    b_ih: torch.Tensor | None,
+    b_hh: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     h, c = hc
     i, f, g, o = (lin(x, w_ih, b_ih) + lin(h, w_hh, b_hh)).chunk(4, dim=-1)
     c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
@@ -44,9 +56,15 @@ def _lstm_cell(lin: Linear, x: torch.Tensor, hc: Any, w_ih: torch.Tensor, w_hh: 
 
 
 def _rnn_cell(act: Callable[[torch.Tensor], torch.Tensor]) -> Callable[..., torch.Tensor]:
-    def cell(lin: Linear, x: torch.Tensor, h: torch.Tensor, w_ih: torch.Tensor,
-             w_hh: torch.Tensor, b_ih: torch.Tensor | None, b_hh: torch.Tensor | None
-             ) -> torch.Tensor:
+    def cell(
+        lin: Linear,
+        x: torch.Tensor,
+        h: torch.Tensor,
+        w_ih: torch.Tensor,
+        w_hh: torch.Tensor,
+        b_ih: torch.Tensor | None,
+        b_hh: torch.Tensor | None,
+    ) -> torch.Tensor:
         return act(lin(x, w_ih, b_ih) + lin(h, w_hh, b_hh))
 
     return cell
@@ -56,8 +74,15 @@ def cell_function(cell: Callable[..., Any]) -> Callable[..., Any]:
     """``torch.gru_cell``-style function ``(x, hx, w_ih, w_hh, b_ih=None, b_hh=None)`` evaluated
     with ``lin``: returns ``f(lin, *args)``."""
 
-    def run(lin: Linear, x: torch.Tensor, hx: Any, w_ih: torch.Tensor, w_hh: torch.Tensor,
-            b_ih: torch.Tensor | None = None, b_hh: torch.Tensor | None = None) -> Any:
+    def run(
+        lin: Linear,
+        x: torch.Tensor,
+        hx: Any,
+        w_ih: torch.Tensor,
+        w_hh: torch.Tensor,
+        b_ih: torch.Tensor | None = None,
+        b_hh: torch.Tensor | None = None,
+    ) -> Any:
         return cell(lin, x, hx, w_ih, w_hh, b_ih, b_hh)
 
     return run

@@ -75,7 +75,9 @@ def _heuristics() -> dict[str, Any]:
     return {
         "BLOCK_DIAG": diag,
         # Unused by the row-wise gather; 1 there keeps its (uncompiled) block shapes small.
-        "MEMBERS": lambda a: members_per_tile(a["BLOCK_M"], a["ROWS"], a["RANK_P2"]) if diag(a) else 1,
+        "MEMBERS": lambda a: (
+            members_per_tile(a["BLOCK_M"], a["ROWS"], a["RANK_P2"]) if diag(a) else 1
+        ),
         "EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0,
     }
 
@@ -100,9 +102,25 @@ def _tile_of(tile, num_m, num_n, GROUP_M: tl.constexpr):
 
 @triton.jit
 def _epilogue(
-    acc, pid_m, offs_m, offs_n, h_ptr, a_ptr, draw_ptr, bias_ptr, M, N, P, ROWS, stride_bias,
-    HAS_BIAS: tl.constexpr, RANK: tl.constexpr, RANK_P2: tl.constexpr, MEMBERS: tl.constexpr,
-    BLOCK_DIAG: tl.constexpr, BLOCK_M: tl.constexpr,
+    acc,
+    pid_m,
+    offs_m,
+    offs_n,
+    h_ptr,
+    a_ptr,
+    draw_ptr,
+    bias_ptr,
+    M,
+    N,
+    P,
+    ROWS,
+    stride_bias,
+    HAS_BIAS: tl.constexpr,
+    RANK: tl.constexpr,
+    RANK_P2: tl.constexpr,
+    MEMBERS: tl.constexpr,
+    BLOCK_DIAG: tl.constexpr,
+    BLOCK_M: tl.constexpr,
 ):
     """acc (BLOCK_M, BLOCK_N) += each row's h @ its member's A slab^T (+ each row's bias)."""
     row_member = offs_m // ROWS
@@ -112,8 +130,12 @@ def _epilogue(
         k = c % RANK_P2
         col_ok = (member < P) & (k < RANK)
         draw = tl.load(draw_ptr + member, mask=col_ok, other=0)
-        h_mask = (row_member[:, None] == member[None, :]) & (k < RANK)[None, :] & (offs_m < M)[:, None]
-        h = tl.load(h_ptr + offs_m[:, None].to(tl.int64) * RANK + k[None, :], mask=h_mask, other=0.0)
+        h_mask = (
+            (row_member[:, None] == member[None, :]) & (k < RANK)[None, :] & (offs_m < M)[:, None]
+        )
+        h = tl.load(
+            h_ptr + offs_m[:, None].to(tl.int64) * RANK + k[None, :], mask=h_mask, other=0.0
+        )
         a_off = draw[:, None].to(tl.int64) * N * RANK + offs_n[None, :] * RANK + k[:, None]
         a = tl.load(a_ptr + a_off, mask=col_ok[:, None] & (offs_n < N)[None, :], other=0.0)
         acc = tl.dot(h, a.to(h.dtype), acc)
@@ -128,7 +150,11 @@ def _epilogue(
             acc += hk.to(tl.float32)[:, None] * ak.to(tl.float32)
     if HAS_BIAS:
         b_mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
-        bias = tl.load(bias_ptr + row_member[:, None].to(tl.int64) * stride_bias + offs_n[None, :], mask=b_mask, other=0.0)
+        bias = tl.load(
+            bias_ptr + row_member[:, None].to(tl.int64) * stride_bias + offs_n[None, :],
+            mask=b_mask,
+            other=0.0,
+        )
         acc += bias.to(tl.float32)
     return acc
 
@@ -137,29 +163,63 @@ def _epilogue(
 def _projection_configs() -> list[triton.Config]:
     if _INTERPRET:
         return [triton.Config({"BLOCK_M": 16, "BLOCK_K": 32}, num_warps=4, num_stages=1)]
-    return _tuned([
-        triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-        for bm in (16, 32)
-        for bk in (128, 256)
-        for w, s in ((4, 3),)
-    ])
+    return _tuned(
+        [
+            triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+            for bm in (16, 32)
+            for bk in (128, 256)
+            for w, s in ((4, 3),)
+        ]
+    )
 
 
 @triton.autotune(configs=_projection_configs(), key=["M", "K", "ROWS", "RANK"])
 @triton.heuristics(_heuristics())
 @triton.jit
 def _projection_kernel(
-    x_ptr, b_ptr, draw_ptr, coeff_ptr, h_ptr, M, K, P, ROWS, stride_xm,
-    RANK: tl.constexpr, RANK_P2: tl.constexpr, MEMBERS: tl.constexpr, BLOCK_DIAG: tl.constexpr,
-    EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    x_ptr,
+    b_ptr,
+    draw_ptr,
+    coeff_ptr,
+    h_ptr,
+    M,
+    K,
+    P,
+    ROWS,
+    stride_xm,
+    RANK: tl.constexpr,
+    RANK_P2: tl.constexpr,
+    MEMBERS: tl.constexpr,
+    BLOCK_DIAG: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     pid = tl.program_id(0)
     offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     if BLOCK_DIAG:
-        h = _projection_block_diag(x_ptr, b_ptr, draw_ptr, pid, offs_m, M, K, P, ROWS, stride_xm,
-                                   RANK, RANK_P2, MEMBERS, EVEN_K, BLOCK_M, BLOCK_K)
+        h = _projection_block_diag(
+            x_ptr,
+            b_ptr,
+            draw_ptr,
+            pid,
+            offs_m,
+            M,
+            K,
+            P,
+            ROWS,
+            stride_xm,
+            RANK,
+            RANK_P2,
+            MEMBERS,
+            EVEN_K,
+            BLOCK_M,
+            BLOCK_K,
+        )
     else:
-        h = _projection_rowwise(x_ptr, b_ptr, draw_ptr, offs_m, M, K, ROWS, stride_xm, RANK, RANK_P2, BLOCK_M, BLOCK_K)
+        h = _projection_rowwise(
+            x_ptr, b_ptr, draw_ptr, offs_m, M, K, ROWS, stride_xm, RANK, RANK_P2, BLOCK_M, BLOCK_K
+        )
     h *= tl.load(coeff_ptr + offs_m // ROWS, mask=offs_m < M, other=0.0)[:, None]
     kk = tl.arange(0, RANK_P2)
     out = h_ptr + offs_m[:, None].to(tl.int64) * RANK + kk[None, :]
@@ -168,9 +228,22 @@ def _projection_kernel(
 
 @triton.jit
 def _projection_block_diag(
-    x_ptr, b_ptr, draw_ptr, pid, offs_m, M, K, P, ROWS, stride_xm,
-    RANK: tl.constexpr, RANK_P2: tl.constexpr, MEMBERS: tl.constexpr, EVEN_K: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    x_ptr,
+    b_ptr,
+    draw_ptr,
+    pid,
+    offs_m,
+    M,
+    K,
+    P,
+    ROWS,
+    stride_xm,
+    RANK: tl.constexpr,
+    RANK_P2: tl.constexpr,
+    MEMBERS: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     """(BLOCK_M, RANK_P2) x_row b[draw]: one product against the tile's members' factors side
     by side, of which each row keeps its own member's columns."""
@@ -201,8 +274,18 @@ def _projection_block_diag(
 
 @triton.jit
 def _projection_rowwise(
-    x_ptr, b_ptr, draw_ptr, offs_m, M, K, ROWS, stride_xm,
-    RANK: tl.constexpr, RANK_P2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    x_ptr,
+    b_ptr,
+    draw_ptr,
+    offs_m,
+    M,
+    K,
+    ROWS,
+    stride_xm,
+    RANK: tl.constexpr,
+    RANK_P2: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     """(BLOCK_M, RANK_P2) x_row b[draw]: each row against its own member's factor, one rank
     index at a time."""
@@ -225,7 +308,12 @@ def _projection_rowwise(
 
 
 def member_projection(
-    x: torch.Tensor, b: torch.Tensor, draw: torch.Tensor, coeff: torch.Tensor, h: torch.Tensor, rows: int
+    x: torch.Tensor,
+    b: torch.Tensor,
+    draw: torch.Tensor,
+    coeff: torch.Tensor,
+    h: torch.Tensor,
+    rows: int,
 ) -> None:
     """Write ``h[p * rows + i] = coeff[p] * x[p * rows + i] @ b[draw[p]]``; ``x`` (M, K),
     ``b`` (D, K, r), ``draw`` and ``coeff`` (P,)."""
@@ -236,13 +324,21 @@ def member_projection(
     def grid(meta: dict[str, Any]) -> tuple[int]:
         return (triton.cdiv(M, meta["BLOCK_M"]),)
 
-    _projection_kernel[grid](x, b, draw, coeff, h, M, K, P, rows, x.stride(0), RANK=r, RANK_P2=triton.next_power_of_2(r))
+    _projection_kernel[grid](
+        x, b, draw, coeff, h, M, K, P, rows, x.stride(0), RANK=r, RANK_P2=triton.next_power_of_2(r)
+    )
 
 
 # ---------------------------------------------------------------------------- y = x w^T + ...
 def _linear_configs() -> list[triton.Config]:
     if _INTERPRET:
-        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2}, num_warps=4, num_stages=1)]
+        return [
+            triton.Config(
+                {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2},
+                num_warps=4,
+                num_stages=1,
+            )
+        ]
     shapes = [
         (128, 256, 64, 3, 8),
         (128, 256, 64, 4, 8),
@@ -255,20 +351,48 @@ def _linear_configs() -> list[triton.Config]:
     ]
     # 128 x 256 tiles with the row-wise gather need more shared memory than an H100 has (the
     # gathered A tile is converted to the accumulator's layout through it): 128 x 128 untuned.
-    return _tuned([
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
-        for bm, bn, bk, s, w in shapes
-    ], untuned=3)
+    return _tuned(
+        [
+            triton.Config(
+                {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
+                num_warps=w,
+                num_stages=s,
+            )
+            for bm, bn, bk, s, w in shapes
+        ],
+        untuned=3,
+    )
 
 
 @triton.autotune(configs=_linear_configs(), key=["M", "N", "K", "ROWS", "RANK", "HAS_BIAS"])
 @triton.heuristics(_heuristics())
 @triton.jit
 def _linear_kernel(
-    x_ptr, w_ptr, bias_ptr, h_ptr, a_ptr, draw_ptr, y_ptr, M, N, K, P, ROWS,
-    stride_xm, stride_wn, stride_ym, stride_bias,
-    HAS_BIAS: tl.constexpr, RANK: tl.constexpr, RANK_P2: tl.constexpr, MEMBERS: tl.constexpr,
-    BLOCK_DIAG: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    x_ptr,
+    w_ptr,
+    bias_ptr,
+    h_ptr,
+    a_ptr,
+    draw_ptr,
+    y_ptr,
+    M,
+    N,
+    K,
+    P,
+    ROWS,
+    stride_xm,
+    stride_wn,
+    stride_ym,
+    stride_bias,
+    HAS_BIAS: tl.constexpr,
+    RANK: tl.constexpr,
+    RANK_P2: tl.constexpr,
+    MEMBERS: tl.constexpr,
+    BLOCK_DIAG: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
     pid_m, pid_n = _tile_of(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
@@ -292,15 +416,42 @@ def _linear_kernel(
         acc = tl.dot(xt, wt, acc)
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
-    acc = _epilogue(acc, pid_m, offs_m, offs_n, h_ptr, a_ptr, draw_ptr, bias_ptr, M, N, P, ROWS, stride_bias,
-                    HAS_BIAS, RANK, RANK_P2, MEMBERS, BLOCK_DIAG, BLOCK_M)
+    acc = _epilogue(
+        acc,
+        pid_m,
+        offs_m,
+        offs_n,
+        h_ptr,
+        a_ptr,
+        draw_ptr,
+        bias_ptr,
+        M,
+        N,
+        P,
+        ROWS,
+        stride_bias,
+        HAS_BIAS,
+        RANK,
+        RANK_P2,
+        MEMBERS,
+        BLOCK_DIAG,
+        BLOCK_M,
+    )
     y_ptrs = y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :]
-    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=(offs_m < M)[:, None] & (offs_n < N)[None, :])
+    tl.store(
+        y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=(offs_m < M)[:, None] & (offs_n < N)[None, :]
+    )
 
 
 def lowrank_linear(
-    x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, h: torch.Tensor, a: torch.Tensor,
-    draw: torch.Tensor, y: torch.Tensor, rows: int,
+    x: torch.Tensor,
+    w: torch.Tensor,
+    bias: torch.Tensor | None,
+    h: torch.Tensor,
+    a: torch.Tensor,
+    draw: torch.Tensor,
+    y: torch.Tensor,
+    rows: int,
 ) -> None:
     """Write ``y = x w^T + bias[p] + h a[draw[p]]^T`` (row-wise member ``p = row // rows``)."""
     M, K = x.shape
@@ -312,9 +463,25 @@ def lowrank_linear(
 
     stride_bias = 0 if bias is None or bias.dim() == 1 else bias.stride(0)
     _linear_kernel[grid](
-        x, w, y if bias is None else bias, h, a, draw, y, M, N, K, P, rows,
-        x.stride(0), w.stride(0), y.stride(0), stride_bias,
-        HAS_BIAS=bias is not None, RANK=r, RANK_P2=triton.next_power_of_2(r),
+        x,
+        w,
+        y if bias is None else bias,
+        h,
+        a,
+        draw,
+        y,
+        M,
+        N,
+        K,
+        P,
+        rows,
+        x.stride(0),
+        w.stride(0),
+        y.stride(0),
+        stride_bias,
+        HAS_BIAS=bias is not None,
+        RANK=r,
+        RANK_P2=triton.next_power_of_2(r),
     )
 
 
@@ -331,21 +498,49 @@ def _tma_configs() -> list[triton.Config]:
         (128, 128, 64, 4, 8, True),
         (64, 128, 64, 4, 4, True),
     ]
-    return _tuned([
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "FLATTEN": fl},
-                      num_warps=w, num_stages=s, pre_hook=set_blocks)
-        for bm, bn, bk, s, w, fl in shapes
-    ], untuned=3)
+    return _tuned(
+        [
+            triton.Config(
+                {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "FLATTEN": fl},
+                num_warps=w,
+                num_stages=s,
+                pre_hook=set_blocks,
+            )
+            for bm, bn, bk, s, w, fl in shapes
+        ],
+        untuned=3,
+    )
 
 
 @triton.autotune(configs=_tma_configs(), key=["M", "N", "K", "ROWS", "RANK", "HAS_BIAS"])
 @triton.heuristics(_epilogue_heuristics())
 @triton.jit
 def _linear_tma_kernel(
-    x_desc, w_desc, bias_ptr, h_ptr, a_ptr, draw_ptr, y_ptr, M, N, K, P, ROWS, stride_ym, stride_bias,
-    HAS_BIAS: tl.constexpr, RANK: tl.constexpr, RANK_P2: tl.constexpr, MEMBERS: tl.constexpr,
-    BLOCK_DIAG: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr, FLATTEN: tl.constexpr, NUM_SMS: tl.constexpr,
+    x_desc,
+    w_desc,
+    bias_ptr,
+    h_ptr,
+    a_ptr,
+    draw_ptr,
+    y_ptr,
+    M,
+    N,
+    K,
+    P,
+    ROWS,
+    stride_ym,
+    stride_bias,
+    HAS_BIAS: tl.constexpr,
+    RANK: tl.constexpr,
+    RANK_P2: tl.constexpr,
+    MEMBERS: tl.constexpr,
+    BLOCK_DIAG: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    FLATTEN: tl.constexpr,
+    NUM_SMS: tl.constexpr,
 ):
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
@@ -359,15 +554,44 @@ def _linear_tma_kernel(
             acc = tl.dot(xt, wt.T, acc)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        acc = _epilogue(acc, pid_m, offs_m, offs_n, h_ptr, a_ptr, draw_ptr, bias_ptr, M, N, P, ROWS, stride_bias,
-                        HAS_BIAS, RANK, RANK_P2, MEMBERS, BLOCK_DIAG, BLOCK_M)
+        acc = _epilogue(
+            acc,
+            pid_m,
+            offs_m,
+            offs_n,
+            h_ptr,
+            a_ptr,
+            draw_ptr,
+            bias_ptr,
+            M,
+            N,
+            P,
+            ROWS,
+            stride_bias,
+            HAS_BIAS,
+            RANK,
+            RANK_P2,
+            MEMBERS,
+            BLOCK_DIAG,
+            BLOCK_M,
+        )
         y_ptrs = y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :]
-        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=(offs_m < M)[:, None] & (offs_n < N)[None, :])
+        tl.store(
+            y_ptrs,
+            acc.to(y_ptr.dtype.element_ty),
+            mask=(offs_m < M)[:, None] & (offs_n < N)[None, :],
+        )
 
 
 def lowrank_linear_tma(
-    x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, h: torch.Tensor, a: torch.Tensor,
-    draw: torch.Tensor, y: torch.Tensor, rows: int,
+    x: torch.Tensor,
+    w: torch.Tensor,
+    bias: torch.Tensor | None,
+    h: torch.Tensor,
+    a: torch.Tensor,
+    draw: torch.Tensor,
+    y: torch.Tensor,
+    rows: int,
 ) -> None:
     """:func:`lowrank_linear` with tensor-memory-accelerator loads and a persistent grid (sm90+)."""
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -384,8 +608,24 @@ def lowrank_linear_tma(
 
     stride_bias = 0 if bias is None or bias.dim() == 1 else bias.stride(0)
     _linear_tma_kernel[grid](
-        x_desc, w_desc, y if bias is None else bias, h, a, draw, y, M, N, K, P, rows, y.stride(0), stride_bias,
-        HAS_BIAS=bias is not None, RANK=r, RANK_P2=triton.next_power_of_2(r), NUM_SMS=sms,
+        x_desc,
+        w_desc,
+        y if bias is None else bias,
+        h,
+        a,
+        draw,
+        y,
+        M,
+        N,
+        K,
+        P,
+        rows,
+        y.stride(0),
+        stride_bias,
+        HAS_BIAS=bias is not None,
+        RANK=r,
+        RANK_P2=triton.next_power_of_2(r),
+        NUM_SMS=sms,
     )
 
 
@@ -393,19 +633,44 @@ def lowrank_linear_tma(
 def _add_configs() -> list[triton.Config]:
     if _INTERPRET:
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4)]
-    return _tuned([
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w)
-        for bm, bn, w in ((64, 128, 4), (128, 128, 8), (64, 256, 8), (128, 256, 8), (32, 256, 4))
-    ])
+    return _tuned(
+        [
+            triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w)
+            for bm, bn, w in (
+                (64, 128, 4),
+                (128, 128, 8),
+                (64, 256, 8),
+                (128, 256, 8),
+                (32, 256, 4),
+            )
+        ]
+    )
 
 
-@triton.autotune(configs=_add_configs(), key=["M", "N", "ROWS", "RANK", "HAS_BIAS"], restore_value=["y_ptr"])
+@triton.autotune(
+    configs=_add_configs(), key=["M", "N", "ROWS", "RANK", "HAS_BIAS"], restore_value=["y_ptr"]
+)
 @triton.heuristics(_epilogue_heuristics())
 @triton.jit
 def _correction_add_kernel(
-    y_ptr, bias_ptr, h_ptr, a_ptr, draw_ptr, M, N, P, ROWS, stride_ym, stride_bias,
-    HAS_BIAS: tl.constexpr, RANK: tl.constexpr, RANK_P2: tl.constexpr, MEMBERS: tl.constexpr,
-    BLOCK_DIAG: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    y_ptr,
+    bias_ptr,
+    h_ptr,
+    a_ptr,
+    draw_ptr,
+    M,
+    N,
+    P,
+    ROWS,
+    stride_ym,
+    stride_bias,
+    HAS_BIAS: tl.constexpr,
+    RANK: tl.constexpr,
+    RANK_P2: tl.constexpr,
+    MEMBERS: tl.constexpr,
+    BLOCK_DIAG: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -414,15 +679,40 @@ def _correction_add_kernel(
     y_ptrs = y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :]
     mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
     acc = tl.load(y_ptrs, mask=mask, other=0.0).to(tl.float32)
-    acc = _epilogue(acc, pid_m, offs_m, offs_n, h_ptr, a_ptr, draw_ptr, bias_ptr, M, N, P, ROWS, stride_bias,
-                    HAS_BIAS, RANK, RANK_P2, MEMBERS, BLOCK_DIAG, BLOCK_M)
+    acc = _epilogue(
+        acc,
+        pid_m,
+        offs_m,
+        offs_n,
+        h_ptr,
+        a_ptr,
+        draw_ptr,
+        bias_ptr,
+        M,
+        N,
+        P,
+        ROWS,
+        stride_bias,
+        HAS_BIAS,
+        RANK,
+        RANK_P2,
+        MEMBERS,
+        BLOCK_DIAG,
+        BLOCK_M,
+    )
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 def correction_add(
-    y: torch.Tensor, bias: torch.Tensor | None, h: torch.Tensor, a: torch.Tensor, draw: torch.Tensor, rows: int
+    y: torch.Tensor,
+    bias: torch.Tensor | None,
+    h: torch.Tensor,
+    a: torch.Tensor,
+    draw: torch.Tensor,
+    rows: int,
 ) -> None:
-    """In place ``y += bias[p] + h a[draw[p]]^T`` (row-wise member ``p = row // rows``); ``y`` (M, N)."""
+    """In place ``y += bias[p] + h a[draw[p]]^T`` (row-wise member ``p = row // rows``);
+    ``y`` ``(M, N)``."""
     M, N = y.shape
     P, r = draw.shape[0], a.shape[-1]
 
@@ -431,6 +721,18 @@ def correction_add(
 
     stride_bias = 0 if bias is None or bias.dim() == 1 else bias.stride(0)
     _correction_add_kernel[grid](
-        y, y if bias is None else bias, h, a, draw, M, N, P, rows, y.stride(0), stride_bias,
-        HAS_BIAS=bias is not None, RANK=r, RANK_P2=triton.next_power_of_2(r),
+        y,
+        y if bias is None else bias,
+        h,
+        a,
+        draw,
+        M,
+        N,
+        P,
+        rows,
+        y.stride(0),
+        stride_bias,
+        HAS_BIAS=bias is not None,
+        RANK=r,
+        RANK_P2=triton.next_power_of_2(r),
     )

@@ -92,15 +92,28 @@ def block_normals(x0, x1, x2, x3):
 def _store_blocks(out_ptr, b, mask, z0, z1, z2, z3):
     """Write the four normals of blocks ``b`` to ``out[4 b .. 4 b + 3]``."""
     z = tl.reshape(tl.join(tl.join(z0, z2), tl.join(z1, z3)), (z0.shape[0] * 4,))
-    offs = tl.reshape(tl.join(tl.join(4 * b, 4 * b + 2), tl.join(4 * b + 1, 4 * b + 3)), (z0.shape[0] * 4,))
+    offs = tl.reshape(
+        tl.join(tl.join(4 * b, 4 * b + 2), tl.join(4 * b + 1, 4 * b + 3)), (z0.shape[0] * 4,)
+    )
     m = tl.reshape(tl.join(tl.join(mask, mask), tl.join(mask, mask)), (z0.shape[0] * 4,))
     tl.store(out_ptr + offs, z.to(out_ptr.dtype.element_ty), mask=m)
 
 
 @triton.jit(do_not_specialize=["k0", "k1", "gen"])
 def _fill_lowrank(
-    out_ptr, params_ptr, key_ptr, gen_ptr, k0, k1, gen, ROWS, DRAWS, BLOCKS, STREAM_OFFSET,
-    ON_DEVICE: tl.constexpr, BLOCK: tl.constexpr,
+    out_ptr,
+    params_ptr,
+    key_ptr,
+    gen_ptr,
+    k0,
+    k1,
+    gen,
+    ROWS,
+    DRAWS,
+    BLOCKS,
+    STREAM_OFFSET,
+    ON_DEVICE: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     """Blocks ``(row, draw, j)`` of a low-rank stream: counter ``(j + stream, draw, params[row],
     generation)``."""
@@ -123,8 +136,18 @@ def _fill_lowrank(
 
 @triton.jit(do_not_specialize=["k0", "k1", "gen"])
 def _fill_dense(
-    out_ptr, params_ptr, local_ptr, key_ptr, gen_ptr, k0, k1, gen, DRAWS, BLOCKS,
-    ON_DEVICE: tl.constexpr, BLOCK: tl.constexpr,
+    out_ptr,
+    params_ptr,
+    local_ptr,
+    key_ptr,
+    gen_ptr,
+    k0,
+    k1,
+    gen,
+    DRAWS,
+    BLOCKS,
+    ON_DEVICE: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     """Blocks ``(draw, column)`` of the dense region: counter ``(local[column], draw,
     params[column], generation)``."""
@@ -176,15 +199,36 @@ def fill_region(buffer: torch.Tensor, region: Any, key: Any, gen: Any) -> None:
         total = region.rows * region.draws * region.blocks
         grid = (triton.cdiv(total, _BLOCK),)
         _fill_lowrank[grid](
-            out, region.params, key_t, gen_t, k0, k1, g, region.rows, region.draws,
-            region.blocks, region.stream * _STREAM_B, ON_DEVICE=on_device, BLOCK=_BLOCK,
+            out,
+            region.params,
+            key_t,
+            gen_t,
+            k0,
+            k1,
+            g,
+            region.rows,
+            region.draws,
+            region.blocks,
+            region.stream * _STREAM_B,
+            ON_DEVICE=on_device,
+            BLOCK=_BLOCK,
         )
     else:
         total = region.draws * region.blocks
         grid = (triton.cdiv(total, _BLOCK),)
         _fill_dense[grid](
-            out, region.params, region.column_block, key_t, gen_t, k0, k1, g, region.draws,
-            region.blocks, ON_DEVICE=on_device, BLOCK=_BLOCK,
+            out,
+            region.params,
+            region.column_block,
+            key_t,
+            gen_t,
+            k0,
+            k1,
+            g,
+            region.draws,
+            region.blocks,
+            ON_DEVICE=on_device,
+            BLOCK=_BLOCK,
         )
 
 

@@ -71,9 +71,26 @@ def _column(t, cols, idx):
 
 @triton.jit(do_not_specialize=["k0", "k1", "gen", "param"])
 def _projection(
-    x_ptr, coeff_ptr, draw_ptr, h_ptr, key_ptr, gen_ptr, k0, k1, gen, param, P, K, stride_x,
-    ON_DEVICE: tl.constexpr, RANK: tl.constexpr, RANK_P2: tl.constexpr, PAIRED: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+    x_ptr,
+    coeff_ptr,
+    draw_ptr,
+    h_ptr,
+    key_ptr,
+    gen_ptr,
+    k0,
+    k1,
+    gen,
+    param,
+    P,
+    K,
+    stride_x,
+    ON_DEVICE: tl.constexpr,
+    RANK: tl.constexpr,
+    RANK_P2: tl.constexpr,
+    PAIRED: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    SPLIT_K: tl.constexpr,
 ):
     k0, k1, gen = _key_and_generation(key_ptr, k0, k1, gen_ptr, gen, ON_DEVICE)
     param = param.to(tl.uint32)
@@ -102,10 +119,18 @@ def _projection(
                 acc0 += tl.where(cols[None, :] == 4 * kc + 2, tl.sum(x0 * z2, axis=1)[:, None], 0.0)
                 acc0 += tl.where(cols[None, :] == 4 * kc + 3, tl.sum(x0 * z3, axis=1)[:, None], 0.0)
                 if PAIRED:
-                    acc1 += tl.where(cols[None, :] == 4 * kc + 0, tl.sum(x1 * z0, axis=1)[:, None], 0.0)
-                    acc1 += tl.where(cols[None, :] == 4 * kc + 1, tl.sum(x1 * z1, axis=1)[:, None], 0.0)
-                    acc1 += tl.where(cols[None, :] == 4 * kc + 2, tl.sum(x1 * z2, axis=1)[:, None], 0.0)
-                    acc1 += tl.where(cols[None, :] == 4 * kc + 3, tl.sum(x1 * z3, axis=1)[:, None], 0.0)
+                    acc1 += tl.where(
+                        cols[None, :] == 4 * kc + 0, tl.sum(x1 * z0, axis=1)[:, None], 0.0
+                    )
+                    acc1 += tl.where(
+                        cols[None, :] == 4 * kc + 1, tl.sum(x1 * z1, axis=1)[:, None], 0.0
+                    )
+                    acc1 += tl.where(
+                        cols[None, :] == 4 * kc + 2, tl.sum(x1 * z2, axis=1)[:, None], 0.0
+                    )
+                    acc1 += tl.where(
+                        cols[None, :] == 4 * kc + 3, tl.sum(x1 * z3, axis=1)[:, None], 0.0
+                    )
         elif RANK == 1:
             j = i0 // 4 + tl.arange(0, BLOCK_K // 4)[None, :]
             z0, z1, z2, z3 = _normals(j, draw, param, gen, k0, k1, 1)
@@ -140,9 +165,27 @@ def _projection(
 
 @triton.jit(do_not_specialize=["k0", "k1", "gen", "param"])
 def _correction(
-    y_ptr, h_ptr, draw_ptr, bias_ptr, key_ptr, gen_ptr, k0, k1, gen, param, P, N, stride_y,
-    stride_bias, HAS_BIAS: tl.constexpr, ON_DEVICE: tl.constexpr, RANK: tl.constexpr,
-    RANK_P2: tl.constexpr, PAIRED: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    y_ptr,
+    h_ptr,
+    draw_ptr,
+    bias_ptr,
+    key_ptr,
+    gen_ptr,
+    k0,
+    k1,
+    gen,
+    param,
+    P,
+    N,
+    stride_y,
+    stride_bias,
+    HAS_BIAS: tl.constexpr,
+    ON_DEVICE: tl.constexpr,
+    RANK: tl.constexpr,
+    RANK_P2: tl.constexpr,
+    PAIRED: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     k0, k1, gen = _key_and_generation(key_ptr, k0, k1, gen_ptr, gen, ON_DEVICE)
     param = param.to(tl.uint32)
@@ -170,11 +213,23 @@ def _correction(
         for kc in tl.static_range(RANK // 4):
             j = n[None, :] * (RANK // 4) + kc
             z0, z1, z2, z3 = _normals(j, draw, param, gen, k0, k1, 0)
-            y0 += _column(h0, cols, 4 * kc)[:, None] * z0 + _column(h0, cols, 4 * kc + 1)[:, None] * z1
-            y0 += _column(h0, cols, 4 * kc + 2)[:, None] * z2 + _column(h0, cols, 4 * kc + 3)[:, None] * z3
+            y0 += (
+                _column(h0, cols, 4 * kc)[:, None] * z0
+                + _column(h0, cols, 4 * kc + 1)[:, None] * z1
+            )
+            y0 += (
+                _column(h0, cols, 4 * kc + 2)[:, None] * z2
+                + _column(h0, cols, 4 * kc + 3)[:, None] * z3
+            )
             if PAIRED:
-                y1 += _column(h1, cols, 4 * kc)[:, None] * z0 + _column(h1, cols, 4 * kc + 1)[:, None] * z1
-                y1 += _column(h1, cols, 4 * kc + 2)[:, None] * z2 + _column(h1, cols, 4 * kc + 3)[:, None] * z3
+                y1 += (
+                    _column(h1, cols, 4 * kc)[:, None] * z0
+                    + _column(h1, cols, 4 * kc + 1)[:, None] * z1
+                )
+                y1 += (
+                    _column(h1, cols, 4 * kc + 2)[:, None] * z2
+                    + _column(h1, cols, 4 * kc + 3)[:, None] * z3
+                )
     elif RANK == 1:
         j = n0 // 4 + tl.arange(0, BLOCK_N // 4)[None, :]
         z0, z1, z2, z3 = _normals(j, draw, param, gen, k0, k1, 0)
@@ -240,7 +295,9 @@ def linear_rowwise(
     rank_p2 = triton.next_power_of_2(rank)
     block_d = 4 if _INTERPRET else 8
     block_k = 64 if _INTERPRET else 128
-    split_k = 1 if _INTERPRET else max(1, min(16, triton.cdiv(132 * 2, triton.cdiv(units, block_d))))
+    split_k = (
+        1 if _INTERPRET else max(1, min(16, triton.cdiv(132 * 2, triton.cdiv(units, block_d))))
+    )
     split_k = min(split_k, triton.cdiv(n, block_k))
     # (split over K, the programs add their parts into h)
     h = (torch.zeros if split_k > 1 else torch.empty)(P, rank, device=x.device, dtype=torch.float32)
@@ -250,16 +307,50 @@ def linear_rowwise(
         draw = draw.to(torch.int64).contiguous()
     xs = x if x.stride(-1) == 1 else x.contiguous()
     _projection[(triton.cdiv(units, block_d), split_k)](
-        xs, coeff, draw, h, key_t, gen_t, k0, k1, g, param_index, P, n, xs.stride(0),
-        ON_DEVICE=on_device, RANK=rank, RANK_P2=rank_p2, PAIRED=paired, BLOCK_D=block_d,
-        BLOCK_K=block_k, SPLIT_K=split_k,
+        xs,
+        coeff,
+        draw,
+        h,
+        key_t,
+        gen_t,
+        k0,
+        k1,
+        g,
+        param_index,
+        P,
+        n,
+        xs.stride(0),
+        ON_DEVICE=on_device,
+        RANK=rank,
+        RANK_P2=rank_p2,
+        PAIRED=paired,
+        BLOCK_D=block_d,
+        BLOCK_K=block_k,
+        SPLIT_K=split_k,
     )
     block_n = 64 if _INTERPRET else 128
     b = per_member.contiguous() if per_member is not None else y
     _correction[(triton.cdiv(units, block_d), triton.cdiv(m, block_n))](
-        y, h, draw, b, key_t, gen_t, k0, k1, g, param_index, P, m, y.stride(0),
-        b.stride(0) if per_member is not None else 0, HAS_BIAS=per_member is not None,
-        ON_DEVICE=on_device, RANK=rank, RANK_P2=rank_p2, PAIRED=paired, BLOCK_D=block_d,
+        y,
+        h,
+        draw,
+        b,
+        key_t,
+        gen_t,
+        k0,
+        k1,
+        g,
+        param_index,
+        P,
+        m,
+        y.stride(0),
+        b.stride(0) if per_member is not None else 0,
+        HAS_BIAS=per_member is not None,
+        ON_DEVICE=on_device,
+        RANK=rank,
+        RANK_P2=rank_p2,
+        PAIRED=paired,
+        BLOCK_D=block_d,
         BLOCK_N=block_n,
     )
     return y

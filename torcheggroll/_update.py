@@ -95,13 +95,19 @@ class _Workspace:
                 rows, _, m, _ = bucket.a.shape
                 dtype = plan.owned[update.owned[0]].param.dtype
                 prod_dtype = dtype if dtype in _HALF else buffer.dtype
-                prod = torch.zeros(rows, m, bucket.b.shape[2], dtype=prod_dtype, device=buffer.device)
+                prod = torch.zeros(
+                    rows, m, bucket.b.shape[2], dtype=prod_dtype, device=buffer.device
+                )
                 self.products.append(prod)
                 for row, o in enumerate(update.owned):
                     self.raw[o] = prod[row].view(plan.owned[o].param.shape)
             if buffer.dense is not None:
-                prod = torch.zeros(plan.group_count, buffer.dense.shape[1], dtype=buffer.dtype,
-                                   device=buffer.device)
+                prod = torch.zeros(
+                    plan.group_count,
+                    buffer.dense.shape[1],
+                    dtype=buffer.dtype,
+                    device=buffer.device,
+                )
                 self.products.append(prod)
                 for e, (col, numel) in buffer.dense_columns.items():
                     o = plan.entry_owned[b][e]
@@ -110,7 +116,9 @@ class _Workspace:
                     if owned.param.dtype != buffer.dtype:
                         self.cast.append(o)
         self.by_group = _by_group_and_device(plan, range(len(plan.owned)))
-        self.float16 = [o for o, owned in enumerate(plan.owned) if owned.param.dtype == torch.float16]
+        self.float16 = [
+            o for o, owned in enumerate(plan.owned) if owned.param.dtype == torch.float16
+        ]
 
 
 def _workspace(plan: Plan) -> _Workspace:
@@ -218,7 +226,8 @@ def grads(
         members = [o for o in members if o in wanted]
         if wd != 0 and members:
             decayed = torch._foreach_add(
-                [out[o] for o in members], [plan.owned[o].param.detach() for o in members],
+                [out[o] for o in members],
+                [plan.owned[o].param.detach() for o in members],
                 alpha=wd,
             )
             torch._foreach_mul_(decayed, found.ok.to(device))  # no decay when nothing moves
@@ -244,8 +253,11 @@ def _fusable(plan: Plan, b: int, k: int, groups: Sequence[dict[str, Any]]) -> bo
         return False
     p, group = plan.owned[owned[0]].param, groups[plan.owned[owned[0]].group]
     return (
-        p.is_cuda and p.is_contiguous() and p.dtype != torch.float16
-        and group["weight_decay"] == 0 and not isinstance(group["lr"], torch.Tensor)
+        p.is_cuda
+        and p.is_contiguous()
+        and p.dtype != torch.float16
+        and group["weight_decay"] == 0
+        and not isinstance(group["lr"], torch.Tensor)
     )
 
 

@@ -100,7 +100,9 @@ def generate_lora_noise(
     return _single_draw(param, r, sigma, seed, device)
 
 
-def _single_draw(param: Tensor, rank: int, sigma: float, seed: int, device: torch.device | str) -> Tensor:
+def _single_draw(
+    param: Tensor, rank: int, sigma: float, seed: int, device: torch.device | str
+) -> Tensor:
     """``sigma`` times one unit-variance draw of rank ``rank`` (0: dense) shaped like ``param``."""
     s = _check_sigma(sigma)
     noise = draw_noise(
@@ -530,7 +532,8 @@ class TorchEggrollES:
         ]
 
     def get_stacked_params(self) -> dict[str, Tensor]:
-        """The prepared members' evolved parameters stacked for vmap: name -> ``(pop_size, *shape)``.
+        """The prepared members' evolved parameters stacked for vmap: name ->
+        ``(pop_size, *shape)``.
 
         Returns the population prepared by :meth:`prepare_population` in this generation
         (row ``i`` is member ``i``), preparing it first if that has not happened yet.

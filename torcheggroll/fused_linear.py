@@ -12,7 +12,8 @@ is one more small matrix product added to the accumulator before it is written:
 
     acc += H_bd (BLOCK_M, MEMBERS * r) @ A_slab (MEMBERS * r, BLOCK_N)
 
-where ``A_slab`` stacks the ``r`` columns of ``A[d_p]`` for the ``MEMBERS`` members that can occur in
+where ``A_slab`` stacks the ``r`` columns of ``A[d_p]`` for the ``MEMBERS`` members that can
+occur in
 the tile, and ``H_bd`` is block-diagonal: row ``m`` holds ``h[m]`` in the ``r`` columns of its own
 member and zeros elsewhere. The extra work is ``MEMBERS * r / K`` of the GEMM (about 0.4% for
 16 rows per member, rank 4 and ``K = 8192``), and the output is written once, instead of the
@@ -93,7 +94,11 @@ def member_factors(
 
 
 def lowrank_linear_reference(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    a: torch.Tensor,
+    b: torch.Tensor,
 ) -> torch.Tensor:
     """``y_p = x_p W^T + bias_p + (x_p B_p) A_p^T`` with PyTorch's batched products.
 
@@ -125,6 +130,7 @@ def lowrank_linear_reference(
 GEMM_BACKENDS = ("tma", "triton", "cublas")
 GEMM_BACKEND = os.environ.get("TORCHEGGROLL_FUSED_GEMM", "auto")
 
+
 # ---------------------------------------------------------------------------- availability
 def _triton_enabled() -> bool:
     return os.environ.get("TORCHEGGROLL_FUSED", "1") != "0"
@@ -134,7 +140,10 @@ def _cpu_interpreted() -> bool:
     """CPU tensors go to the kernels only when asked for (``TORCHEGGROLL_FUSED=interpret``) and
     Triton runs its interpreter (``TRITON_INTERPRET=1`` before Triton is imported): a check of
     the kernels' logic without a GPU, far slower than PyTorch's own CPU kernels."""
-    return os.environ.get("TORCHEGGROLL_FUSED") == "interpret" and os.environ.get("TRITON_INTERPRET") == "1"
+    return (
+        os.environ.get("TORCHEGGROLL_FUSED") == "interpret"
+        and os.environ.get("TRITON_INTERPRET") == "1"
+    )
 
 
 @functools.lru_cache(maxsize=1)
@@ -150,8 +159,9 @@ def fused_available(x: torch.Tensor) -> bool:
     """Whether the fused kernels can evaluate a layer whose inputs look like ``x``.
 
     Needs Triton, a CUDA tensor (or, for float16, Triton's CPU interpreter, see
-    :func:`_cpu_interpreted`), a half precision dtype (``float16``/``bfloat16``: the dtypes whose GEMMs run on tensor cores
-    without changing PyTorch's float32 numerics) and ``TORCHEGGROLL_FUSED`` not set to ``0``.
+    :func:`_cpu_interpreted`), a half precision dtype (``float16``/``bfloat16``: the dtypes whose
+    GEMMs run on tensor cores without changing PyTorch's float32 numerics) and
+    ``TORCHEGGROLL_FUSED`` not set to ``0``.
     """
     if not _triton_enabled() or x.dtype not in (torch.float16, torch.bfloat16):
         return False
@@ -164,7 +174,9 @@ def _tma_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
     """Tensor-memory-accelerator loads need sm90+ and 16-byte aligned rows."""
     if not x.is_cuda or torch.cuda.get_device_capability(x.device)[0] < 9:
         return False
-    return all(t.data_ptr() % 16 == 0 and (t.stride(0) * t.element_size()) % 16 == 0 for t in (x, w))
+    return all(
+        t.data_ptr() % 16 == 0 and (t.stride(0) * t.element_size()) % 16 == 0 for t in (x, w)
+    )
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
@@ -173,7 +185,9 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return x2 if x2.stride(-1) == 1 else x2.contiguous()
 
 
-def member_projection_fused(x: torch.Tensor, b: torch.Tensor, draw: torch.Tensor, coeff: torch.Tensor) -> torch.Tensor:
+def member_projection_fused(
+    x: torch.Tensor, b: torch.Tensor, draw: torch.Tensor, coeff: torch.Tensor
+) -> torch.Tensor:
     """``h = coeff_p * x_p B_{draw_p}`` as ``(P * R, r)`` in ``x.dtype``: ``x`` is ``(P, R, n)``,
     ``b`` the draws ``(D, n, r)``, ``draw`` and ``coeff`` ``(P,)``."""
     P, R, _ = x.shape
@@ -204,9 +218,16 @@ def lowrank_linear_fused(
     """
     P, R, n = x.shape
     m, r = weight.shape[0], a.shape[-1]
-    if weight.shape != (m, n) or a.shape[1] != m or b.shape != (a.shape[0], n, r) or draw.shape != (P,) or coeff.shape != (P,):
+    if (
+        weight.shape != (m, n)
+        or a.shape[1] != m
+        or b.shape != (a.shape[0], n, r)
+        or draw.shape != (P,)
+        or coeff.shape != (P,)
+    ):
         raise ValueError(
-            f"Invalid shapes: x {tuple(x.shape)}, weight {tuple(weight.shape)}, a {tuple(a.shape)}, "
+            f"Invalid shapes: x {tuple(x.shape)}, weight {tuple(weight.shape)}, "
+            f"a {tuple(a.shape)}, "
             f"b {tuple(b.shape)}, draw {tuple(draw.shape)}, coeff {tuple(coeff.shape)}"
         )
     kernels = _kernels()
@@ -272,8 +293,15 @@ def lowrank_linear(
 
 
 @lowrank_linear.register_fake
-def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor,
-      draw: torch.Tensor, coeff: torch.Tensor) -> torch.Tensor:
+def _(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    draw: torch.Tensor,
+    coeff: torch.Tensor,
+) -> torch.Tensor:
     return x.new_empty(*x.shape[:-1], weight.shape[0])
 
 
@@ -293,18 +321,37 @@ def population_linear(
     and ``source`` the factors are drawn in the kernels, otherwise read from the filled draws.
     Returns ``(P, R, m)``; both population forwards call this."""
     if source is not None and source.rowwise(x, x.shape[1]):
-        return _onthefly().linear_rowwise(
-            x[:, 0], weight, bias, draw, coeff, source.key, source.generation, source.index,
-            source.rank, source.paired,
-        ).unsqueeze(1)
+        return (
+            _onthefly()
+            .linear_rowwise(
+                x[:, 0],
+                weight,
+                bias,
+                draw,
+                coeff,
+                source.key,
+                source.generation,
+                source.index,
+                source.rank,
+                source.paired,
+            )
+            .unsqueeze(1)
+        )
     if source is not None:
         source.fill()
     return lowrank_linear_fused(x, weight, bias, a, b, draw, coeff)
 
 
 def _lowrank_linear_vmap(
-    info: Any, in_dims: tuple[int | None, ...], x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-    a: torch.Tensor, b: torch.Tensor, draw: torch.Tensor, coeff: torch.Tensor,
+    info: Any,
+    in_dims: tuple[int | None, ...],
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    draw: torch.Tensor,
+    coeff: torch.Tensor,
     source: OnTheFly | None = None,
 ) -> tuple[torch.Tensor, int]:
     x_dim, w_dim, bias_dim, a_dim, b_dim, draw_dim, coeff_dim = in_dims
@@ -380,14 +427,24 @@ def lowrank_linear_batched(
     draw_val, draw_dim = fx._unwrap_batched(draw, level)
     coeff_val, coeff_dim = fx._unwrap_batched(coeff, level)
     bias_val, bias_dim = (None, None) if bias is None else fx._unwrap_batched(bias, level)
-    values = (x_val, draw_val, coeff_val) if bias_val is None else (x_val, draw_val, coeff_val, bias_val)
+    values = (
+        (x_val, draw_val, coeff_val) if bias_val is None else (x_val, draw_val, coeff_val, bias_val)
+    )
     if any(fx.is_batchedtensor(t) for t in values):
         return None
     in_dims = (x_dim, None, bias_dim, None, None, draw_dim, coeff_dim)
     assert x_dim is not None
     with torch._C._ExcludeDispatchKeyGuard(_BATCHED_KEY):
         out, out_dim = _lowrank_linear_vmap(
-            _VmapInfo(x_val.shape[x_dim]), in_dims, x_val, weight, bias_val, a, b, draw_val,
-            coeff_val, source,
+            _VmapInfo(x_val.shape[x_dim]),
+            in_dims,
+            x_val,
+            weight,
+            bias_val,
+            a,
+            b,
+            draw_val,
+            coeff_val,
+            source,
         )
     return fx._add_batch_dim(out, out_dim, level)

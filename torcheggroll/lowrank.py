@@ -126,12 +126,13 @@ class _Factor:
         """This member's full weight ``W + a b^T`` (the fallback), cached per forward."""
         if "w" not in self.cached:
             w = self.weight
-            delta = (self.a.to(compute_dtype(w.dtype)) @ self.b.to(compute_dtype(w.dtype)).T)
+            delta = self.a.to(compute_dtype(w.dtype)) @ self.b.to(compute_dtype(w.dtype)).T
             self.cached["w"] = (w.to(delta.dtype) + delta.reshape(w.shape)).to(w.dtype)
         return self.cached["w"]
 
-
-    def linear(self, x: torch.Tensor, bias: torch.Tensor | None, rows: slice | None = None) -> torch.Tensor:
+    def linear(
+        self, x: torch.Tensor, bias: torch.Tensor | None, rows: slice | None = None
+    ) -> torch.Tensor:
         """``x W_i[rows]^T + bias``: the shared GEMM plus the rank-r correction."""
         w = self.weight if rows is None else self.weight[rows]
         if self.a_draws is not None and _fusable(x, w, bias):
@@ -154,7 +155,9 @@ def _fusable(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> boo
     is better served by one small GEMM and a broadcast correction) and nothing recording grads."""
     if not torch._C._functorch.is_batchedtensor(x) or not fused_available(x):
         return False
-    return not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, w, bias)))
+    return not (
+        torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, w, bias))
+    )
 
 
 class _LowRankMode(HandlerMode):
@@ -189,7 +192,9 @@ class _LowRankMode(HandlerMode):
                     hits.append(f)
         return hits
 
-    def decline(self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    def decline(
+        self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
         """Any other use of an owned matrix gets that member's full weight (or, with
         ``path="lowrank"``, an error)."""
         hits = self._owned_in(args, kwargs)
@@ -235,7 +240,9 @@ _METADATA = {
 
 
 # ---------------------------------------------------------------------------- handlers
-def _h_linear(mode: _LowRankMode, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> Any:
+def _h_linear(
+    mode: _LowRankMode, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+) -> Any:
     f = mode.factor(weight)
     if f is None or mode.factor(bias) is not None or mode.factor(input) is not None:
         return NotImplemented
@@ -259,12 +266,25 @@ def _h_embedding(
     return base + _ops.embedding_correction(input, f.a.to(weight.dtype), f.b.to(weight.dtype))
 
 
-def _h_addmm(mode: _LowRankMode, input: torch.Tensor, mat1: torch.Tensor, mat2: torch.Tensor, *,
-             beta: Any = 1, alpha: Any = 1, out: Any = None) -> Any:
+def _h_addmm(
+    mode: _LowRankMode,
+    input: torch.Tensor,
+    mat1: torch.Tensor,
+    mat2: torch.Tensor,
+    *,
+    beta: Any = 1,
+    alpha: Any = 1,
+    out: Any = None,
+) -> Any:
     """``torch.addmm(bias, x, W)`` with ``W`` owned, used as the right operand (GPT-2's
     ``Conv1D``): the shared product plus ``(x a) b^T``."""
     f = mode.factor(mat2)
-    if f is None or out is not None or mode.factor(input) is not None or mode.factor(mat1) is not None:
+    if (
+        f is None
+        or out is not None
+        or mode.factor(input) is not None
+        or mode.factor(mat1) is not None
+    ):
         return NotImplemented
     base = torch.addmm(input, mat1, mat2, beta=beta, alpha=alpha)
     return base + alpha * _ops.right_correction(mat1, f.a, f.b)
@@ -299,7 +319,13 @@ def _conv_handler(conv: Callable[..., torch.Tensor], spatial: int) -> Callable[.
     return handler
 
 
-def _lin(mode: _LowRankMode, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, rows: slice | None = None) -> torch.Tensor:
+def _lin(
+    mode: _LowRankMode,
+    x: torch.Tensor,
+    w: torch.Tensor,
+    b: torch.Tensor | None,
+    rows: slice | None = None,
+) -> torch.Tensor:
     f = mode.factor(w)
     if f is not None:
         return f.linear(x, b, rows)
@@ -340,7 +366,13 @@ def _h_mha(
     attention weights); ``bias_k``/``bias_v``, ``add_zero_attn``, static keys and unbatched
     inputs fall back to materialized weights.
     """
-    if bias_k is not None or bias_v is not None or add_zero_attn or static_k is not None or static_v is not None:
+    if (
+        bias_k is not None
+        or bias_v is not None
+        or add_zero_attn
+        or static_k is not None
+        or static_v is not None
+    ):
         return NotImplemented
     if is_causal and attn_mask is None:
         # F.multi_head_attention_forward refuses the causal hint without a mask; PyTorch gets
@@ -350,11 +382,31 @@ def _h_mha(
         if not (mode.attention and mode.attention[-1]):
             # PyTorch raises here: let it do so in its own words (it checks before computing).
             F.multi_head_attention_forward(
-                query, key, value, embed_dim_to_check, num_heads, in_proj_weight, in_proj_bias,
-                bias_k, bias_v, add_zero_attn, dropout_p, out_proj_weight, out_proj_bias,
-                training, key_padding_mask, need_weights, attn_mask, use_separate_proj_weight,
-                q_proj_weight, k_proj_weight, v_proj_weight, static_k, static_v,
-                average_attn_weights, is_causal,
+                query,
+                key,
+                value,
+                embed_dim_to_check,
+                num_heads,
+                in_proj_weight,
+                in_proj_bias,
+                bias_k,
+                bias_v,
+                add_zero_attn,
+                dropout_p,
+                out_proj_weight,
+                out_proj_bias,
+                training,
+                key_padding_mask,
+                need_weights,
+                attn_mask,
+                use_separate_proj_weight,
+                q_proj_weight,
+                k_proj_weight,
+                v_proj_weight,
+                static_k,
+                static_v,
+                average_attn_weights,
+                is_causal,
             )
             return NotImplemented
         is_causal = False
@@ -384,7 +436,11 @@ def _h_mha(
             v = _lin(mode, value, in_proj_weight, bv, slice(2 * embed, 3 * embed))
 
     def heads(t: torch.Tensor, length: int) -> torch.Tensor:  # (len, bsz, E) -> (bsz, H, len, D)
-        return t.reshape(length, bsz * num_heads, head_dim).transpose(0, 1).reshape(bsz, num_heads, length, head_dim)
+        return (
+            t.reshape(length, bsz * num_heads, head_dim)
+            .transpose(0, 1)
+            .reshape(bsz, num_heads, length, head_dim)
+        )
 
     q, k, v = heads(q, tgt_len), heads(k, src_len), heads(v, src_len)
     mask = _merge_masks(attn_mask, key_padding_mask, bsz, num_heads, tgt_len, src_len, q.dtype)
@@ -398,7 +454,8 @@ def _h_mha(
         scores = (q @ k.transpose(-2, -1)) / math.sqrt(head_dim)
         if causal:
             scores = scores.masked_fill(
-                torch.ones(tgt_len, src_len, dtype=torch.bool, device=q.device).triu(1), float("-inf")
+                torch.ones(tgt_len, src_len, dtype=torch.bool, device=q.device).triu(1),
+                float("-inf"),
             )
         if mask is not None:
             scores = scores + mask
@@ -436,7 +493,11 @@ def _merge_masks(
     mask = None
     if attn_mask is not None:
         mask = additive(attn_mask)
-        mask = mask.view(1, 1, tgt_len, src_len) if mask.dim() == 2 else mask.view(bsz, num_heads, tgt_len, src_len)
+        mask = (
+            mask.view(1, 1, tgt_len, src_len)
+            if mask.dim() == 2
+            else mask.view(bsz, num_heads, tgt_len, src_len)
+        )
     if key_padding_mask is not None:
         kpm = additive(key_padding_mask).view(bsz, 1, 1, src_len)
         mask = kpm if mask is None else mask + kpm
@@ -451,24 +512,28 @@ def _h_data_ptr(mode: _LowRankMode, t: torch.Tensor) -> Any:
 
 
 _SHARED = recurrent_handlers()
-_LowRankMode.HANDLERS = register({
-    **_SHARED,
-    torch.Tensor.data_ptr: _h_data_ptr,
-    F.linear: _h_linear,
-    F.embedding: _h_embedding,
-    F.conv1d: _conv_handler(F.conv1d, 1),
-    F.conv2d: _conv_handler(F.conv2d, 2),
-    F.conv3d: _conv_handler(F.conv3d, 3),
-    F.multi_head_attention_forward: _h_mha,
-    torch.addmm: _h_addmm,
-    torch.matmul: _h_matmul,
-    torch.mm: _h_matmul,
-    torch.Tensor.__matmul__: _h_matmul,
-})
+_LowRankMode.HANDLERS = register(
+    {
+        **_SHARED,
+        torch.Tensor.data_ptr: _h_data_ptr,
+        F.linear: _h_linear,
+        F.embedding: _h_embedding,
+        F.conv1d: _conv_handler(F.conv1d, 1),
+        F.conv2d: _conv_handler(F.conv2d, 2),
+        F.conv3d: _conv_handler(F.conv3d, 3),
+        F.multi_head_attention_forward: _h_mha,
+        torch.addmm: _h_addmm,
+        torch.matmul: _h_matmul,
+        torch.mm: _h_matmul,
+        torch.Tensor.__matmul__: _h_matmul,
+    }
+)
 
 
 # ---------------------------------------------------------------------------- entry point
-def _attention_fast_path(mod: nn.MultiheadAttention, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+def _attention_fast_path(
+    mod: nn.MultiheadAttention, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> bool:
     """Whether plain PyTorch would run this ``nn.MultiheadAttention`` call through its fused
     inference path (``torch._native_multi_head_attention``) rather than
     ``F.multi_head_attention_forward``: the module-level conditions of
@@ -504,7 +569,9 @@ def _attention_fast_path(mod: nn.MultiheadAttention, args: tuple[Any, ...], kwar
         and not mod.add_zero_attn
         and mod._qkv_same_embed_dim
         and not torch.is_autocast_enabled()
-        and not (torch.is_grad_enabled() and (needs_grad or any(x.requires_grad for x in projections)))
+        and not (
+            torch.is_grad_enabled() and (needs_grad or any(x.requires_grad for x in projections))
+        )
     )
 
 
@@ -573,9 +640,11 @@ def lowrank_forward(
                 drawn.append((t, noise.a, noise.b))
                 coeffs.append(population.coefficients(t, noise.factor_scale))
                 origin = population.noise_source(t)
-                sources[id(t)] = OnTheFly(
-                    population.fill_noise, *origin, noise.rank, paired
-                ) if origin is not None else OnTheFly(population.fill_noise)
+                sources[id(t)] = (
+                    OnTheFly(population.fill_noise, *origin, noise.rank, paired)
+                    if origin is not None
+                    else OnTheFly(population.fill_noise)
+                )
             else:
                 given.append(t)
                 factors_ab.append(population.lowrank_factors(t))
@@ -596,8 +665,15 @@ def lowrank_forward(
         kw: dict[str, Any],
     ) -> Any:
         factors = {
-            id(w): _Factor(w, lazy_names[id(w)], a_draws=a, b_draws=b, draw=draw, coeff=c,
-                           source=sources[id(w)])
+            id(w): _Factor(
+                w,
+                lazy_names[id(w)],
+                a_draws=a,
+                b_draws=b,
+                draw=draw,
+                coeff=c,
+                source=sources[id(w)],
+            )
             for (w, a, b), c in zip(drawn, cs, strict=True)
         }
         factors.update(

@@ -102,8 +102,10 @@ def philox4x32(
     """
     shape = torch.broadcast_shapes(*(torch.as_tensor(c).shape for c in (c0, c1, c2, c3)))
     like = next(c for c in (c0, c1, c2, c3) if isinstance(c, torch.Tensor))
-    x = [torch.as_tensor(c, dtype=torch.int64, device=like.device).expand(shape).clone()
-         for c in (c0, c1, c2, c3)]
+    x = [
+        torch.as_tensor(c, dtype=torch.int64, device=like.device).expand(shape).clone()
+        for c in (c0, c1, c2, c3)
+    ]
     hi0, hi1, tmp = (torch.empty(shape, dtype=torch.int64, device=like.device) for _ in range(3))
     for _ in range(rounds):
         _mulhilo(x[0], _M0, hi0, tmp)  # x0 <- lo(M0 c0)
@@ -141,7 +143,12 @@ def block_normals(words: Sequence[torch.Tensor], out: torch.Tensor | None = None
 
 
 def _stream(
-    entries: int, draws: int, stream: int, param_index: int, generation: int, key: tuple[int, int],
+    entries: int,
+    draws: int,
+    stream: int,
+    param_index: int,
+    generation: int,
+    key: tuple[int, int],
     device: torch.device | str,
 ) -> torch.Tensor:
     """``(draws, entries)`` float32 normals of one stream of one parameter (the reference)."""
@@ -248,7 +255,9 @@ class ParamNoise:
         e = torch.bmm(a, self.b.transpose(1, 2)) * self.factor_scale
         return e.reshape(-1, *self.shape)
 
-    def weighted_sum(self, coeffs: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    def weighted_sum(
+        self, coeffs: torch.Tensor, out_dtype: torch.dtype | None = None
+    ) -> torch.Tensor:
         """``sum_k coeffs[k] * E_k`` with the shape of the parameter.
 
         For low-rank noise this is computed in factored form,
@@ -263,7 +272,11 @@ class ParamNoise:
         assert self.a is not None and self.b is not None
         d, m, r = self.a.shape
         n = self.b.shape[1]
-        a = (self.a * (coeffs * self.factor_scale).view(-1, 1, 1)).permute(1, 0, 2).reshape(m, d * r)
+        a = (
+            (self.a * (coeffs * self.factor_scale).view(-1, 1, 1))
+            .permute(1, 0, 2)
+            .reshape(m, d * r)
+        )
         b = self.b.permute(1, 0, 2).reshape(n, d * r)
         if out_dtype is not None:
             a, b = a.to(out_dtype), b.to(out_dtype)
@@ -305,7 +318,10 @@ def draw_noise(
         a = _stream(m * rank, draws, 0, param_index, generation, key, device)
         b = _stream(n * rank, draws, 1, param_index, generation, key, device)
         return ParamNoise(
-            shape, rank, a=a.reshape(draws, m, rank).to(dtype), b=b.reshape(draws, n, rank).to(dtype)
+            shape,
+            rank,
+            a=a.reshape(draws, m, rank).to(dtype),
+            b=b.reshape(draws, n, rank).to(dtype),
         )
     dense = _stream(shape.numel(), draws, 0, param_index, generation, key, device)
     return ParamNoise(shape, 0, dense=dense.reshape(draws, *shape).to(dtype))
@@ -313,6 +329,8 @@ def draw_noise(
 
 def _check_counters(generation: int, param_index: int) -> None:
     if not 0 <= generation <= _MASK32:
-        raise ValueError(f"Invalid generation: {generation} (the noise counts generations in 32 bits)")
+        raise ValueError(
+            f"Invalid generation: {generation} (the noise counts generations in 32 bits)"
+        )
     if not 0 <= param_index <= _MASK32:
         raise ValueError(f"Invalid param_index: {param_index} (expected 0 <= index < 2**32)")

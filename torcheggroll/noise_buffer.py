@@ -158,7 +158,11 @@ class NoiseBuffer:
             self._dense_start = offset
             self._dense_width = 4 * column
             region = _Region(
-                offset, 1, self.draws, column, 0,
+                offset,
+                1,
+                self.draws,
+                column,
+                0,
                 torch.tensor(owners, dtype=torch.int64, device=self.device),
                 torch.tensor(local, dtype=torch.int64, device=self.device),
             )
@@ -180,11 +184,16 @@ class NoiseBuffer:
                 self._noise[i] = ParamNoise(shape, r, a=a[row], b=b[row])
         self.dense = None
         if self.dense_columns:
-            self.dense = buf.as_strided((d, self._dense_width), (self._dense_width, 1), self._dense_start)
+            self.dense = buf.as_strided(
+                (d, self._dense_width), (self._dense_width, 1), self._dense_start
+            )
             for i, (col, numel) in self.dense_columns.items():
                 shape = self.entries[i].shape
-                view = self.dense[:, col : col + numel].reshape(d, *shape) if numel else \
-                    self.dense[:, :0].reshape(d, *shape)
+                view = (
+                    self.dense[:, col : col + numel].reshape(d, *shape)
+                    if numel
+                    else self.dense[:, :0].reshape(d, *shape)
+                )
                 self._noise[i] = ParamNoise(shape, 0, dense=view)
 
     # ------------------------------------------------------------------ filling
@@ -233,7 +242,10 @@ class NoiseBuffer:
             for r in self._regions:
                 k = torch.arange(r.draws, device=self.device).view(1, -1, 1)
                 if r.column_block is None:
-                    j = torch.arange(r.blocks, device=self.device).view(1, 1, -1) + r.stream * STREAM_B
+                    j = (
+                        torch.arange(r.blocks, device=self.device).view(1, 1, -1)
+                        + r.stream * STREAM_B
+                    )
                     p = r.params.view(-1, 1, 1)
                 else:
                     j, p = r.column_block.view(1, 1, -1), r.params.view(1, 1, -1)

@@ -252,8 +252,12 @@ class EggrollOptimizer(Optimizer):
             group.setdefault("antithetic", True)
             group.setdefault("capturable", False)
             group.setdefault("sigma_scaling", "none")
-        for key, value in (("_last_losses", None), ("_plan", None), ("_pending", []),
-                           ("_counters", None)):
+        for key, value in (
+            ("_last_losses", None),
+            ("_plan", None),
+            ("_pending", []),
+            ("_counters", None),
+        ):
             self.__dict__.setdefault(key, value)
         # Unpickled (the group itself is never pickled): shard over WORLD if it is initialized.
         self.__dict__.setdefault("_process_group", _dist.resolve_group(None))
@@ -294,12 +298,14 @@ class EggrollOptimizer(Optimizer):
         would resume with different noise)."""
         states = state_dict.get("state", {}) if isinstance(state_dict, dict) else {}
         versions = {
-            int(s.get("noise_version", 1)) for s in states.values()
+            int(s.get("noise_version", 1))
+            for s in states.values()
             if isinstance(s, dict) and "seed" in s
         }
         if versions and versions != {NOISE_VERSION}:
             raise ValueError(
-                f"Invalid state_dict: written with noise version {sorted(versions)[0]} (torcheggroll "
+                f"Invalid state_dict: written with noise version {sorted(versions)[0]} "
+                "(torcheggroll "
                 f"< 0.3), this version draws noise version {NOISE_VERSION}; resuming would "
                 "continue with different noise. Start a new run from the saved parameters (and a "
                 "fresh optimizer), or load it with the torcheggroll release that wrote it"
@@ -360,8 +366,9 @@ class EggrollOptimizer(Optimizer):
         if self._counters is None:
             device = self._first_param().device
             key = torch.tensor(seed_key(self.seed), dtype=torch.int64, device=device)
-            gen = torch.tensor(int(self._global_state()["generation"]), dtype=torch.int64,
-                               device=device)
+            gen = torch.tensor(
+                int(self._global_state()["generation"]), dtype=torch.int64, device=device
+            )
             self._counters = (key, gen)
         return self._counters
 
@@ -400,14 +407,22 @@ class EggrollOptimizer(Optimizer):
             counters = (seed_key(seed), generation)
             plan.fill(seed, generation)  # now: a closure compiled by torch.compile reads it
 
-        def fill(plan: Plan = plan, seed: Any = counters[0] if self.capturable else seed,
-                 generation: Any = generation) -> None:
+        def fill(
+            plan: Plan = plan,
+            seed: Any = counters[0] if self.capturable else seed,
+            generation: Any = generation,
+        ) -> None:
             plan.fill(seed, generation)
 
         sigmas = [float(group["sigma"]) for group in self.param_groups]
         entries = [
-            PerturbedParam(o.param, o.index, sigmas[o.group] * o.scale,
-                           plan.buffers[o.buffer].noise[o.entry], o.group)
+            PerturbedParam(
+                o.param,
+                o.index,
+                sigmas[o.group] * o.scale,
+                plan.buffers[o.buffer].noise[o.entry],
+                o.group,
+            )
             for o in plan.owned
         ]
         if not entries:
@@ -499,8 +514,11 @@ class EggrollOptimizer(Optimizer):
         return _update.directions(self._plan_for_step(check=False), self.param_groups, losses, lrs)
 
     def _finish(self, losses: torch.Tensor, flags: torch.Tensor) -> torch.Tensor:
-        if self.capturable and self._last_losses is not None and \
-                self._last_losses.shape == losses.shape:
+        if (
+            self.capturable
+            and self._last_losses is not None
+            and self._last_losses.shape == losses.shape
+        ):
             self._last_losses.copy_(losses)
         else:
             self._last_losses = losses.detach().clone()
@@ -512,7 +530,8 @@ class EggrollOptimizer(Optimizer):
             # the old one and must keep the generation it was taken at.
             first = self._first_param()
             self.state[first] = {
-                **self.state[first], "generation": int(self.state[first]["generation"]) + 1
+                **self.state[first],
+                "generation": int(self.state[first]["generation"]) + 1,
             }
         return losses.detach().mean()
 

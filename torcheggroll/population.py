@@ -30,7 +30,9 @@ class PerturbedParam:
     group: int = 0
 
 
-def _member_table(kind: str, members: torch.Tensor, antithetic: bool, dtype: torch.dtype) -> torch.Tensor:
+def _member_table(
+    kind: str, members: torch.Tensor, antithetic: bool, dtype: torch.dtype
+) -> torch.Tensor:
     if kind == "signs":
         return member_signs(members, antithetic, dtype)
     return member_pairs(members, antithetic)
@@ -83,8 +85,14 @@ class Population:
         # forward asks for them; the optimizer passes a dict that outlives the generation.
         self._tables: dict[Any, torch.Tensor] = {} if tables is None else tables
         n = len(members)
-        contiguous = n > 0 and members.device.type == "cpu" and bool(
-            torch.equal(members, torch.arange(int(members[0]), int(members[0]) + n, dtype=members.dtype))
+        contiguous = (
+            n > 0
+            and members.device.type == "cpu"
+            and bool(
+                torch.equal(
+                    members, torch.arange(int(members[0]), int(members[0]) + n, dtype=members.dtype)
+                )
+            )
         )
         self._range = (int(members[0]), int(members[0]) + n) if contiguous else None
 
@@ -114,7 +122,8 @@ class Population:
     def __repr__(self) -> str:
         return (
             f"Population(size={self.size}, pop_size={self.pop_size}, seed={self.seed}, "
-            f"generation={self.generation}, antithetic={self.antithetic}, params={len(self._params)})"
+            f"generation={self.generation}, antithetic={self.antithetic}, "
+            f"params={len(self._params)})"
         )
 
     def __iter__(self) -> Iterator[int]:
@@ -183,7 +192,9 @@ class Population:
             self._tables[key] = _member_table(kind, self._members_on(dev), self.antithetic, dtype)
         return self._tables[key]
 
-    def signs(self, device: torch.device | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    def signs(
+        self, device: torch.device | None = None, dtype: torch.dtype = torch.float32
+    ) -> torch.Tensor:
         """``(size,)`` the sign ``+1``/``-1`` of each local member's perturbation."""
         return self.member_table("signs", device, dtype).clone()
 
@@ -336,7 +347,12 @@ class Population:
                 self, module, args, kwargs, per_member, randomness
             )
         out, fallbacks = lowrank.lowrank_forward(
-            self, module, args, kwargs, per_member=per_member, strict=(path == "lowrank"),
+            self,
+            module,
+            args,
+            kwargs,
+            per_member=per_member,
+            strict=(path == "lowrank"),
             randomness=randomness,
         )
         self.last_fallbacks = fallbacks

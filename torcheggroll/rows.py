@@ -92,7 +92,9 @@ class _RowsMode(HandlerMode):
                     hits.append(o)
         return hits
 
-    def __torch_function__(self, func: Callable[..., Any], types: Any, args: Any = (), kwargs: Any = None) -> Any:
+    def __torch_function__(
+        self, func: Callable[..., Any], types: Any, args: Any = (), kwargs: Any = None
+    ) -> Any:
         kwargs = kwargs or {}
         # Most operations of a model touch no owned tensor: let them through at once (a cheap
         # look at the top-level arguments first; lists, as torch.cat's, are looked into after).
@@ -104,7 +106,9 @@ class _RowsMode(HandlerMode):
                 return func(*args, **kwargs)
         return super().__torch_function__(func, types, args, kwargs)
 
-    def decline(self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    def decline(
+        self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
         hits = self._owned_in(args, kwargs)
         if not hits:
             return func(*args, **kwargs)
@@ -154,18 +158,23 @@ class Rows:
                 continue
             noise = population.entry(t).noise
             if noise.is_low_rank:
-                o = _Owned(name, t, True, get_factors=functools.partial(population.lowrank_factors, t))
+                o = _Owned(
+                    name, t, True, get_factors=functools.partial(population.lowrank_factors, t)
+                )
                 if fused_available(t):
                     origin = population.noise_source(t)
                     source = OnTheFly(population.fill_noise)
                     if origin is not None:
                         key, generation, index = origin
-                        source = OnTheFly(population.fill_noise, key, generation, index,
-                                          noise.rank, paired)
+                        source = OnTheFly(
+                            population.fill_noise, key, generation, index, noise.rank, paired
+                        )
                     o.fused = (
-                        noise.a, noise.b,
+                        noise.a,
+                        noise.b,
                         population.member_table("pairs", t.device, torch.int64),
-                        population.coefficients(t, noise.factor_scale), source,
+                        population.coefficients(t, noise.factor_scale),
+                        source,
                     )
             else:
                 o = _Owned(name, t, False, get_values=functools.partial(population.perturbed, t))
@@ -175,6 +184,7 @@ class Rows:
     def repeat(self, x: Any) -> Any:
         """Inputs shared by every member, ``(B, ...)``, as one batch ``(P * B, ...)``
         (member-major; nested structures of tensors too)."""
+
         def tile(t: torch.Tensor) -> torch.Tensor:
             self._set_batch(t.shape[0])
             return t.repeat(self.size, *([1] * (t.dim() - 1)))
@@ -183,6 +193,7 @@ class Rows:
 
     def flatten(self, x: Any) -> Any:
         """Per-member inputs ``(P, B, ...)`` as one batch ``(P * B, ...)``."""
+
         def flat(t: torch.Tensor) -> torch.Tensor:
             if t.dim() < 2 or t.shape[0] != self.size:
                 raise ValueError(
@@ -196,6 +207,7 @@ class Rows:
 
     def split(self, x: Any) -> Any:
         """Outputs ``(P * B, ...)`` as ``(P, B, ...)`` (other leaves are returned as they are)."""
+
         def split(t: torch.Tensor) -> torch.Tensor:
             if t.dim() == 0 or t.shape[0] % self.size:
                 return t
@@ -273,7 +285,9 @@ def _add_bias(rows: Rows, y3: torch.Tensor, bias: _Owned | None) -> torch.Tensor
     return y3 + rows.member_values(bias, y3.dim() - 1)
 
 
-def _h_linear(mode: _RowsMode, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> Any:
+def _h_linear(
+    mode: _RowsMode, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+) -> Any:
     rows, w, b = mode.rows, mode.owned(weight), mode.owned(bias)
     if (w is None and b is None) or mode.owned(input) is not None:
         return NotImplemented
@@ -315,8 +329,16 @@ def _right(mode: _RowsMode, x: torch.Tensor, weight: torch.Tensor, op: str) -> t
     return y3.reshape(*x.shape[:-1], weight.shape[-1])
 
 
-def _h_addmm(mode: _RowsMode, input: torch.Tensor, mat1: torch.Tensor, mat2: torch.Tensor, *,
-             beta: Any = 1, alpha: Any = 1, out: Any = None) -> Any:
+def _h_addmm(
+    mode: _RowsMode,
+    input: torch.Tensor,
+    mat1: torch.Tensor,
+    mat2: torch.Tensor,
+    *,
+    beta: Any = 1,
+    alpha: Any = 1,
+    out: Any = None,
+) -> Any:
     if out is not None or beta != 1 or alpha != 1 or mode.owned(mat1) is not None:
         return NotImplemented
     b = mode.owned(input)
@@ -339,9 +361,16 @@ def _h_matmul(mode: _RowsMode, input: torch.Tensor, other: torch.Tensor) -> Any:
     return NotImplemented if y is None else y
 
 
-def _h_embedding(mode: _RowsMode, input: torch.Tensor, weight: torch.Tensor, padding_idx: int | None = None,
-                 max_norm: float | None = None, norm_type: float = 2.0, scale_grad_by_freq: bool = False,
-                 sparse: bool = False) -> Any:
+def _h_embedding(
+    mode: _RowsMode,
+    input: torch.Tensor,
+    weight: torch.Tensor,
+    padding_idx: int | None = None,
+    max_norm: float | None = None,
+    norm_type: float = 2.0,
+    scale_grad_by_freq: bool = False,
+    sparse: bool = False,
+) -> Any:
     w = mode.owned(weight)
     if w is None or max_norm is not None:
         return NotImplemented  # max_norm renormalizes rows of the weight in place
@@ -364,8 +393,16 @@ def _h_embedding(mode: _RowsMode, input: torch.Tensor, weight: torch.Tensor, pad
 
 
 def _conv(conv: Callable[..., torch.Tensor], name: str) -> Callable[..., Any]:
-    def handler(mode: _RowsMode, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                stride: Any = 1, padding: Any = 0, dilation: Any = 1, groups: int = 1) -> Any:
+    def handler(
+        mode: _RowsMode,
+        input: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        stride: Any = 1,
+        padding: Any = 0,
+        dilation: Any = 1,
+        groups: int = 1,
+    ) -> Any:
         w, b = mode.owned(weight), mode.owned(bias)
         if (w is None and b is None) or groups != 1 or mode.owned(input) is not None:
             return NotImplemented
@@ -377,12 +414,16 @@ def _conv(conv: Callable[..., torch.Tensor], name: str) -> Callable[..., Any]:
         y3 = y.reshape(rows.size, -1, *y.shape[1:])
         if w is not None and w.low_rank:
             a, bf = w.factors()
-            y3 = y3 + _ops.conv_correction(conv, x3, a, bf, tuple(weight.shape[2:]), stride, padding, dilation)
+            y3 = y3 + _ops.conv_correction(
+                conv, x3, a, bf, tuple(weight.shape[2:]), stride, padding, dilation
+            )
         elif w is not None:  # dense noise: each member's whole kernel, as one grouped conv
             k = w.values() - weight  # (P, out, in, *k): the members' perturbations
             n, p = x3.shape[1], rows.size
             xs = x3.transpose(0, 1).reshape(n, p * x3.shape[2], *x3.shape[3:])
-            d = conv(xs, k.reshape(p * k.shape[1], *k.shape[2:]), None, stride, padding, dilation, p)
+            d = conv(
+                xs, k.reshape(p * k.shape[1], *k.shape[2:]), None, stride, padding, dilation, p
+            )
             y3 = y3 + d.reshape(n, p, -1, *d.shape[2:]).transpose(0, 1)
         if b is not None:
             y3 = y3 + rows.member_values(b, y3.dim() - 1, trailing=y3.dim() - 3)
@@ -391,8 +432,14 @@ def _conv(conv: Callable[..., torch.Tensor], name: str) -> Callable[..., Any]:
     return handler
 
 
-def _h_layer_norm(mode: _RowsMode, input: torch.Tensor, normalized_shape: Any, weight: torch.Tensor | None = None,
-                  bias: torch.Tensor | None = None, eps: float = 1e-5) -> Any:
+def _h_layer_norm(
+    mode: _RowsMode,
+    input: torch.Tensor,
+    normalized_shape: Any,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    eps: float = 1e-5,
+) -> Any:
     w, b = mode.owned(weight), mode.owned(bias)
     if w is None and b is None:
         return NotImplemented
@@ -401,8 +448,14 @@ def _h_layer_norm(mode: _RowsMode, input: torch.Tensor, normalized_shape: Any, w
     return _affine(rows, y, w, b, "F.layer_norm")
 
 
-def _affine(rows: Rows, y: torch.Tensor, w: _Owned | None, b: _Owned | None, op: str,
-            trailing: int | None = None) -> torch.Tensor:
+def _affine(
+    rows: Rows,
+    y: torch.Tensor,
+    w: _Owned | None,
+    b: _Owned | None,
+    op: str,
+    trailing: int | None = None,
+) -> torch.Tensor:
     key = w or b
     assert key is not None
     y3 = rows.group(y, key, op)
@@ -413,8 +466,13 @@ def _affine(rows: Rows, y: torch.Tensor, w: _Owned | None, b: _Owned | None, op:
     return y3.reshape(y.shape)
 
 
-def _h_rms_norm(mode: _RowsMode, input: torch.Tensor, normalized_shape: Any, weight: torch.Tensor | None = None,
-                eps: float | None = None) -> Any:
+def _h_rms_norm(
+    mode: _RowsMode,
+    input: torch.Tensor,
+    normalized_shape: Any,
+    weight: torch.Tensor | None = None,
+    eps: float | None = None,
+) -> Any:
     w = mode.owned(weight)
     if w is None:
         return NotImplemented
@@ -422,8 +480,14 @@ def _h_rms_norm(mode: _RowsMode, input: torch.Tensor, normalized_shape: Any, wei
     return _affine(mode.rows, y, w, None, "F.rms_norm")
 
 
-def _h_group_norm(mode: _RowsMode, input: torch.Tensor, num_groups: int, weight: torch.Tensor | None = None,
-                  bias: torch.Tensor | None = None, eps: float = 1e-5) -> Any:
+def _h_group_norm(
+    mode: _RowsMode,
+    input: torch.Tensor,
+    num_groups: int,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    eps: float = 1e-5,
+) -> Any:
     w, b = mode.owned(weight), mode.owned(bias)
     if w is None and b is None:
         return NotImplemented
@@ -431,10 +495,17 @@ def _h_group_norm(mode: _RowsMode, input: torch.Tensor, num_groups: int, weight:
     return _affine(mode.rows, y, w, b, "F.group_norm", trailing=input.dim() - 2)
 
 
-def _h_batch_norm(mode: _RowsMode, input: torch.Tensor, running_mean: torch.Tensor | None,
-                  running_var: torch.Tensor | None, weight: torch.Tensor | None = None,
-                  bias: torch.Tensor | None = None, training: bool = False, momentum: float = 0.1,
-                  eps: float = 1e-5) -> Any:
+def _h_batch_norm(
+    mode: _RowsMode,
+    input: torch.Tensor,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+) -> Any:
     rows = mode.rows
     w, b = mode.owned(weight), mode.owned(bias)
     if not training and w is None and b is None:
@@ -464,7 +535,9 @@ def _h_batch_norm(mode: _RowsMode, input: torch.Tensor, running_mean: torch.Tens
     return _affine(rows, y, w, b, "F.batch_norm", trailing=trailing)
 
 
-def _elementwise(op: Callable[..., torch.Tensor], name: str, reflected: bool = False) -> Callable[..., Any]:
+def _elementwise(
+    op: Callable[..., torch.Tensor], name: str, reflected: bool = False
+) -> Callable[..., Any]:
     """``op(input, other)`` with an owned dense tensor on either side: member ``p``'s value where
     the other side holds rows; a derived per-member tensor where it does not (``1 + weight``)."""
 
@@ -480,8 +553,13 @@ def _elementwise(op: Callable[..., torch.Tensor], name: str, reflected: bool = F
             return NotImplemented
         rows = mode.rows
         plain = rhs if o is ol else lhs
-        if isinstance(plain, torch.Tensor) and plain.dim() and rows.total is not None \
-                and plain.shape[0] % rows.total == 0 and plain.dim() >= o.tensor.dim():
+        if (
+            isinstance(plain, torch.Tensor)
+            and plain.dim()
+            and rows.total is not None
+            and plain.shape[0] % rows.total == 0
+            and plain.dim() >= o.tensor.dim()
+        ):
             p3 = rows.group(plain, o, name)
             v = rows.member_values(o, p3.dim() - 1)
             out = call(v, p3) if o is ol else call(p3, v)
@@ -502,13 +580,22 @@ def _h_expand(mode: _RowsMode, self: torch.Tensor, *sizes: Any) -> Any:
     if o is None or o.low_rank:
         return NotImplemented
     rows = mode.rows
-    shape = list(sizes[0]) if len(sizes) == 1 and isinstance(sizes[0], (list, tuple, torch.Size)) else list(sizes)
+    shape = (
+        list(sizes[0])
+        if len(sizes) == 1 and isinstance(sizes[0], (list, tuple, torch.Size))
+        else list(sizes)
+    )
     if shape and rows.total is not None and shape[0] == rows.total:
         v = o.values()  # (P, 1, ...): member p's value for each of its rows
         target = [rows.size, rows.total // rows.size] + [
             v.shape[i + 1] if s == -1 else s for i, s in enumerate(shape[1:], start=1)
         ]
-        return v.unsqueeze(1).reshape(rows.size, 1, *v.shape[2:]).expand(*target).reshape(rows.total, *target[2:])
+        return (
+            v.unsqueeze(1)
+            .reshape(rows.size, 1, *v.shape[2:])
+            .expand(*target)
+            .reshape(rows.total, *target[2:])
+        )
     return NotImplemented
 
 
@@ -532,38 +619,40 @@ def _no_grad(*tensors: torch.Tensor) -> bool:
     return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
 
 
-_RowsMode.HANDLERS = register({
-    F.linear: _h_linear,
-    torch.addmm: _h_addmm,
-    torch.matmul: _h_matmul,
-    torch.mm: _h_matmul,
-    torch.Tensor.__matmul__: _h_matmul,
-    torch.Tensor.matmul: _h_matmul,
-    F.embedding: _h_embedding,
-    F.conv1d: _conv(F.conv1d, "F.conv1d"),
-    F.conv2d: _conv(F.conv2d, "F.conv2d"),
-    F.conv3d: _conv(F.conv3d, "F.conv3d"),
-    F.layer_norm: _h_layer_norm,
-    F.rms_norm: _h_rms_norm,
-    F.group_norm: _h_group_norm,
-    F.batch_norm: _h_batch_norm,
-    torch.mul: _elementwise(torch.mul, "mul"),
-    torch.Tensor.mul: _elementwise(torch.mul, "mul"),
-    torch.Tensor.__mul__: _elementwise(torch.mul, "mul"),
-    torch.Tensor.__rmul__: _elementwise(torch.mul, "mul", reflected=True),
-    torch.add: _elementwise(torch.add, "add"),
-    torch.Tensor.add: _elementwise(torch.add, "add"),
-    torch.Tensor.__add__: _elementwise(torch.add, "add"),
-    torch.Tensor.__radd__: _elementwise(torch.add, "add", reflected=True),
-    torch.sub: _elementwise(torch.sub, "sub"),
-    torch.Tensor.sub: _elementwise(torch.sub, "sub"),
-    torch.Tensor.__sub__: _elementwise(torch.sub, "sub"),
-    torch.Tensor.__rsub__: _elementwise(operator.sub, "sub", reflected=True),
-    torch.div: _elementwise(torch.div, "div"),
-    torch.Tensor.div: _elementwise(torch.div, "div"),
-    torch.Tensor.__truediv__: _elementwise(torch.div, "div"),
-    torch.Tensor.expand: _h_expand,
-    torch.Tensor.to: _h_to,
-    torch.Tensor.float: lambda mode, self, *a, **k: _h_to(mode, self, torch.float32),
-    torch.Tensor.type_as: lambda mode, self, other: _h_to(mode, self, other.dtype),
-})
+_RowsMode.HANDLERS = register(
+    {
+        F.linear: _h_linear,
+        torch.addmm: _h_addmm,
+        torch.matmul: _h_matmul,
+        torch.mm: _h_matmul,
+        torch.Tensor.__matmul__: _h_matmul,
+        torch.Tensor.matmul: _h_matmul,
+        F.embedding: _h_embedding,
+        F.conv1d: _conv(F.conv1d, "F.conv1d"),
+        F.conv2d: _conv(F.conv2d, "F.conv2d"),
+        F.conv3d: _conv(F.conv3d, "F.conv3d"),
+        F.layer_norm: _h_layer_norm,
+        F.rms_norm: _h_rms_norm,
+        F.group_norm: _h_group_norm,
+        F.batch_norm: _h_batch_norm,
+        torch.mul: _elementwise(torch.mul, "mul"),
+        torch.Tensor.mul: _elementwise(torch.mul, "mul"),
+        torch.Tensor.__mul__: _elementwise(torch.mul, "mul"),
+        torch.Tensor.__rmul__: _elementwise(torch.mul, "mul", reflected=True),
+        torch.add: _elementwise(torch.add, "add"),
+        torch.Tensor.add: _elementwise(torch.add, "add"),
+        torch.Tensor.__add__: _elementwise(torch.add, "add"),
+        torch.Tensor.__radd__: _elementwise(torch.add, "add", reflected=True),
+        torch.sub: _elementwise(torch.sub, "sub"),
+        torch.Tensor.sub: _elementwise(torch.sub, "sub"),
+        torch.Tensor.__sub__: _elementwise(torch.sub, "sub"),
+        torch.Tensor.__rsub__: _elementwise(operator.sub, "sub", reflected=True),
+        torch.div: _elementwise(torch.div, "div"),
+        torch.Tensor.div: _elementwise(torch.div, "div"),
+        torch.Tensor.__truediv__: _elementwise(torch.div, "div"),
+        torch.Tensor.expand: _h_expand,
+        torch.Tensor.to: _h_to,
+        torch.Tensor.float: lambda mode, self, *a, **k: _h_to(mode, self, torch.float32),
+        torch.Tensor.type_as: lambda mode, self, other: _h_to(mode, self, other.dtype),
+    }
+)

@@ -68,7 +68,9 @@ def width_scaled_groups(model: nn.Module, **settings: Any) -> list[dict[str, Any
     groups: dict[str, list[torch.Tensor]] = {}
     for pid, kind in kinds.items():
         groups.setdefault(kind, []).append(tensors[pid])
-    return [{"params": params, "sigma_scaling": kind, **settings} for kind, params in groups.items()]
+    return [
+        {"params": params, "sigma_scaling": kind, **settings} for kind, params in groups.items()
+    ]
 
 
 def scales(params: Iterable[tuple[torch.Tensor, str]]) -> list[float]:
