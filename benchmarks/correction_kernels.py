@@ -134,7 +134,7 @@ def noise_draw(n: int, pop: int, rank: int, dev: torch.device, dt: torch.dtype):
     fused kernels read), and the population plus every member's scaled factors."""
     from torcheggroll import EggrollOptimizer
 
-    layer = torch.nn.Linear(n, n, bias=False, device=dev, dtype=dt).requires_grad_(False)
+    layer = torch.nn.Linear(n, n, bias=False, device=dev, dtype=dt)  # (frozen ones are not perturbed)
     opt = EggrollOptimizer(layer.parameters(), lr=0.1, sigma=0.1, rank=rank, pop_size=pop)
     return (lambda: opt.population().noise(layer.weight)), (lambda: opt.population().lowrank_factors(layer.weight))
 

@@ -58,9 +58,9 @@ def make_runner(cfg: dict[str, Any], method: str, device: torch.device) -> Any:
     """A zero-argument function that runs one iteration of ``method`` for ``cfg``."""
     torch.manual_seed(cfg["seed"])
     dtype = getattr(torch, cfg["dtype"])
+    # (Parameters keep requires_grad: the optimizer leaves frozen ones alone, as torch.optim
+    # does. The measurements run under torch.no_grad.)
     model = build(cfg["width"], cfg["layers"], cfg["bias"], device, dtype).eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
     pop, rows, width = cfg["pop"], cfg["rows"], cfg["width"]
     x = torch.randn(pop, rows, width, device=device, dtype=dtype)
     if method == "inference":

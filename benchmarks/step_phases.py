@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(0)
     dev, dtype = torch.device(args.device), getattr(torch, args.dtype)
     model = nn.Sequential(*[nn.Linear(args.width, args.width, bias=False) for _ in range(args.layers)])
-    model = model.to(dev, dtype).requires_grad_(False)
+    model = model.to(dev, dtype)  # (the optimizer leaves frozen parameters alone)
     x = torch.randn(args.pop, args.rows, args.width, device=dev, dtype=dtype)
     opt = EggrollOptimizer(model.parameters(), rank=args.rank, pop_size=args.pop, seed=0)
 

@@ -63,3 +63,30 @@ def test_quick_start_installs_cpu_torch_first() -> None:
     assert tests.strip().endswith("python -m pytest -q")
     ci = (README.parent / ".ci" / "run").read_text()
     assert "\npython -m pytest -q\n" in ci
+
+
+def test_population_generate_snippet() -> None:
+    transformers = __import__("pytest").importorskip("transformers")
+    from torcheggroll import EggrollOptimizer
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
+                                   num_hidden_layers=1, num_attention_heads=2,
+                                   num_key_value_heads=2, max_position_embeddings=32)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    population = EggrollOptimizer(model.parameters(), pop_size=4, seed=0).population()
+    prompt_ids = torch.randint(3, 32, (2, 5))
+    mask = torch.ones_like(prompt_ids)
+    namespace = {"population": population, "model": model, "prompt_ids": prompt_ids, "mask": mask}
+    with torch.no_grad():
+        exec(compile(_block_containing("population.rows(model) as rows"), "README.md", "exec"),
+             namespace)
+    assert namespace["tokens"].shape[:2] == (4, 2)
+
+
+def test_capture_snippet_is_the_recipe_of_the_docs() -> None:
+    # The README's CUDA graph lines are the recipe of docs/capture.md, which runs as a test on
+    # CUDA (tests/test_capture.py): check that the README still names the same calls.
+    block = _block_containing("capturable=True")
+    for call in ("torch.cuda.CUDAGraph()", "torch.cuda.graph(graph)", "opt.step(closure)", "graph.replay()"):
+        assert call in block
