@@ -102,6 +102,64 @@ def test_nano_egg_missing_data_file_names_the_argument(nano_egg, tmp_path, capsy
     assert "--data" in err and str(missing) in err and nano_egg.SAMPLE_DATA in err
 
 
+def test_nano_egg_fan_in_groups_and_learns(nano_egg, tmp_path):
+    args = nano_egg.parse_args([*TINY_LM, "--sigma-scaling", "fan_in", "--sigma", "0.3"])
+    model = nano_egg.build_model("float", 16, 1)
+    kinds = {g["sigma_scaling"]: g["params"] for g in nano_egg.param_groups(model, args)}
+    assert set(kinds) == {"none", "fan_in"}
+    assert [p is model.embed.weight for p in kinds["none"]] == [True]  # the embedding keeps sigma
+    assert sum(p.numel() for g in kinds.values() for p in g) == sum(p.numel() for p in model.parameters())
+    r = nano_egg.main([*TINY_LM, "--sigma-scaling", "fan_in", "--sigma", "0.3", "--json", str(tmp_path / "r.json")])
+    assert r["best_valid_bpb"] < min(8.0, r["initial_valid_bpb"]) - 0.5
+    assert json.loads((tmp_path / "r.json").read_text())["args"]["sigma_scaling"] == "fan_in"
+
+
+def test_nano_egg_int_mode_refuses_fan_in(nano_egg, capsys):
+    with pytest.raises(SystemExit) as exc:
+        nano_egg.parse_args(["--mode", "int", "--sigma-scaling", "fan_in"])
+    assert exc.value.code == 2 and "--sigma-scaling" in capsys.readouterr().err
+
+
+def test_nano_egg_time_limit_stops_cleanly(nano_egg, monkeypatch, tmp_path):
+    # A fake clock that advances 1 s per reading: the stop is deterministic.
+    ticks = iter(range(10**6))
+    monkeypatch.setattr(nano_egg, "clock", lambda: float(next(ticks)))
+    png, js = tmp_path / "lm.png", tmp_path / "lm.json"
+    r = nano_egg.main([*TINY_LM, "--epochs", "1000", "--time-limit", "20", "--plot", str(png), "--json", str(js)])
+    assert r["stopped_by_time_limit"] is True and r["interrupted"] is False
+    assert 1 <= r["epochs_done"] < 1000
+    saved = json.loads(js.read_text())
+    assert saved["history"]["epoch"] == list(range(1, r["epochs_done"] + 1))
+    assert len({len(v) for v in saved["history"].values()}) == 1
+    # It stopped before an epoch that would have ended past the limit, not after it.
+    assert saved["history"]["seconds"][-1] <= 20
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_nano_egg_progress_lines(nano_egg, capsys):
+    nano_egg.main([*[a for a in TINY_LM if a != "--quiet"], "--epochs", "5", "--log-every", "2"])
+    out = capsys.readouterr().out
+    epochs = [int(m) for m in re.findall(r"^epoch +(\d+) \| train [\d.]+ bpb \| valid [\d.]+ bpb \| .* s$", out, re.M)]
+    assert epochs == [1, 2, 4, 5]  # every 2nd, the first and the last
+    assert "nano_egg summary" in out
+
+
+@pytest.mark.parametrize("mode", ["float", "int"])
+def test_nano_egg_preset(nano_egg, mode, tmp_path):
+    args = nano_egg.parse_args(["--preset", "h200", "--mode", mode])
+    for key, value in nano_egg.PRESETS["h200"][mode].items():
+        assert getattr(args, key) == value, key
+    assert Path(args.data).is_file() or (ROOT / args.data).is_file()
+    # Explicit flags win over the preset; a tiny run of the preset's remaining settings on the CPU.
+    tiny = ["--hidden-dim", "16", "--n-layers", "1", "--pop-size", "8", "--batch-size", "2", "--chunk", "2",
+            "--seq-len", "16", "--valid-windows", "4", "--epochs", "2", "--device", "cpu", "--quiet"]
+    data = str(ROOT / nano_egg.SAMPLE_DATA)
+    r = nano_egg.main(["--preset", "h200", "--mode", mode, *tiny, "--data", data])
+    assert r["epochs_done"] == 2 and r["args"]["pop_size"] == 8 and r["args"]["lr"] == args.lr
+    assert math.isfinite(r["final_valid_bpb"])
+    assert torch.get_float32_matmul_precision() == "highest"  # --tf32 is undone afterwards
+
+
 def test_shipped_minipile_sample():
     corpus = _load("corpus", EXAMPLES / "nano_egg" / "corpus.py")
     data = corpus.load_corpus(str(ROOT / "examples" / "nano_egg" / "data" / "minipile_valid_1000.npy"))
