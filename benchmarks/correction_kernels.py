@@ -41,7 +41,9 @@ def bench(fn, device: torch.device) -> float:  # type: ignore[no-untyped-def]
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--width", type=int, default=8192)
     p.add_argument("--pop", type=int, default=256)
@@ -49,7 +51,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rank", type=int, default=4)
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument(
-        "--check", action="store_true",
+        "--check",
+        action="store_true",
         help="also check each backend against the float32 reference on shapes that exercise the tile "
         "edges (autotunes every one of them: several minutes; tests/test_fused_linear.py -m cuda checks "
         "the same shapes with one configuration per kernel)",
@@ -84,23 +87,32 @@ def main(argv: list[str] | None = None) -> None:
         "baddbmm": bench(lambda: torch.baddbmm(base, h, at), dev),
         "bmm+add_ (incl. clone)": bench(bmm_add, dev),
         "clone": bench(lambda: base.clone(), dev),
-        "member factors from draws": bench(lambda: fused_linear.member_factors(a_d, b_d, draw, coeff, dt), dev),
+        "member factors from draws": bench(
+            lambda: fused_linear.member_factors(a_d, b_d, draw, coeff, dt), dev
+        ),
         "vmapped layer (gemm+xB+addmm)": bench(vmapped, dev),
-        "reference (gemm+xB+baddbmm)": bench(lambda: fused_linear.lowrank_linear_reference(x, w, None, a, b), dev),
+        "reference (gemm+xB+baddbmm)": bench(
+            lambda: fused_linear.lowrank_linear_reference(x, w, None, a, b), dev
+        ),
     }
     checks: dict[str, float] = {}
     checks_configs: dict[str, str] = {}
     if fused_linear.fused_available(x):
-        results["xB (triton, from draws)"] = bench(lambda: fused_linear.member_projection_fused(x, b_d, draw, coeff), dev)
+        results["xB (triton, from draws)"] = bench(
+            lambda: fused_linear.member_projection_fused(x, b_d, draw, coeff), dev
+        )
         hf = fused_linear.member_projection_fused(x, b_d, draw, coeff)
         y = torch.empty(P * R, n, device=dev, dtype=dt)
-        results["correction add in place (triton)"] = bench(lambda: fused_linear._kernels().correction_add(y, None, hf, a_d, draw, R), dev)
+        results["correction add in place (triton)"] = bench(
+            lambda: fused_linear._kernels().correction_add(y, None, hf, a_d, draw, R), dev
+        )
         default = fused_linear.GEMM_BACKEND
         for backend in fused_linear.GEMM_BACKENDS:
             fused_linear.GEMM_BACKEND = backend
             try:
                 results[f"fused layer, {backend} backend"] = bench(
-                    lambda: fused_linear.lowrank_linear_fused(x, w, None, a_d, b_d, draw, coeff), dev
+                    lambda: fused_linear.lowrank_linear_fused(x, w, None, a_d, b_d, draw, coeff),
+                    dev,
                 )
                 if args.check:
                     checks.update({f"{backend}: {k}": v for k, v in check_fused(dev, dt).items()})
@@ -108,7 +120,12 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"{backend} backend failed: {type(err).__name__}: {str(err)[:500]}")
         fused_linear.GEMM_BACKEND = default
         kernels = fused_linear._kernels()
-        for kernel in ("_linear_tma_kernel", "_linear_kernel", "_projection_kernel", "_correction_add_kernel"):
+        for kernel in (
+            "_linear_tma_kernel",
+            "_linear_kernel",
+            "_projection_kernel",
+            "_correction_add_kernel",
+        ):
             best = getattr(getattr(kernels, kernel), "best_config", None)
             if best is not None:
                 checks_configs[kernel] = str(best)
@@ -116,7 +133,9 @@ def main(argv: list[str] | None = None) -> None:
     results["noise draw (population)"] = bench(draw_only, dev)
     results["noise draw + member factors"] = bench(with_factors, dev)
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "CPU"
-    print(f"{name}, torch {torch.__version__}, width {n}, pop {P}, rows {R}, rank {r}, {args.dtype}")
+    print(
+        f"{name}, torch {torch.__version__}, width {n}, pop {P}, rows {R}, rank {r}, {args.dtype}"
+    )
     for k, v in results.items():
         print(f"{k:<34}{v:9.4f} ms   {results['gemm'] / v:6.3f} of plain inference")
     for k, err in checks.items():
@@ -124,8 +143,15 @@ def main(argv: list[str] | None = None) -> None:
     for k, cfg in checks_configs.items():
         print(f"autotuned {k}: {cfg}")
     if args.json:
-        out = {"script": "benchmarks/correction_kernels.py", "device": name, "torch": torch.__version__,
-               "args": vars(args) | {"json": None}, "ms": results, "fused_checks": checks, "autotuned": checks_configs}
+        out = {
+            "script": "benchmarks/correction_kernels.py",
+            "device": name,
+            "torch": torch.__version__,
+            "args": vars(args) | {"json": None},
+            "ms": results,
+            "fused_checks": checks,
+            "autotuned": checks_configs,
+        }
         args.json.write_text(json.dumps(out, indent=1))
 
 
@@ -134,9 +160,13 @@ def noise_draw(n: int, pop: int, rank: int, dev: torch.device, dt: torch.dtype):
     fused kernels read), and the population plus every member's scaled factors."""
     from torcheggroll import EggrollOptimizer
 
-    layer = torch.nn.Linear(n, n, bias=False, device=dev, dtype=dt)  # (frozen ones are not perturbed)
+    layer = torch.nn.Linear(
+        n, n, bias=False, device=dev, dtype=dt
+    )  # (frozen ones are not perturbed)
     opt = EggrollOptimizer(layer.parameters(), lr=0.1, sigma=0.1, rank=rank, pop_size=pop)
-    return (lambda: opt.population().noise(layer.weight)), (lambda: opt.population().lowrank_factors(layer.weight))
+    return (lambda: opt.population().noise(layer.weight)), (
+        lambda: opt.population().lowrank_factors(layer.weight)
+    )
 
 
 def check_fused(dev: torch.device, dt: torch.dtype) -> dict[str, float]:
@@ -144,9 +174,15 @@ def check_fused(dev: torch.device, dt: torch.dtype) -> dict[str, float]:
     shapes that exercise the tile edges (rows per member that do not divide the tile, odd
     widths, rank 1 and 3, shared and per-member bias, one row per member at ranks 4 and 16 where
     the tiles gather each row's factors)."""
-    cases = [(256, 16, 512, 384, 4, None), (7, 5, 200, 136, 3, "shared"), (33, 1, 64, 72, 1, "member"),
-             (4, 300, 256, 96, 2, "member"), (3, 9, 1000, 24, 16, None), (300, 1, 256, 200, 4, "member"),
-             (130, 1, 520, 136, 16, None)]
+    cases = [
+        (256, 16, 512, 384, 4, None),
+        (7, 5, 200, 136, 3, "shared"),
+        (33, 1, 64, 72, 1, "member"),
+        (4, 300, 256, 96, 2, "member"),
+        (3, 9, 1000, 24, 16, None),
+        (300, 1, 256, 200, 4, "member"),
+        (130, 1, 520, 136, 16, None),
+    ]
     out = {}
     g = torch.Generator(device=dev).manual_seed(0)
     for P, R, n, m, r, bias in cases:
@@ -156,11 +192,19 @@ def check_fused(dev: torch.device, dt: torch.dtype) -> dict[str, float]:
         b = torch.randn((P + 1) // 2, n, r, device=dev, generator=g) / n**0.5
         draw = torch.arange(P, device=dev) // 2
         coeff = torch.randn(P, device=dev, generator=g)
-        bb = None if bias is None else torch.randn(m if bias == "shared" else (P, m), device=dev, generator=g).to(dt)
+        bb = (
+            None
+            if bias is None
+            else torch.randn(m if bias == "shared" else (P, m), device=dev, generator=g).to(dt)
+        )
         y = fused_linear.lowrank_linear_fused(x, w, bb, a, b, draw, coeff).float()
         a_p, b_p = fused_linear.member_factors(a, b, draw, coeff, torch.float32)
-        ref = fused_linear.lowrank_linear_reference(x.float(), w.float(), None if bb is None else bb.float(), a_p, b_p)
-        out[f"P{P} R{R} n{n} m{m} r{r} bias={bias}"] = float((y - ref).abs().max() / ref.abs().max())
+        ref = fused_linear.lowrank_linear_reference(
+            x.float(), w.float(), None if bb is None else bb.float(), a_p, b_p
+        )
+        out[f"P{P} R{R} n{n} m{m} r{r} bias={bias}"] = float(
+            (y - ref).abs().max() / ref.abs().max()
+        )
     return out
 
 

@@ -45,7 +45,9 @@ from torcheggroll import EggrollOptimizer, fused_linear
 METHODS = ("inference", "lowrank-fwd", "lowrank-step", "materialized-fwd", "materialized-step")
 
 
-def build(width: int, layers: int, bias: bool, device: torch.device, dtype: torch.dtype) -> nn.Module:
+def build(
+    width: int, layers: int, bias: bool, device: torch.device, dtype: torch.dtype
+) -> nn.Module:
     mods: list[nn.Module] = []
     for i in range(layers):
         mods.append(nn.Linear(width, width, bias=bias))
@@ -67,7 +69,9 @@ def make_runner(cfg: dict[str, Any], method: str, device: torch.device) -> Any:
         flat = x.reshape(pop * rows, width)
         return lambda: model(flat)
     path = "auto" if method.startswith("lowrank") else "materialized"
-    opt = EggrollOptimizer(model.parameters(), lr=1e-3, sigma=1e-2, rank=cfg["rank"], pop_size=pop, seed=0)
+    opt = EggrollOptimizer(
+        model.parameters(), lr=1e-3, sigma=1e-2, rank=cfg["rank"], pop_size=pop, seed=0
+    )
 
     def closure(population: Any) -> torch.Tensor:
         out = population.forward(model, x, per_member=True, path=path)
@@ -130,7 +134,12 @@ def prepare_cuda(cfg: dict[str, Any], method: str, device: torch.device) -> tupl
 
 
 def measure_cuda(
-    cfg: dict[str, Any], methods: list[str], device: torch.device, warmup: int, repeats: int, trials: int
+    cfg: dict[str, Any],
+    methods: list[str],
+    device: torch.device,
+    warmup: int,
+    repeats: int,
+    trials: int,
 ) -> dict[str, dict[str, Any] | None]:
     """Median milliseconds per iteration over ``trials`` timings (each recorded in ``ms_trials``)
     and peak memory (MiB) of each method. The trials take the methods in turn, so that a drift
@@ -147,7 +156,9 @@ def measure_cuda(
             for method, (fn, _) in runners.items():
                 times[method].append(time_cuda(fn, warmup, repeats))
     return {
-        m: {"ms": statistics.median(times[m]), "peak_mib": runners[m][1], "ms_trials": times[m]} if m in runners else None
+        m: {"ms": statistics.median(times[m]), "peak_mib": runners[m][1], "ms_trials": times[m]}
+        if m in runners
+        else None
         for m in methods
     }
 
@@ -186,24 +197,71 @@ def run_isolated(cfg: dict[str, Any], method: str, args: argparse.Namespace) -> 
 
 
 def configs(args: argparse.Namespace) -> list[dict[str, Any]]:
-    base = dict(width=args.width, layers=args.layers, pop=args.pop, rank=args.rank, rows=args.rows, dtype=args.dtype, bias=not args.no_bias, seed=0)
+    base = dict(
+        width=args.width,
+        layers=args.layers,
+        pop=args.pop,
+        rank=args.rank,
+        rows=args.rows,
+        dtype=args.dtype,
+        bias=not args.no_bias,
+        seed=0,
+    )
     if args.preset == "cpu-target":
-        return [dict(base, width=1024, layers=3, pop=64, rows=8, rank=4, dtype="float32", bias=True, sweep="target")]
+        return [
+            dict(
+                base,
+                width=1024,
+                layers=3,
+                pop=64,
+                rows=8,
+                rank=4,
+                dtype="float32",
+                bias=True,
+                sweep="target",
+            )
+        ]
     if args.preset in ("gpu", "gpu-target"):
         out = [
-            dict(base, width=2048, layers=3, pop=64, rows=32, rank=4, dtype="float32", bias=True, sweep="target-mlp"),
-            dict(base, width=8192, layers=1, pop=256, rows=16, rank=4, dtype="bfloat16", bias=False, sweep="target-linear"),
+            dict(
+                base,
+                width=2048,
+                layers=3,
+                pop=64,
+                rows=32,
+                rank=4,
+                dtype="float32",
+                bias=True,
+                sweep="target-mlp",
+            ),
+            dict(
+                base,
+                width=8192,
+                layers=1,
+                pop=256,
+                rows=16,
+                rank=4,
+                dtype="bfloat16",
+                bias=False,
+                sweep="target-linear",
+            ),
         ]
         if args.preset == "gpu-target":
             return out
-        sweep_base = dict(base, width=2048, layers=1, pop=256, rows=16, rank=4, dtype="bfloat16", bias=False)
-        out += [dict(sweep_base, width=w, sweep="width") for w in (256, 512, 1024, 2048, 4096, 8192)]
+        sweep_base = dict(
+            base, width=2048, layers=1, pop=256, rows=16, rank=4, dtype="bfloat16", bias=False
+        )
+        out += [
+            dict(sweep_base, width=w, sweep="width") for w in (256, 512, 1024, 2048, 4096, 8192)
+        ]
         out += [dict(sweep_base, pop=p, sweep="pop") for p in (64, 256, 1024, 4096)]
         out += [dict(sweep_base, rank=r, sweep="rank") for r in (1, 4, 16)]
         out += [dict(sweep_base, rows=r, sweep="rows") for r in (1, 16)]
         return out
     if args.preset == "cpu-sweep":
-        sweep_base = dict(base, width=512, layers=1, pop=64, rows=16, rank=4, dtype="float32", bias=False)
+        sweep_base = dict(
+            base, width=512, layers=1, pop=64, rows=16, rank=4, dtype="float32", bias=False
+        )
         out = [dict(sweep_base, width=w, sweep="width") for w in (256, 512, 1024)]
         out += [dict(sweep_base, pop=p, sweep="pop") for p in (64, 256)]
         out += [dict(sweep_base, rank=r, sweep="rank") for r in (1, 4, 16)]
@@ -231,8 +289,14 @@ def plot(results: list[dict[str, Any]], path: Path, title: str) -> None:
     for ax, sweep in zip(axes[0], sweeps, strict=False):
         rows = [r for r in results if r["sweep"] == sweep]
         xs = [r[sweep] for r in rows]
-        for method, style in (("lowrank-fwd", "o-"), ("lowrank-step", "s-"), ("materialized-fwd", "x--")):
-            ys = [r["inference"]["ms"] / r[method]["ms"] if r.get(method) else math.nan for r in rows]
+        for method, style in (
+            ("lowrank-fwd", "o-"),
+            ("lowrank-step", "s-"),
+            ("materialized-fwd", "x--"),
+        ):
+            ys = [
+                r["inference"]["ms"] / r[method]["ms"] if r.get(method) else math.nan for r in rows
+            ]
             ax.plot(xs, ys, style, label=method)
         ax.axhline(1.0, color="gray", lw=0.8)
         ax.set_xscale("log", base=2)
@@ -258,8 +322,12 @@ def plot(results: list[dict[str, Any]], path: Path, title: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", choices=["cpu-target", "cpu-sweep", "gpu", "gpu-target", "none"], default="none")
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--preset", choices=["cpu-target", "cpu-sweep", "gpu", "gpu-target", "none"], default="none"
+    )
     p.add_argument("--device", default="cpu")
     p.add_argument("--width", type=int, default=1024)
     p.add_argument("--layers", type=int, default=3)
@@ -269,11 +337,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dtype", default="float32")
     p.add_argument("--no-bias", action="store_true")
     p.add_argument("--methods", default=",".join(METHODS))
-    p.add_argument("--mem-limit-gib", type=float, default=24.0, help="skip materialized runs above this")
+    p.add_argument(
+        "--mem-limit-gib", type=float, default=24.0, help="skip materialized runs above this"
+    )
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument(
-        "--trials", type=int, default=1,
+        "--trials",
+        type=int,
+        default=1,
         help="CUDA: time each method this many times and report the median (a forward whose host time "
         "is close to its GPU time varies from one timing to the next)",
     )
@@ -291,14 +363,26 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device(args.device)
     methods = args.methods.split(",")
     results = []
-    header = f"{'sweep':<14}{'width':>6}{'L':>3}{'pop':>6}{'r':>4}{'rows':>5} {'dtype':<9}" + "".join(f"{m:>19}" for m in methods)
+    header = (
+        f"{'sweep':<14}{'width':>6}{'L':>3}{'pop':>6}{'r':>4}{'rows':>5} {'dtype':<9}"
+        + "".join(f"{m:>19}" for m in methods)
+    )
     fused = fused_linear._triton_enabled() and fused_linear._kernels() is not None
-    print(f"device: {device_name(device)}; torch {torch.__version__}; fused Triton kernels: {'on' if fused else 'off'}")
+    print(
+        f"device: {device_name(device)}; torch {torch.__version__}; fused Triton kernels: {'on' if fused else 'off'}"
+    )
     print("ms per iteration (peak MiB)")
     print(header)
     for cfg in configs(args):
         row: dict[str, Any] = dict(cfg)
-        fits = [m for m in methods if not (m.startswith("materialized") and materialized_bytes(cfg) > args.mem_limit_gib * 2**30)]
+        fits = [
+            m
+            for m in methods
+            if not (
+                m.startswith("materialized")
+                and materialized_bytes(cfg) > args.mem_limit_gib * 2**30
+            )
+        ]
         row.update({m: None for m in methods if m not in fits})
         if device.type == "cuda":
             row.update(measure_cuda(cfg, fits, device, args.warmup, args.repeats, args.trials))
@@ -310,12 +394,22 @@ def main(argv: list[str] | None = None) -> None:
                 row[method] = None
         results.append(row)
         cells = "".join(
-            f"{row[m]['ms']:>10.3f} ({row[m]['peak_mib']:>6.0f})" if row.get(m) else f"{'-':>19}" for m in methods
+            f"{row[m]['ms']:>10.3f} ({row[m]['peak_mib']:>6.0f})" if row.get(m) else f"{'-':>19}"
+            for m in methods
         )
-        print(f"{cfg['sweep']:<14}{cfg['width']:>6}{cfg['layers']:>3}{cfg['pop']:>6}{cfg['rank']:>4}{cfg['rows']:>5} {cfg['dtype']:<9}{cells}", flush=True)
-    print("\nthroughput relative to plain inference (inference ms / method ms); speed-up and memory ratio of low-rank over materialized steps")
+        print(
+            f"{cfg['sweep']:<14}{cfg['width']:>6}{cfg['layers']:>3}{cfg['pop']:>6}{cfg['rank']:>4}{cfg['rows']:>5} {cfg['dtype']:<9}{cells}",
+            flush=True,
+        )
+    print(
+        "\nthroughput relative to plain inference (inference ms / method ms); speed-up and memory ratio of low-rank over materialized steps"
+    )
     for row in results:
-        ratios = {m: row["inference"]["ms"] / row[m]["ms"] for m in methods if row.get(m) and row.get("inference")}
+        ratios = {
+            m: row["inference"]["ms"] / row[m]["ms"]
+            for m in methods
+            if row.get(m) and row.get("inference")
+        }
         extra = ""
         if row.get("lowrank-step") and row.get("materialized-step"):
             speed = row["materialized-step"]["ms"] / row["lowrank-step"]["ms"]
@@ -323,13 +417,19 @@ def main(argv: list[str] | None = None) -> None:
             extra = f"  step speed-up x{speed:.1f}, peak memory /{mem:.1f}"
             row["step_speedup"], row["step_memory_ratio"] = speed, mem
         row["relative_throughput"] = ratios
-        print(f"{row['sweep']:<14}{row['width']:>6}{row['pop']:>6}{row['rank']:>4}{row['rows']:>5} " + " ".join(f"{m}={v:.3f}" for m, v in ratios.items()) + extra)
+        print(
+            f"{row['sweep']:<14}{row['width']:>6}{row['pop']:>6}{row['rank']:>4}{row['rows']:>5} "
+            + " ".join(f"{m}={v:.3f}" for m, v in ratios.items())
+            + extra
+        )
     meta = {
         "script": "benchmarks/population_forward.py",
         "argv": sys.argv[1:] if argv is None else argv,
         "device": device_name(device),
         "torch": torch.__version__,
-        "timing": "triton.testing.do_bench median" if device.type == "cuda" else "perf_counter median",
+        "timing": "triton.testing.do_bench median"
+        if device.type == "cuda"
+        else "perf_counter median",
         "date": time.strftime("%Y-%m-%d"),
         "fused_kernels": fused_linear._triton_enabled() and fused_linear._kernels() is not None,
     }

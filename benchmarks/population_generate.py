@@ -41,12 +41,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from torcheggroll import EggrollOptimizer
 
 
-def llama(hidden: int, layers: int, intermediate: int, vocab: int, device: Any, dtype: torch.dtype) -> Any:
+def llama(
+    hidden: int, layers: int, intermediate: int, vocab: int, device: Any, dtype: torch.dtype
+) -> Any:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate,
-                      num_hidden_layers=layers, num_attention_heads=max(1, hidden // 64),
-                      num_key_value_heads=max(1, hidden // 64), max_position_embeddings=512)
+    cfg = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=max(1, hidden // 64),
+        num_key_value_heads=max(1, hidden // 64),
+        max_position_embeddings=512,
+    )
     return LlamaForCausalLM(cfg).to(device, dtype).eval()
 
 
@@ -65,11 +73,22 @@ def decode(cfg: dict[str, Any], device: torch.device, trials: int) -> dict[str, 
     torch.manual_seed(0)
     dtype = getattr(torch, cfg["dtype"])
     model = llama(cfg["hidden"], cfg["layers"], cfg["intermediate"], cfg["vocab"], device, dtype)
-    opt = EggrollOptimizer(model.parameters(), sigma=1e-3, rank=cfg["rank"], pop_size=cfg["pop"], seed=0,
-                           capturable=device.type == "cuda")
+    opt = EggrollOptimizer(
+        model.parameters(),
+        sigma=1e-3,
+        rank=cfg["rank"],
+        pop_size=cfg["pop"],
+        seed=0,
+        capturable=device.type == "cuda",
+    )
     prompts = torch.randint(1, cfg["vocab"], (cfg["prompts"], cfg["prompt_len"]), device=device)
-    settings = dict(max_new_tokens=cfg["new_tokens"], min_new_tokens=cfg["new_tokens"], do_sample=False,
-                    pad_token_id=0, use_cache=True)
+    settings = dict(
+        max_new_tokens=cfg["new_tokens"],
+        min_new_tokens=cfg["new_tokens"],
+        do_sample=False,
+        pad_token_id=0,
+        use_cache=True,
+    )
     batch = prompts.repeat(cfg["pop"], 1)
 
     def plain() -> Any:
@@ -82,8 +101,11 @@ def decode(cfg: dict[str, Any], device: torch.device, trials: int) -> dict[str, 
             return model.generate(ids, attention_mask=torch.ones_like(ids), **settings)
 
     def sequential() -> Any:
-        return opt.evaluate(lambda: float(model.generate(prompts, attention_mask=torch.ones_like(prompts),
-                                                          **settings)[0, -1]))
+        return opt.evaluate(
+            lambda: float(
+                model.generate(prompts, attention_mask=torch.ones_like(prompts), **settings)[0, -1]
+            )
+        )
 
     methods = {"plain": plain, "rows": rows}
     if cfg.get("sequential"):
@@ -102,15 +124,23 @@ def decode(cfg: dict[str, Any], device: torch.device, trials: int) -> dict[str, 
     # pairs share a draw, so a kernel that reads each draw once moves half of it).
     factors = sum(
         cfg["pop"] * cfg["rank"] * sum(p.shape) * p.element_size()
-        for p in model.parameters() if p.dim() == 2 and min(p.shape) > cfg["rank"]
+        for p in model.parameters()
+        if p.dim() == 2 and min(p.shape) > cfg["rank"]
     )
-    res: dict[str, Any] = {"ms_trials": times, "bytes_per_step": {"weights": weights, "factors": factors}}
+    res: dict[str, Any] = {
+        "ms_trials": times,
+        "bytes_per_step": {"weights": weights, "factors": factors},
+    }
     for m in methods:
         res[m] = statistics.median(times[m])
         tokens = rows_total * cfg["new_tokens"]
         res[f"{m}_tokens_per_s"] = tokens / (res[m] / 1e3)
-    res["rows_vs_plain"] = statistics.median(p / r for p, r in zip(times["plain"], times["rows"], strict=True))
-    res["rows_vs_plain_worst"] = min(p / r for p, r in zip(times["plain"], times["rows"], strict=True))
+    res["rows_vs_plain"] = statistics.median(
+        p / r for p, r in zip(times["plain"], times["rows"], strict=True)
+    )
+    res["rows_vs_plain_worst"] = min(
+        p / r for p, r in zip(times["plain"], times["rows"], strict=True)
+    )
     if "sequential" in methods:
         res["speedup_over_sequential"] = res["sequential"] / res["rows"]
     return res
@@ -121,13 +151,30 @@ def forward_small(trials: int) -> list[dict[str, Any]]:
     import transformers as tf
 
     models = {
-        "gpt2": lambda: tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=256, n_embd=64, n_layer=2, n_head=4, n_positions=64)),
-        "llama": lambda: tf.LlamaForCausalLM(tf.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128,
-                                                            num_hidden_layers=2, num_attention_heads=4,
-                                                            num_key_value_heads=4, max_position_embeddings=64)),
-        "bert": lambda: tf.BertForSequenceClassification(tf.BertConfig(vocab_size=256, hidden_size=64, num_hidden_layers=2,
-                                                                       num_attention_heads=4, intermediate_size=128,
-                                                                       max_position_embeddings=64)),
+        "gpt2": lambda: tf.GPT2LMHeadModel(
+            tf.GPT2Config(vocab_size=256, n_embd=64, n_layer=2, n_head=4, n_positions=64)
+        ),
+        "llama": lambda: tf.LlamaForCausalLM(
+            tf.LlamaConfig(
+                vocab_size=256,
+                hidden_size=64,
+                intermediate_size=128,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=4,
+                max_position_embeddings=64,
+            )
+        ),
+        "bert": lambda: tf.BertForSequenceClassification(
+            tf.BertConfig(
+                vocab_size=256,
+                hidden_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                intermediate_size=128,
+                max_position_embeddings=64,
+            )
+        ),
     }
     out = []
     for name, make in models.items():
@@ -139,8 +186,12 @@ def forward_small(trials: int) -> list[dict[str, Any]]:
         flat = ids.repeat(pop, 1)
         methods = {
             "plain": lambda model=model, flat=flat: model(input_ids=flat, use_cache=False),
-            "rows": lambda model=model, opt=opt, ids=ids: opt.population().forward(model, input_ids=ids, use_cache=False, path="rows"),
-            "vmap": lambda model=model, opt=opt, ids=ids: opt.population().forward(model, input_ids=ids, use_cache=False),
+            "rows": lambda model=model, opt=opt, ids=ids: opt.population().forward(
+                model, input_ids=ids, use_cache=False, path="rows"
+            ),
+            "vmap": lambda model=model, opt=opt, ids=ids: opt.population().forward(
+                model, input_ids=ids, use_cache=False
+            ),
         }
         times: dict[str, list[float]] = {m: [] for m in methods}
         with torch.no_grad(), warnings.catch_warnings():
@@ -149,7 +200,9 @@ def forward_small(trials: int) -> list[dict[str, Any]]:
                 fn()
             for _ in range(trials):
                 for m, fn in methods.items():
-                    times[m].append(statistics.median(timed(fn, torch.device("cpu")) for _ in range(5)))
+                    times[m].append(
+                        statistics.median(timed(fn, torch.device("cpu")) for _ in range(5))
+                    )
         row = {"model": name, "rows": pop * batch, "ms_trials": times}
         for m in ("rows", "vmap"):
             ratios = [t / p for t, p in zip(times[m], times["plain"], strict=True)]
@@ -161,9 +214,31 @@ def forward_small(trials: int) -> list[dict[str, Any]]:
 
 def configs(preset: str) -> list[dict[str, Any]]:
     if preset == "cpu":
-        return [dict(name="llama256-cpu", hidden=256, layers=4, intermediate=688, vocab=256, pop=32, prompts=2,
-                     prompt_len=16, new_tokens=32, rank=4, dtype="float32", sequential=True)]
-    big = dict(hidden=2048, layers=16, intermediate=5632, vocab=32000, prompt_len=64, new_tokens=128, dtype="bfloat16")
+        return [
+            dict(
+                name="llama256-cpu",
+                hidden=256,
+                layers=4,
+                intermediate=688,
+                vocab=256,
+                pop=32,
+                prompts=2,
+                prompt_len=16,
+                new_tokens=32,
+                rank=4,
+                dtype="float32",
+                sequential=True,
+            )
+        ]
+    big = dict(
+        hidden=2048,
+        layers=16,
+        intermediate=5632,
+        vocab=32000,
+        prompt_len=64,
+        new_tokens=128,
+        dtype="bfloat16",
+    )
     return [
         dict(big, name="256x1-r1", pop=256, prompts=1, rank=1),
         dict(big, name="256x1-r4", pop=256, prompts=1, rank=4),
@@ -172,7 +247,9 @@ def configs(preset: str) -> list[dict[str, Any]]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--preset", choices=["cpu", "h200"], default="cpu")
     p.add_argument("--trials", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
@@ -181,18 +258,28 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     device = torch.device("cuda" if args.preset == "h200" else "cpu")
-    name = torch.cuda.get_device_name() if device.type == "cuda" else \
-        f"{platform.processor() or platform.machine()} CPU, {args.threads} thread(s)"
-    meta = {"script": "benchmarks/population_generate.py", "argv": sys.argv[1:] if argv is None else argv,
-            "device": name, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
+    name = (
+        torch.cuda.get_device_name()
+        if device.type == "cuda"
+        else f"{platform.processor() or platform.machine()} CPU, {args.threads} thread(s)"
+    )
+    meta = {
+        "script": "benchmarks/population_generate.py",
+        "argv": sys.argv[1:] if argv is None else argv,
+        "device": name,
+        "torch": torch.__version__,
+        "date": time.strftime("%Y-%m-%d"),
+    }
     print(f"device: {name}; torch {torch.__version__}")
     results: dict[str, Any] = {"decode": [], "forward": []}
     for cfg in configs(args.preset):
         res = dict(cfg, **decode(cfg, device, args.trials))
         results["decode"].append(res)
-        line = (f"{cfg['name']:<14} plain {res['plain']:9.1f} ms ({res['plain_tokens_per_s']:9.0f} tok/s)  "
-                f"rows {res['rows']:9.1f} ms ({res['rows_tokens_per_s']:9.0f} tok/s)  "
-                f"throughput vs plain {res['rows_vs_plain']:.3f} (worst {res['rows_vs_plain_worst']:.3f})")
+        line = (
+            f"{cfg['name']:<14} plain {res['plain']:9.1f} ms ({res['plain_tokens_per_s']:9.0f} tok/s)  "
+            f"rows {res['rows']:9.1f} ms ({res['rows_tokens_per_s']:9.0f} tok/s)  "
+            f"throughput vs plain {res['rows_vs_plain']:.3f} (worst {res['rows_vs_plain_worst']:.3f})"
+        )
         if "sequential" in res:
             line += f"  sequential {res['sequential']:.0f} ms, rows {res['speedup_over_sequential']:.1f}x faster"
         b = res["bytes_per_step"]
@@ -201,9 +288,12 @@ def main(argv: list[str] | None = None) -> None:
     if args.preset == "cpu":
         results["forward"] = forward_small(args.trials)
         for row in results["forward"]:
-            print(f"forward {row['model']:<6} {row['rows']} rows: rows path {row['rows_over_plain']:.2f}x plain "
-                  f"(worst {row['rows_over_plain_worst']:.2f}), vmap path {row['vmap_over_plain']:.2f}x "
-                  f"(worst {row['vmap_over_plain_worst']:.2f})", flush=True)
+            print(
+                f"forward {row['model']:<6} {row['rows']} rows: rows path {row['rows_over_plain']:.2f}x plain "
+                f"(worst {row['rows_over_plain_worst']:.2f}), vmap path {row['vmap_over_plain']:.2f}x "
+                f"(worst {row['vmap_over_plain_worst']:.2f})",
+                flush=True,
+            )
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"meta": meta, "results": results}, indent=1))
@@ -216,8 +306,18 @@ def main(argv: list[str] | None = None) -> None:
         fig, ax = plt.subplots(figsize=(6.5, 3.5), dpi=120)
         dec = results["decode"]
         names = [r["name"] for r in dec]
-        ax.bar([i - 0.2 for i in range(len(dec))], [r["plain_tokens_per_s"] for r in dec], 0.4, label="plain generate")
-        ax.bar([i + 0.2 for i in range(len(dec))], [r["rows_tokens_per_s"] for r in dec], 0.4, label="population (rows)")
+        ax.bar(
+            [i - 0.2 for i in range(len(dec))],
+            [r["plain_tokens_per_s"] for r in dec],
+            0.4,
+            label="plain generate",
+        )
+        ax.bar(
+            [i + 0.2 for i in range(len(dec))],
+            [r["rows_tokens_per_s"] for r in dec],
+            0.4,
+            label="population (rows)",
+        )
         ax.set_xticks(range(len(dec)), names)
         ax.set_ylabel("generated tokens / s")
         ax.set_title(f"{name}, torch {torch.__version__}", fontsize=8)

@@ -99,8 +99,15 @@ def runners(cfg: dict[str, Any], device: torch.device) -> dict[str, Any]:
         out["inference"] = capture(lambda: plain(flat))
     for capturable in (True, False):
         model = build(cfg, device)
-        opt = EggrollOptimizer(model.parameters(), lr=1e-3, sigma=1e-2, rank=cfg["rank"],
-                               pop_size=pop, seed=0, capturable=capturable)
+        opt = EggrollOptimizer(
+            model.parameters(),
+            lr=1e-3,
+            sigma=1e-2,
+            rank=cfg["rank"],
+            pop_size=pop,
+            seed=0,
+            capturable=capturable,
+        )
 
         def forward(model: nn.Module = model, opt: EggrollOptimizer = opt) -> torch.Tensor:
             return opt.population().forward(model, x, per_member=not cfg["shared"])
@@ -130,8 +137,15 @@ def profile(cfg: dict[str, Any], device: torch.device, rows: int = 15) -> str:
     dtype = getattr(torch, cfg["dtype"])
     model = build(cfg, device)
     x = torch.randn(cfg["pop"], cfg["rows"], cfg["width"], device=device, dtype=dtype)
-    opt = EggrollOptimizer(model.parameters(), lr=1e-3, sigma=1e-2, rank=cfg["rank"],
-                           pop_size=cfg["pop"], seed=0, capturable=True)
+    opt = EggrollOptimizer(
+        model.parameters(),
+        lr=1e-3,
+        sigma=1e-2,
+        rank=cfg["rank"],
+        pop_size=cfg["pop"],
+        seed=0,
+        capturable=True,
+    )
 
     def closure(population: Any) -> torch.Tensor:
         return mean_square(population.forward(model, x, per_member=True))
@@ -163,8 +177,11 @@ def measure_gpu(cfg: dict[str, Any], device: torch.device, trials: int) -> dict[
     res: dict[str, Any] = {"ms_trials": times}
     for m in METHODS:
         ratios = [i / t for i, t in zip(times["inference"], times[m], strict=True)]
-        res[m] = {"ms": statistics.median(times[m]), "ratio": statistics.median(ratios),
-                  "worst_ratio": min(ratios)}
+        res[m] = {
+            "ms": statistics.median(times[m]),
+            "ratio": statistics.median(ratios),
+            "worst_ratio": min(ratios),
+        }
     return res
 
 
@@ -210,8 +227,13 @@ def measure_cpu(repeats: int) -> dict[str, Any]:
     sgd_ms = med(sgd.step)
     rest = step - forward
     return {
-        "step_ms": step, "closure_ms": forward, "step_minus_closure_ms": rest, "noise_ms": noise,
-        "sgd_step_ms": sgd_ms, "ratio_to_sgd": rest / sgd_ms, "noise_ratio_to_sgd": noise / sgd_ms,
+        "step_ms": step,
+        "closure_ms": forward,
+        "step_minus_closure_ms": rest,
+        "noise_ms": noise,
+        "sgd_step_ms": sgd_ms,
+        "ratio_to_sgd": rest / sgd_ms,
+        "noise_ratio_to_sgd": noise / sgd_ms,
         "other_ratio_to_sgd": (rest - noise) / sgd_ms,
     }
 
@@ -233,8 +255,14 @@ def plot(results: list[dict[str, Any]], path: Path, title: str) -> None:
     for k, m in enumerate(("forward", "step", "forward-eager", "step-eager")):
         vals = [r[m]["ratio"] for r in results]
         worst = [r[m]["ratio"] - r[m]["worst_ratio"] for r in results]
-        ax.bar([i + 0.2 * k - 0.3 for i in range(len(names))], vals, width=0.2, label=m,
-               yerr=[worst, [0] * len(worst)], capsize=2)
+        ax.bar(
+            [i + 0.2 * k - 0.3 for i in range(len(names))],
+            vals,
+            width=0.2,
+            label=m,
+            yerr=[worst, [0] * len(worst)],
+            capsize=2,
+        )
     ax.axhline(1.0, color="gray", lw=0.8)
     ax.set_xticks(range(len(names)), names, fontsize=8)
     ax.set_ylabel("plain inference ms / method ms")
@@ -246,7 +274,9 @@ def plot(results: list[dict[str, Any]], path: Path, title: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--preset", choices=["gpu", "gpu-quick", "cpu"], default="gpu")
     p.add_argument("--trials", type=int, default=5)
     p.add_argument("--repeats", type=int, default=30, help="CPU: timed calls per measurement")
@@ -260,8 +290,10 @@ def main(argv: list[str] | None = None) -> None:
         print(profile(cfg, torch.device("cuda")))
         return
     meta: dict[str, Any] = {
-        "script": "benchmarks/step_graph.py", "argv": sys.argv[1:] if argv is None else argv,
-        "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
+        "script": "benchmarks/step_graph.py",
+        "argv": sys.argv[1:] if argv is None else argv,
+        "torch": torch.__version__,
+        "date": time.strftime("%Y-%m-%d"),
     }
     if args.preset == "cpu":
         res = measure_cpu(args.repeats)
@@ -274,8 +306,11 @@ def main(argv: list[str] | None = None) -> None:
         device = torch.device("cuda")
         import triton
 
-        meta.update(device=device_name(device), triton=triton.__version__,
-                    timing="CUDA graphs, triton.testing.do_bench median per trial")
+        meta.update(
+            device=device_name(device),
+            triton=triton.__version__,
+            timing="CUDA graphs, triton.testing.do_bench median per trial",
+        )
         print(f"device: {meta['device']}; torch {torch.__version__}; triton {triton.__version__}")
         print(f"{'config':<16}{'inference ms':>13}" + "".join(f"{m:>22}" for m in METHODS[1:]))
         results = []
@@ -289,7 +324,9 @@ def main(argv: list[str] | None = None) -> None:
                 torch.cuda.synchronize()
                 continue
             results.append(row)
-            cells = "".join(f"{row[m]['ratio']:>12.3f} (>={row[m]['worst_ratio']:.3f})" for m in METHODS[1:])
+            cells = "".join(
+                f"{row[m]['ratio']:>12.3f} (>={row[m]['worst_ratio']:.3f})" for m in METHODS[1:]
+            )
             print(f"{cfg['name']:<16}{row['inference']['ms']:>13.4f}{cells}", flush=True)
         print("ratio = plain inference ms / method ms, median over trials (worst trial)")
         if args.plot:

@@ -32,11 +32,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rank", type=int, default=4)
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--iters", type=int, default=20)
-    p.add_argument("--torch-profiler", action="store_true", help="per-kernel table instead of cProfile")
+    p.add_argument(
+        "--torch-profiler", action="store_true", help="per-kernel table instead of cProfile"
+    )
     args = p.parse_args(argv)
     torch.manual_seed(0)
     dev, dtype = torch.device(args.device), getattr(torch, args.dtype)
-    model = nn.Sequential(*[nn.Linear(args.width, args.width, bias=False) for _ in range(args.layers)])
+    model = nn.Sequential(
+        *[nn.Linear(args.width, args.width, bias=False) for _ in range(args.layers)]
+    )
     model = model.to(dev, dtype)  # (the optimizer leaves frozen parameters alone)
     x = torch.randn(args.pop, args.rows, args.width, device=dev, dtype=dtype)
     opt = EggrollOptimizer(model.parameters(), rank=args.rank, pop_size=args.pop, seed=0)
@@ -48,7 +52,12 @@ def main(argv: list[str] | None = None) -> None:
         if dev.type == "cuda":
             torch.cuda.synchronize()
 
-    phases: dict[str, list[float]] = {"population()": [], "evaluate": [], "directions": [], "whole step": []}
+    phases: dict[str, list[float]] = {
+        "population()": [],
+        "evaluate": [],
+        "directions": [],
+        "whole step": [],
+    }
     with torch.no_grad():
         for i in range(args.iters + 3):
             sync()

@@ -88,7 +88,11 @@ class MLPTask:
 
     def build(self, width: int) -> nn.Module:
         return nn.Sequential(
-            nn.Linear(self.x.shape[1], width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(), nn.Linear(width, 10)
+            nn.Linear(self.x.shape[1], width),
+            nn.ReLU(),
+            nn.Linear(width, width),
+            nn.ReLU(),
+            nn.Linear(width, 10),
         )
 
     def run(self, model: nn.Module, opt: EggrollOptimizer, seed: int) -> float:
@@ -136,23 +140,37 @@ class LMTask:
             starts = rng.integers(0, self.train.size - self.seq_len - 1, self.batch)
             x, y = egg.windows(self.train, starts, self.seq_len, torch.device("cpu"))
 
-            def closure(population: Population, x: torch.Tensor = x, y: torch.Tensor = y) -> torch.Tensor:
+            def closure(
+                population: Population, x: torch.Tensor = x, y: torch.Tensor = y
+            ) -> torch.Tensor:
                 return egg.population_bpb(population, loss, x, y, "auto")
 
             opt.step(closure)
         return float(egg.centre_bpb(model, self.vx, self.vy, 2))
 
 
-def one_run(task: Any, width: int, scaling: str, sigma: float, lr: float, seed: int, vector_factor: float = 1.0) -> float:
+def one_run(
+    task: Any,
+    width: int,
+    scaling: str,
+    sigma: float,
+    lr: float,
+    seed: int,
+    vector_factor: float = 1.0,
+) -> float:
     torch.manual_seed(seed)
     model = task.build(width)
     settings = dict(lr=lr, sigma=sigma, rank=task.rank)
-    params: Any = width_scaled_groups(model, **settings) if scaling == "fan_in" else model.parameters()
+    params: Any = (
+        width_scaled_groups(model, **settings) if scaling == "fan_in" else model.parameters()
+    )
     if scaling == "fan_in" and vector_factor != 1.0:
         # Vectors (biases; this model has no norm weights) in a group of their own, with sigma * factor.
         vectors = [p for g in params for p in g["params"] if p.ndim < 2]
         params = [{**g, "params": [p for p in g["params"] if p.ndim >= 2]} for g in params]
-        params.append({**settings, "params": vectors, "sigma": sigma * vector_factor, "sigma_scaling": "none"})
+        params.append(
+            {**settings, "params": vectors, "sigma": sigma * vector_factor, "sigma_scaling": "none"}
+        )
     extra = {} if scaling == "fan_in" else settings
     opt = EggrollOptimizer(params, pop_size=task.pop, seed=seed, **extra)
     with torch.no_grad():
@@ -185,43 +203,65 @@ def best_points(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """
     out = []
     order = {"mlp": 0, "lm": 1}
-    keys = sorted({(p["task"], p["scaling"], p["width"]) for p in points},
-                  key=lambda k: (order.get(k[0], 9), SCALINGS.index(k[1]), k[2]))
+    keys = sorted(
+        {(p["task"], p["scaling"], p["width"]) for p in points},
+        key=lambda k: (order.get(k[0], 9), SCALINGS.index(k[1]), k[2]),
+    )
     for task, scaling, width in keys:
-        cell = [p for p in points if (p["task"], p["scaling"], p["width"]) == (task, scaling, width)]
-        first_width = min(p["width"] for p in points if (p["task"], p["scaling"]) == (task, scaling))
+        cell = [
+            p for p in points if (p["task"], p["scaling"], p["width"]) == (task, scaling, width)
+        ]
+        first_width = min(
+            p["width"] for p in points if (p["task"], p["scaling"]) == (task, scaling)
+        )
         best = min(cell, key=lambda p: p["loss"])
         first = out[-1]["first"] if width != first_width else best
         sigmas = sorted({p["sigma"] for p in cell})
         lrs = sorted({p["lr"] for p in cell})
-        transfer = next(p["loss"] for p in cell if (p["sigma"], p["lr"]) == (first["sigma"], first["lr"]))
+        transfer = next(
+            p["loss"] for p in cell if (p["sigma"], p["lr"]) == (first["sigma"], first["lr"])
+        )
         tol = tolerance(cell)
         near = [(p["sigma"], p["lr"]) for p in cell if p["loss"] <= best["loss"] + tol]
-        out.append({
-            "task": task, "scaling": scaling, "width": width,
-            "sigma": best["sigma"], "lr": best["lr"], "loss": best["loss"],
-            "sigma_at_edge": best["sigma"] in (sigmas[0], sigmas[-1]),
-            "lr_at_edge": best["lr"] in (lrs[0], lrs[-1]),
-            "transfer_loss": transfer, "near": near, "tolerance": tol,
-            "first": {"sigma": first["sigma"], "lr": first["lr"]},
-        })
+        out.append(
+            {
+                "task": task,
+                "scaling": scaling,
+                "width": width,
+                "sigma": best["sigma"],
+                "lr": best["lr"],
+                "loss": best["loss"],
+                "sigma_at_edge": best["sigma"] in (sigmas[0], sigmas[-1]),
+                "lr_at_edge": best["lr"] in (lrs[0], lrs[-1]),
+                "transfer_loss": transfer,
+                "near": near,
+                "tolerance": tol,
+                "first": {"sigma": first["sigma"], "lr": first["lr"]},
+            }
+        )
     return out
 
 
 def table(best: list[dict[str, Any]]) -> str:
-    lines = [f"{'task':<5}{'scaling':<8}{'width':>6}{'sigma':>9}{'lr':>6}{'loss':>8}{'x sigma':>8}{'x lr':>6}"
-             f"{'x lr*sigma':>11}{'transfer':>9}  near-optimal (sigma, lr)"]
+    lines = [
+        f"{'task':<5}{'scaling':<8}{'width':>6}{'sigma':>9}{'lr':>6}{'loss':>8}{'x sigma':>8}{'x lr':>6}"
+        f"{'x lr*sigma':>11}{'transfer':>9}  near-optimal (sigma, lr)"
+    ]
     for b in best:
         near = " ".join(f"({s:g},{lr:g})" for s, lr in b["near"])
         edge = "*" if b["sigma_at_edge"] or b["lr_at_edge"] else " "
-        lines.append(f"{b['task']:<5}{b['scaling']:<8}{b['width']:>6}{b['sigma']:>9.4g}{b['lr']:>6.3g}{b['loss']:>8.3f}"
-                     f"{b['sigma'] / b['first']['sigma']:>8.3g}{b['lr'] / b['first']['lr']:>6.3g}"
-                     f"{b['sigma'] * b['lr'] / (b['first']['sigma'] * b['first']['lr']):>11.3g}"
-                     f"{b['transfer_loss']:>9.3f}{edge} {near}")
-    lines.append("x sigma, x lr, x lr*sigma: the best point's value over the best point's at the smallest width; "
-                 "transfer: the loss with the smallest width's best (sigma, lr); *: best point on the edge of the "
-                 "grid; near-optimal: mean loss within two standard errors of the best (seed noise), or within "
-                 f"{TOLERANCE:.0%} with one seed")
+        lines.append(
+            f"{b['task']:<5}{b['scaling']:<8}{b['width']:>6}{b['sigma']:>9.4g}{b['lr']:>6.3g}{b['loss']:>8.3f}"
+            f"{b['sigma'] / b['first']['sigma']:>8.3g}{b['lr'] / b['first']['lr']:>6.3g}"
+            f"{b['sigma'] * b['lr'] / (b['first']['sigma'] * b['first']['lr']):>11.3g}"
+            f"{b['transfer_loss']:>9.3f}{edge} {near}"
+        )
+    lines.append(
+        "x sigma, x lr, x lr*sigma: the best point's value over the best point's at the smallest width; "
+        "transfer: the loss with the smallest width's best (sigma, lr); *: best point on the edge of the "
+        "grid; near-optimal: mean loss within two standard errors of the best (seed noise), or within "
+        f"{TOLERANCE:.0%} with one seed"
+    )
     return "\n".join(lines)
 
 
@@ -249,11 +289,29 @@ def plot(result: dict[str, Any], path: Path) -> None:
                 lo = np.array([min(n[key] for n in b["near"]) for b in bs]) / best_v[0]
                 hi = np.array([max(n[key] for n in b["near"]) for b in bs]) / best_v[0]
                 mid = best_v / best_v[0]
-                ax.errorbar(w * shift, mid, yerr=[mid - lo, hi - mid], fmt="o-", color=colour, capsize=3,
-                            label=f'sigma_scaling="{scaling}" (bars: near-optimal)')
-            row[2].plot(w, [b["loss"] for b in bs], "o-", color=colour, label=f'"{scaling}": best of the grid')
-            row[2].plot(w, [b["transfer_loss"] for b in bs], "x--", color=colour,
-                        label=f'"{scaling}": best (sigma, lr) of width {bs[0]["width"]}')
+                ax.errorbar(
+                    w * shift,
+                    mid,
+                    yerr=[mid - lo, hi - mid],
+                    fmt="o-",
+                    color=colour,
+                    capsize=3,
+                    label=f'sigma_scaling="{scaling}" (bars: near-optimal)',
+                )
+            row[2].plot(
+                w,
+                [b["loss"] for b in bs],
+                "o-",
+                color=colour,
+                label=f'"{scaling}": best of the grid',
+            )
+            row[2].plot(
+                w,
+                [b["transfer_loss"] for b in bs],
+                "x--",
+                color=colour,
+                label=f'"{scaling}": best (sigma, lr) of width {bs[0]["width"]}',
+            )
         w = np.array(sorted({b["width"] for b in best if b["task"] == task}), dtype=float)
         for ax in row[:2]:
             ax.plot(w, np.ones_like(w), ":", color="grey", label="constant")
@@ -293,15 +351,24 @@ def heatmaps(result: dict[str, Any], path: Path) -> None:
     from matplotlib.colors import LogNorm
 
     pts = result["points"]
-    rows = [(t, s) for t in ("mlp", "lm") for s in SCALINGS if any(p["task"] == t and p["scaling"] == s for p in pts)]
+    rows = [
+        (t, s)
+        for t in ("mlp", "lm")
+        for s in SCALINGS
+        if any(p["task"] == t and p["scaling"] == s for p in pts)
+    ]
     ncol = max(len({p["width"] for p in pts if p["task"] == t}) for t, _ in rows)
-    fig, axes = plt.subplots(len(rows), ncol, figsize=(2.9 * ncol, 2.6 * len(rows)), dpi=100, squeeze=False)
+    fig, axes = plt.subplots(
+        len(rows), ncol, figsize=(2.9 * ncol, 2.6 * len(rows)), dpi=100, squeeze=False
+    )
     for r, (task, scaling) in enumerate(rows):
         sel = [p for p in pts if p["task"] == task and p["scaling"] == scaling]
         widths = sorted({p["width"] for p in sel})
         finite = [p["loss"] for p in sel if math.isfinite(p["loss"])]
         lo = min(finite)
-        hi = min(float(np.percentile(finite, 90)), 10 * lo)  # a log colour scale over the interesting range
+        hi = min(
+            float(np.percentile(finite, 90)), 10 * lo
+        )  # a log colour scale over the interesting range
         for c in range(ncol):
             ax = axes[r][c]
             if c >= len(widths):
@@ -312,14 +379,30 @@ def heatmaps(result: dict[str, Any], path: Path) -> None:
             grid = np.full((len(lrs), len(sigmas)), np.nan)
             for p in cell:
                 grid[lrs.index(p["lr"]), sigmas.index(p["sigma"])] = p["loss"]
-            ax.imshow(np.clip(np.where(np.isfinite(grid), grid, hi), lo, hi), origin="lower", cmap="viridis_r",
-                      norm=LogNorm(vmin=lo, vmax=hi), aspect="auto")
+            ax.imshow(
+                np.clip(np.where(np.isfinite(grid), grid, hi), lo, hi),
+                origin="lower",
+                cmap="viridis_r",
+                norm=LogNorm(vmin=lo, vmax=hi),
+                aspect="auto",
+            )
             j, i = np.unravel_index(np.nanargmin(grid), grid.shape)
             for a in range(len(lrs)):
                 for b in range(len(sigmas)):
                     txt = f"{grid[a, b]:.2f}" if np.isfinite(grid[a, b]) else "inf"
-                    ax.text(b, a, txt, ha="center", va="center", fontsize=6,
-                            color="red" if (a, b) == (j, i) else "black" if grid[a, b] < math.sqrt(lo * hi) else "white")
+                    ax.text(
+                        b,
+                        a,
+                        txt,
+                        ha="center",
+                        va="center",
+                        fontsize=6,
+                        color="red"
+                        if (a, b) == (j, i)
+                        else "black"
+                        if grid[a, b] < math.sqrt(lo * hi)
+                        else "white",
+                    )
             ax.set_xticks(range(len(sigmas)), [f"{s:g}" for s in sigmas], fontsize=6, rotation=45)
             ax.set_yticks(range(len(lrs)), [f"{v:g}" for v in lrs], fontsize=6)
             ax.set_title(f"{task} {scaling} width {widths[c]}", fontsize=8)
@@ -327,8 +410,11 @@ def heatmaps(result: dict[str, Any], path: Path) -> None:
                 ax.set_ylabel("lr", fontsize=7)
             ax.set_xlabel("sigma", fontsize=7)
     meta = result["meta"]
-    fig.suptitle(f"final loss per grid point (red: best); {meta['script']} on {meta['device']}, "
-                 f"torch {meta['torch']}", fontsize=9)
+    fig.suptitle(
+        f"final loss per grid point (red: best); {meta['script']} on {meta['device']}, "
+        f"torch {meta['torch']}",
+        fontsize=9,
+    )
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -344,7 +430,9 @@ def floats(text: str) -> list[float]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--tasks", default="mlp,lm", help="comma-separated: mlp, lm")
     p.add_argument("--scalings", default="none,fan_in")
     p.add_argument("--widths", type=ints, default=None, help="default: mlp 32-512, lm 16-256")
@@ -367,7 +455,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--lm-seq-len", type=int, default=32)
     p.add_argument("--lm-valid-windows", type=int, default=64)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--machine", default=None, help="how to name the machine in the JSON and plots (default: CPU, threads)")
+    p.add_argument(
+        "--machine",
+        default=None,
+        help="how to name the machine in the JSON and plots (default: CPU, threads)",
+    )
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--plot", type=Path, default=None, help="PNG (and a *_heatmaps.png next to it)")
     p.add_argument(
@@ -393,8 +485,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     torch.set_num_threads(args.threads)
     meta: dict[str, Any] = {
-        "script": "benchmarks/width_sweep.py", "argv": sys.argv[1:] if argv is None else argv,
-        "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
+        "script": "benchmarks/width_sweep.py",
+        "argv": sys.argv[1:] if argv is None else argv,
+        "torch": torch.__version__,
+        "date": time.strftime("%Y-%m-%d"),
         "device": args.machine or f"{platform.machine()} CPU, {torch.get_num_threads()} thread(s)",
         "settings": {k: v for k, v in vars(args).items() if k not in ("json", "plot", "replot")},
     }
@@ -411,17 +505,40 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 for sigma in sigmas:
                     for lr in lrs:
                         seeds = args.seeds or SEEDS[name]
-                        losses = [one_run(task, width, scaling, sigma, lr, seed, args.vector_sigma_factor)
-                                  for seed in seeds]
-                        points.append({"task": name, "scaling": scaling, "width": width, "sigma": sigma,
-                                       "lr": lr, "losses": losses, "loss": float(np.mean(losses))})
-                cell = [q for q in points if (q["task"], q["scaling"], q["width"]) == (name, scaling, width)]
+                        losses = [
+                            one_run(task, width, scaling, sigma, lr, seed, args.vector_sigma_factor)
+                            for seed in seeds
+                        ]
+                        points.append(
+                            {
+                                "task": name,
+                                "scaling": scaling,
+                                "width": width,
+                                "sigma": sigma,
+                                "lr": lr,
+                                "losses": losses,
+                                "loss": float(np.mean(losses)),
+                            }
+                        )
+                cell = [
+                    q
+                    for q in points
+                    if (q["task"], q["scaling"], q["width"]) == (name, scaling, width)
+                ]
                 b = min(cell, key=lambda q: q["loss"])
-                print(f"{name} {scaling:<7} width {width:5d}: best sigma {b['sigma']:g} lr {b['lr']:g} "
-                      f"loss {b['loss']:.4f} ({time.perf_counter() - t0:.0f} s)", flush=True)
+                print(
+                    f"{name} {scaling:<7} width {width:5d}: best sigma {b['sigma']:g} lr {b['lr']:g} "
+                    f"loss {b['loss']:.4f} ({time.perf_counter() - t0:.0f} s)",
+                    flush=True,
+                )
     meta["seconds"] = time.perf_counter() - start
     best = best_points(points)
-    result = {"meta": meta, "grids": {t: GRIDS[t] for t in args.tasks.split(",")}, "points": points, "best": best}
+    result = {
+        "meta": meta,
+        "grids": {t: GRIDS[t] for t in args.tasks.split(",")},
+        "points": points,
+        "best": best,
+    }
     print(table(best))
     print(f"total {meta['seconds']:.0f} s")
     if args.json:

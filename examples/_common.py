@@ -30,7 +30,9 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def progress(iterable: Iterable[Any], *, total: int | None = None, desc: str = "", quiet: bool = False) -> Any:
+def progress(
+    iterable: Iterable[Any], *, total: int | None = None, desc: str = "", quiet: bool = False
+) -> Any:
     """A tqdm bar over ``iterable`` (disabled with ``quiet``)."""
     from tqdm.auto import tqdm
 

@@ -82,7 +82,9 @@ class BatchedCartPole:
     def step(self, action: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Apply ``(n,)`` actions in {0, 1}; returns the new observations and ``(n,)`` terminated flags."""
         x, x_dot, theta, theta_dot = self.state.unbind(-1)
-        force = torch.where(action.to(self.device) == 1, self.force_mag, -self.force_mag).to(torch.float64)
+        force = torch.where(action.to(self.device) == 1, self.force_mag, -self.force_mag).to(
+            torch.float64
+        )
         total_mass = self.mass_cart + self.mass_pole
         pole_ml = self.mass_pole * self.half_length
         cos, sin = torch.cos(theta), torch.sin(theta)
@@ -106,7 +108,9 @@ def make_policy(hidden: int) -> nn.Module:
 
 
 @torch.no_grad()
-def batched_returns(policy: nn.Module, env: BatchedCartPole, population: Population | None, path: str) -> torch.Tensor:
+def batched_returns(
+    policy: nn.Module, env: BatchedCartPole, population: Population | None, path: str
+) -> torch.Tensor:
     """Play one episode in each of ``env.n`` envs; ``(n,)`` returns.
 
     With a population, env ``j`` is driven by member ``j`` (``env.n == len(population)``);
@@ -188,8 +192,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     torch.manual_seed(args.seed)
     policy = make_policy(args.hidden).to(device)
     opt = EggrollOptimizer(
-        policy.parameters(), lr=args.lr, sigma=args.sigma, rank=args.rank, pop_size=args.pop_size,
-        seed=args.seed, maximize=True, shaping=args.shaping,
+        policy.parameters(),
+        lr=args.lr,
+        sigma=args.sigma,
+        rank=args.rank,
+        pop_size=args.pop_size,
+        seed=args.seed,
+        maximize=True,
+        shaping=args.shaping,
     )
 
     if args.mode == "sequential":
@@ -208,7 +218,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     else:
         env_gen = torch.Generator().manual_seed(args.seed)
         envs = BatchedCartPole(args.pop_size, device, env_gen)
-        eval_envs = BatchedCartPole(args.eval_episodes, device, torch.Generator().manual_seed(args.seed + 1))
+        eval_envs = BatchedCartPole(
+            args.eval_episodes, device, torch.Generator().manual_seed(args.seed + 1)
+        )
 
         def closure(population: Population) -> torch.Tensor:  # type: ignore[misc]
             return batched_returns(policy, envs, population, path)
@@ -220,7 +232,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     solved_at: int | None = None
     start = time.perf_counter()
     interrupted = False
-    bar = progress(range(1, args.steps + 1), total=args.steps, desc=f"cartpole[{args.mode}]", quiet=args.quiet)
+    bar = progress(
+        range(1, args.steps + 1), total=args.steps, desc=f"cartpole[{args.mode}]", quiet=args.quiet
+    )
     try:
         for step in bar:
             if args.mode == "sequential":
@@ -257,7 +271,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "args": vars(args),
         "history": history,
     }
-    solved = f"solved (eval return >= {SOLVED:.0f}) at step {solved_at}" if solved_at else "not solved"
+    solved = (
+        f"solved (eval return >= {SOLVED:.0f}) at step {solved_at}" if solved_at else "not solved"
+    )
     stopped = " (interrupted)" if interrupted else ""
     print(
         f"cartpole summary{stopped}: mode={args.mode} pop={args.pop_size} {solved}; final eval return "
@@ -267,8 +283,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.plot:
         save_plot(
             args.plot,
-            {"population mean return": (history["step"], history["mean_return"]),
-             f"centre policy, mean of {args.eval_episodes} episodes": (history["step"], history["eval_return"])},
+            {
+                "population mean return": (history["step"], history["mean_return"]),
+                f"centre policy, mean of {args.eval_episodes} episodes": (
+                    history["step"],
+                    history["eval_return"],
+                ),
+            },
             title=f"CartPole-v1, EggrollOptimizer ({args.mode}), pop {args.pop_size}",
             xlabel="ES step",
             ylabel="return",

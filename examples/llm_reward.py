@@ -64,7 +64,7 @@ def _need_transformers() -> Any:
         import transformers
     except ModuleNotFoundError:
         raise SystemExit(
-            "llm_reward needs Hugging Face transformers: pip install -e \".[hf]\""
+            'llm_reward needs Hugging Face transformers: pip install -e ".[hf]"'
         ) from None
     return transformers
 
@@ -78,7 +78,9 @@ class ByteTask:
         self.pairs = [(a, b) for a in range(hi) for b in range(hi)]
         self.width = digits + 1  # sums have at most digits + 1 digits
         self.prompts = torch.tensor([list(f"{a}+{b}=".encode()) for a, b in self._prompt_pairs()])
-        self.answers = torch.tensor([list(f"{a + b:0{self.width}d}".encode()) for a, b in self._prompt_pairs()])
+        self.answers = torch.tensor(
+            [list(f"{a + b:0{self.width}d}".encode()) for a, b in self._prompt_pairs()]
+        )
 
     def _prompt_pairs(self) -> list[tuple[int, int]]:
         # Prompts of one length (every operand with the same number of characters).
@@ -89,8 +91,13 @@ class ByteTask:
         return f"{a}+{b}={a + b:0{self.width}d}\n"
 
     def generate(self, model: Any, ids: torch.Tensor) -> torch.Tensor:
-        return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=self.width,
-                              do_sample=False, pad_token_id=0)
+        return model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=self.width,
+            do_sample=False,
+            pad_token_id=0,
+        )
 
     def rewards(self, tokens: torch.Tensor) -> torch.Tensor:
         """``(..., prompts, length)`` generated tokens -> ``(...)`` share answered exactly."""
@@ -138,9 +145,18 @@ class TextTask:
 # ---------------------------------------------------------------------------- models
 def tiny_model(hidden: int, layers: int, device: torch.device) -> Any:
     tf = _need_transformers()
-    cfg = tf.LlamaConfig(vocab_size=256, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64,
-                         bos_token_id=None, eos_token_id=NEWLINE, pad_token_id=0)
+    cfg = tf.LlamaConfig(
+        vocab_size=256,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=64,
+        bos_token_id=None,
+        eos_token_id=NEWLINE,
+        pad_token_id=0,
+    )
     return tf.LlamaForCausalLM(cfg).to(device)
 
 
@@ -151,7 +167,9 @@ def pretrain(model: Any, task: ByteTask, steps: int, seed: int, device: torch.de
     model.train()
     loss = torch.tensor(float("nan"))
     for _ in range(steps):
-        batch = torch.tensor([list(task.text(*rng.choice(task.pairs)).encode()) for _ in range(64)], device=device)
+        batch = torch.tensor(
+            [list(task.text(*rng.choice(task.pairs)).encode()) for _ in range(64)], device=device
+        )
         loss = model(input_ids=batch, labels=batch).loss
         opt.zero_grad()
         loss.backward()
@@ -162,13 +180,21 @@ def pretrain(model: Any, task: ByteTask, steps: int, seed: int, device: torch.de
 
 # ---------------------------------------------------------------------------- main
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=None, help="a local checkpoint or hub id (from_pretrained); default: a tiny model built here")
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--model",
+        default=None,
+        help="a local checkpoint or hub id (from_pretrained); default: a tiny model built here",
+    )
     p.add_argument("--digits", type=int, default=1, help="digits of each operand")
     p.add_argument("--prompts", type=int, default=64, help="--model: prompts per step")
     p.add_argument("--hidden", type=int, default=64, help="tiny model: hidden size")
     p.add_argument("--layers", type=int, default=2, help="tiny model: layers")
-    p.add_argument("--pretrain-steps", type=int, default=150, help="tiny model: backprop steps before ES")
+    p.add_argument(
+        "--pretrain-steps", type=int, default=150, help="tiny model: backprop steps before ES"
+    )
     p.add_argument("--steps", type=int, default=150, help="ES steps")
     p.add_argument("--pop-size", type=int, default=32)
     p.add_argument("--rank", type=int, default=4)
@@ -177,7 +203,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, ...")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--threads", type=int, default=1, help="CPU threads for torch (0: torch's default)")
+    p.add_argument(
+        "--threads", type=int, default=1, help="CPU threads for torch (0: torch's default)"
+    )
     p.add_argument("--plot", default=None, help="write the reward curve to this PNG")
     p.add_argument("--json", default=None, help="write the run's numbers to this JSON file")
     p.add_argument("--quiet", action="store_true")
@@ -209,19 +237,36 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         prompts, mask = task.prompts.to(device), None
     else:
         tokenizer = tf.AutoTokenizer.from_pretrained(args.model)
-        model = tf.AutoModelForCausalLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype)).to(device).eval()
+        model = (
+            tf.AutoModelForCausalLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype))
+            .to(device)
+            .eval()
+        )
         task = TextTask(tokenizer, args.digits, args.prompts, args.seed)
         prompts, mask = task.prompts.to(device), task.mask.to(device)
         pre_loss = float("nan")
     pretrain_seconds = time.perf_counter() - started
-    opt = EggrollOptimizer(model.parameters(), lr=args.lr, sigma=args.sigma, rank=args.rank, pop_size=args.pop_size,
-                           seed=args.seed, maximize=True, shaping="centered_rank")
+    opt = EggrollOptimizer(
+        model.parameters(),
+        lr=args.lr,
+        sigma=args.sigma,
+        rank=args.rank,
+        pop_size=args.pop_size,
+        seed=args.seed,
+        maximize=True,
+        shaping="centered_rank",
+    )
 
     def decode(model_rows: torch.Tensor, attention: torch.Tensor | None) -> torch.Tensor:
         if isinstance(task, ByteTask):
             return task.generate(model, model_rows)
-        return model.generate(model_rows, attention_mask=attention, max_new_tokens=task.max_new_tokens,
-                              do_sample=False, pad_token_id=task.tokenizer.pad_token_id)
+        return model.generate(
+            model_rows,
+            attention_mask=attention,
+            max_new_tokens=task.max_new_tokens,
+            do_sample=False,
+            pad_token_id=task.tokenizer.pad_token_id,
+        )
 
     def closure(population: Population) -> torch.Tensor:
         # The whole population answers every prompt in one batched decode.
@@ -233,7 +278,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     def centre_reward() -> float:
         return float(task.rewards(decode(prompts, mask)[None].cpu()))
 
-    history: dict[str, list[float]] = {"step": [0], "reward": [centre_reward()], "population_reward": [float("nan")]}
+    history: dict[str, list[float]] = {
+        "step": [0],
+        "reward": [centre_reward()],
+        "population_reward": [float("nan")],
+    }
     es_start = time.perf_counter()
     interrupted = False
     bar = progress(range(1, args.steps + 1), total=args.steps, desc="llm_reward", quiet=args.quiet)
@@ -274,8 +323,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.plot:
         save_plot(
             args.plot,
-            {"centre (greedy)": (history["step"], history["reward"]),
-             "population mean": (history["step"][1:], history["population_reward"][1:])},
+            {
+                "centre (greedy)": (history["step"], history["reward"]),
+                "population mean": (history["step"][1:], history["population_reward"][1:]),
+            },
             title=f"llm_reward: ES on exact-match reward, pop {args.pop_size}",
             xlabel="ES step",
             ylabel="share of sums answered exactly",

@@ -101,7 +101,9 @@ class FactorizedClassifier(nn.Module):
 
     def __init__(self, hidden: int = 16) -> None:
         super().__init__()
-        self.colour = nn.Sequential(nn.Linear(3, hidden), nn.ReLU(), nn.Linear(hidden, len(COLOURS)))
+        self.colour = nn.Sequential(
+            nn.Linear(3, hidden), nn.ReLU(), nn.Linear(hidden, len(COLOURS))
+        )
         self.shape = nn.Sequential(nn.Linear(1, hidden), nn.ReLU(), nn.Linear(hidden, len(SHAPES)))
 
     def forward(self, rgb: torch.Tensor, comp: torch.Tensor) -> torch.Tensor:
@@ -128,7 +130,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 @torch.no_grad()
-def accuracy(model: nn.Module, rgb: torch.Tensor, comp: torch.Tensor, labels: torch.Tensor) -> float:
+def accuracy(
+    model: nn.Module, rgb: torch.Tensor, comp: torch.Tensor, labels: torch.Tensor
+) -> float:
     return float((model(rgb, comp).argmax(-1) == labels).float().mean())
 
 
@@ -147,7 +151,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     t_rgb, t_comp, t_labels = (t.to(device) for t in make_dataset(20, args.seed + 1))
     model = FactorizedClassifier(args.hidden).to(device)
     opt = EggrollOptimizer(
-        model.parameters(), lr=args.lr, sigma=args.sigma, rank=args.rank, pop_size=args.pop_size, seed=args.seed
+        model.parameters(),
+        lr=args.lr,
+        sigma=args.sigma,
+        rank=args.rank,
+        pop_size=args.pop_size,
+        seed=args.seed,
     )
 
     def closure(population: Population) -> torch.Tensor:
@@ -161,7 +170,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         history["loss"].append(float(F.nll_loss(model(rgb, comp), labels)))
     start = time.perf_counter()
     interrupted = False
-    bar = progress(range(1, args.steps + 1), total=args.steps, desc="nano_classifier", quiet=args.quiet)
+    bar = progress(
+        range(1, args.steps + 1), total=args.steps, desc="nano_classifier", quiet=args.quiet
+    )
     try:
         for step in bar:
             opt.step(closure)
@@ -207,8 +218,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.plot:
         save_plot(
             args.plot,
-            {"train accuracy": (history["step"], history["train_acc"]),
-             "test accuracy": (history["step"], history["test_acc"])},
+            {
+                "train accuracy": (history["step"], history["train_acc"]),
+                "test accuracy": (history["step"], history["test_acc"]),
+            },
             title=f"nano_classifier: EGGROLL ES, pop {args.pop_size}",
             xlabel="ES step",
             ylabel="accuracy",

@@ -58,7 +58,9 @@ def cartpole():
 # ------------------------------------------------------------------ nano_classifier
 def test_classifier_learns_and_plots(classifier, tmp_path):
     png = tmp_path / "curve.png"
-    r = classifier.main(["--steps", "15", "--pop-size", "32", "--n-per-class", "10", "--quiet", "--plot", str(png)])
+    r = classifier.main(
+        ["--steps", "15", "--pop-size", "32", "--n-per-class", "10", "--quiet", "--plot", str(png)]
+    )
     # The held-out set has 200 examples (20 per class). A classifier at chance (10%) gets
     # Binomial(200, 0.1) right: mean 20, sd 4.2, so 40% (80 right) is 14 sd above chance.
     assert r["final_test_acc"] > 0.4
@@ -68,8 +70,25 @@ def test_classifier_learns_and_plots(classifier, tmp_path):
 
 # ------------------------------------------------------------------ nano_egg
 # A larger step than the default suits these few tiny generations.
-TINY_LM = ["--lr", "1.0", "--epochs", "6", "--pop-size", "32", "--batch-size", "4", "--chunk", "2", "--seq-len", "32",
-           "--hidden-dim", "16", "--valid-windows", "32", "--quiet"]
+TINY_LM = [
+    "--lr",
+    "1.0",
+    "--epochs",
+    "6",
+    "--pop-size",
+    "32",
+    "--batch-size",
+    "4",
+    "--chunk",
+    "2",
+    "--seq-len",
+    "32",
+    "--hidden-dim",
+    "16",
+    "--valid-windows",
+    "32",
+    "--quiet",
+]
 
 
 @pytest.mark.parametrize("mode", ["float", "int"])
@@ -108,8 +127,20 @@ def test_nano_egg_fan_in_groups_and_learns(nano_egg, tmp_path):
     kinds = {g["sigma_scaling"]: g["params"] for g in nano_egg.param_groups(model, args)}
     assert set(kinds) == {"none", "fan_in"}
     assert [p is model.embed.weight for p in kinds["none"]] == [True]  # the embedding keeps sigma
-    assert sum(p.numel() for g in kinds.values() for p in g) == sum(p.numel() for p in model.parameters())
-    r = nano_egg.main([*TINY_LM, "--sigma-scaling", "fan_in", "--sigma", "0.3", "--json", str(tmp_path / "r.json")])
+    assert sum(p.numel() for g in kinds.values() for p in g) == sum(
+        p.numel() for p in model.parameters()
+    )
+    r = nano_egg.main(
+        [
+            *TINY_LM,
+            "--sigma-scaling",
+            "fan_in",
+            "--sigma",
+            "0.3",
+            "--json",
+            str(tmp_path / "r.json"),
+        ]
+    )
     assert r["best_valid_bpb"] < min(8.0, r["initial_valid_bpb"]) - 0.5
     assert json.loads((tmp_path / "r.json").read_text())["args"]["sigma_scaling"] == "fan_in"
 
@@ -125,7 +156,9 @@ def test_nano_egg_time_limit_stops_cleanly(nano_egg, monkeypatch, tmp_path):
     ticks = iter(range(10**6))
     monkeypatch.setattr(nano_egg, "clock", lambda: float(next(ticks)))
     png, js = tmp_path / "lm.png", tmp_path / "lm.json"
-    r = nano_egg.main([*TINY_LM, "--epochs", "1000", "--time-limit", "20", "--plot", str(png), "--json", str(js)])
+    r = nano_egg.main(
+        [*TINY_LM, "--epochs", "1000", "--time-limit", "20", "--plot", str(png), "--json", str(js)]
+    )
     assert r["stopped_by_time_limit"] is True and r["interrupted"] is False
     assert 1 <= r["epochs_done"] < 1000
     saved = json.loads(js.read_text())
@@ -139,7 +172,12 @@ def test_nano_egg_time_limit_stops_cleanly(nano_egg, monkeypatch, tmp_path):
 def test_nano_egg_progress_lines(nano_egg, capsys):
     nano_egg.main([*[a for a in TINY_LM if a != "--quiet"], "--epochs", "5", "--log-every", "2"])
     out = capsys.readouterr().out
-    epochs = [int(m) for m in re.findall(r"^epoch +(\d+) \| train [\d.]+ bpb \| valid [\d.]+ bpb \| .* s$", out, re.M)]
+    epochs = [
+        int(m)
+        for m in re.findall(
+            r"^epoch +(\d+) \| train [\d.]+ bpb \| valid [\d.]+ bpb \| .* s$", out, re.M
+        )
+    ]
     assert epochs == [1, 2, 4, 5]  # every 2nd, the first and the last
     assert "nano_egg summary" in out
 
@@ -151,8 +189,27 @@ def test_nano_egg_preset(nano_egg, mode, tmp_path):
         assert getattr(args, key) == value, key
     assert Path(args.data).is_file() or (ROOT / args.data).is_file()
     # Explicit flags win over the preset; a tiny run of the preset's remaining settings on the CPU.
-    tiny = ["--hidden-dim", "16", "--n-layers", "1", "--pop-size", "8", "--batch-size", "2", "--chunk", "2",
-            "--seq-len", "16", "--valid-windows", "4", "--epochs", "2", "--device", "cpu", "--quiet"]
+    tiny = [
+        "--hidden-dim",
+        "16",
+        "--n-layers",
+        "1",
+        "--pop-size",
+        "8",
+        "--batch-size",
+        "2",
+        "--chunk",
+        "2",
+        "--seq-len",
+        "16",
+        "--valid-windows",
+        "4",
+        "--epochs",
+        "2",
+        "--device",
+        "cpu",
+        "--quiet",
+    ]
     data = str(ROOT / nano_egg.SAMPLE_DATA)
     r = nano_egg.main(["--preset", "h200", "--mode", mode, *tiny, "--data", data])
     assert r["epochs_done"] == 2 and r["args"]["pop_size"] == 8 and r["args"]["lr"] == args.lr
@@ -162,7 +219,9 @@ def test_nano_egg_preset(nano_egg, mode, tmp_path):
 
 def test_shipped_minipile_sample():
     corpus = _load("corpus", EXAMPLES / "nano_egg" / "corpus.py")
-    data = corpus.load_corpus(str(ROOT / "examples" / "nano_egg" / "data" / "minipile_valid_1000.npy"))
+    data = corpus.load_corpus(
+        str(ROOT / "examples" / "nano_egg" / "data" / "minipile_valid_1000.npy")
+    )
     assert data.dtype == np.uint8 and data.shape == (2_777_886,)
     assert data[0] == 0 and int((data == 0).sum()) == 500  # 500 documents, a 0 before each
     train, valid = corpus.split_documents(data, max_docs=1000)
@@ -212,15 +271,41 @@ def test_int_matmul_rejects_inexact_width():
 def test_cartpole_vectorized_learns(cartpole):
     # An untrained or random policy lasts about 10-40 steps (a uniformly random one averages
     # about 22); 150 is far outside that. Seed 0 reaches 500 within 4 steps here.
-    r = cartpole.main(["--mode", "vectorized", "--steps", "8", "--pop-size", "16", "--lr", "0.5",
-                       "--eval-episodes", "4", "--quiet"])
+    r = cartpole.main(
+        [
+            "--mode",
+            "vectorized",
+            "--steps",
+            "8",
+            "--pop-size",
+            "16",
+            "--lr",
+            "0.5",
+            "--eval-episodes",
+            "4",
+            "--quiet",
+        ]
+    )
     assert r["best_eval_return"] >= 150
 
 
 def test_cartpole_sequential_learns(cartpole):
     pytest.importorskip("gymnasium")
-    r = cartpole.main(["--mode", "sequential", "--steps", "8", "--pop-size", "16", "--lr", "0.5",
-                       "--eval-episodes", "4", "--quiet"])
+    r = cartpole.main(
+        [
+            "--mode",
+            "sequential",
+            "--steps",
+            "8",
+            "--pop-size",
+            "16",
+            "--lr",
+            "0.5",
+            "--eval-episodes",
+            "4",
+            "--quiet",
+        ]
+    )
     assert r["best_eval_return"] >= 150
 
 
@@ -274,16 +359,35 @@ def _main(module, argv):
 
 
 INTERRUPT_CASES = {
-    "nano_classifier": (["--steps", "50", "--pop-size", "8", "--n-per-class", "4"], "step", [0, 1, 2, 3]),
+    "nano_classifier": (
+        ["--steps", "50", "--pop-size", "8", "--n-per-class", "4"],
+        "step",
+        [0, 1, 2, 3],
+    ),
     "nano_egg": ([*TINY_LM, "--epochs", "50"], "epoch", [1, 2, 3]),
-    "cartpole": (["--mode", "vectorized", "--steps", "50", "--pop-size", "8", "--eval-episodes", "2", "--no-stop"],
-                 "step", [1, 2, 3]),
+    "cartpole": (
+        [
+            "--mode",
+            "vectorized",
+            "--steps",
+            "50",
+            "--pop-size",
+            "8",
+            "--eval-episodes",
+            "2",
+            "--no-stop",
+        ],
+        "step",
+        [1, 2, 3],
+    ),
 }
 
 
 @pytest.mark.parametrize("name", list(INTERRUPT_CASES))
 def test_interrupted_run_still_writes_plot_and_json(name, request, monkeypatch, tmp_path):
-    module = request.getfixturevalue({"nano_classifier": "classifier", "nano_egg": "nano_egg"}.get(name, name))
+    module = request.getfixturevalue(
+        {"nano_classifier": "classifier", "nano_egg": "nano_egg"}.get(name, name)
+    )
     argv, key, steps = INTERRUPT_CASES[name]
     _interrupt_after(module, monkeypatch, 3)
     png, js = tmp_path / "curve.png", tmp_path / "run.json"
@@ -299,8 +403,21 @@ def test_interrupted_run_still_writes_plot_and_json(name, request, monkeypatch, 
 def test_run_interrupted_before_its_first_step(nano_egg, cartpole, monkeypatch, tmp_path):
     for module, argv in ((nano_egg, TINY_LM), (cartpole, ["--steps", "5", "--pop-size", "8"])):
         _interrupt_after(module, monkeypatch, 0)
-        r = _main(module, [*argv, "--quiet", "--plot", str(tmp_path / "c.png"), "--json", str(tmp_path / "r.json")])
-        assert r["interrupted"] is True and r["history"]["step" if module is cartpole else "epoch"] == []
+        r = _main(
+            module,
+            [
+                *argv,
+                "--quiet",
+                "--plot",
+                str(tmp_path / "c.png"),
+                "--json",
+                str(tmp_path / "r.json"),
+            ],
+        )
+        assert (
+            r["interrupted"] is True
+            and r["history"]["step" if module is cartpole else "epoch"] == []
+        )
         assert json.loads((tmp_path / "r.json").read_text())["interrupted"] is True
         assert (tmp_path / "c.png").exists()
 
@@ -309,13 +426,28 @@ def test_ctrl_c_writes_results_and_exits_130(tmp_path):
     # The real thing: SIGINT to a running example, once its progress bar is up.
     js = tmp_path / "run.json"
     proc = subprocess.Popen(
-        [sys.executable, str(EXAMPLES / "nano_classifier.py"), "--steps", "1000000", "--json", str(js)],
-        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        [
+            sys.executable,
+            str(EXAMPLES / "nano_classifier.py"),
+            "--steps",
+            "1000000",
+            "--json",
+            str(js),
+        ],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
     )
     assert proc.stderr is not None
     seen = b""
     deadline = time.monotonic() + 120
-    while b"nano_classifier:" not in seen and time.monotonic() < deadline:  # the tqdm bar, on stderr
+    # The tqdm bar, on stderr, once a step has finished: the training loop, which turns Ctrl-C
+    # into an early stop, is running then (a signal while the bar is first drawn would land
+    # before it).
+    while (
+        not re.search(rb"nano_classifier:.*?\b[1-9]\d*/1000000", seen)
+        and time.monotonic() < deadline
+    ):
         chunk = proc.stderr.read1(4096)
         if not chunk:
             break

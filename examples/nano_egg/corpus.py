@@ -42,11 +42,15 @@ def load_corpus(path: str | None) -> np.ndarray:
         return stdlib_corpus()
     data = np.load(path)
     if data.dtype != np.uint8 or data.ndim != 1:
-        raise ValueError(f"Invalid data file: {path} (expected a 1-D uint8 array, got {data.dtype} {data.shape})")
+        raise ValueError(
+            f"Invalid data file: {path} (expected a 1-D uint8 array, got {data.dtype} {data.shape})"
+        )
     return data
 
 
-def split_documents(data: np.ndarray, max_docs: int = 0, valid_fraction: float = 0.1) -> tuple[np.ndarray, np.ndarray]:
+def split_documents(
+    data: np.ndarray, max_docs: int = 0, valid_fraction: float = 0.1
+) -> tuple[np.ndarray, np.ndarray]:
     """Keep the first ``max_docs`` documents (0: all) and split them into train and validation.
 
     Documents start at each 0 byte. The last ``valid_fraction`` of the kept documents (at least

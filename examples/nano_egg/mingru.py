@@ -119,7 +119,9 @@ def int_matmul(x: torch.Tensor, w_q: torch.Tensor) -> torch.Tensor:
     """
     k = x.shape[-1]
     if k > MAX_EXACT_K:
-        raise ValueError(f"Invalid inner dimension: {k} (float32 emulation is exact up to {MAX_EXACT_K})")
+        raise ValueError(
+            f"Invalid inner dimension: {k} (float32 emulation is exact up to {MAX_EXACT_K})"
+        )
     # TF32/bf16 matmul modes ("high"/"medium" precision) would round the products: use float64.
     dtype = torch.float32 if torch.get_float32_matmul_precision() == "highest" else torch.float64
     return (x.to(dtype) @ w_q.to(dtype).T).to(torch.int32)

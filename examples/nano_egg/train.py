@@ -78,18 +78,54 @@ SAMPLE_DATA = "examples/nano_egg/data/minipile_valid_1000.npy"
 # --time-limit: the number of epochs is only a ceiling.
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "h200": {
-        "float": dict(hidden_dim=256, n_layers=2, pop_size=2048, batch_size=16, chunk=16, seq_len=64,
-                      lr=0.3, sigma=0.01, valid_windows=256, epochs=100_000, data=SAMPLE_DATA, max_docs=1000,
-                      log_every=25, tf32=True),
-        "int": dict(hidden_dim=256, n_layers=2, pop_size=2048, batch_size=16, chunk=8, seq_len=64,
-                    lr=0.7, sigma=2.0, valid_windows=256, epochs=100_000, data=SAMPLE_DATA, max_docs=1000,
-                    log_every=25),
+        "float": dict(
+            hidden_dim=256,
+            n_layers=2,
+            pop_size=2048,
+            batch_size=16,
+            chunk=16,
+            seq_len=64,
+            lr=0.3,
+            sigma=0.01,
+            valid_windows=256,
+            epochs=100_000,
+            data=SAMPLE_DATA,
+            max_docs=1000,
+            log_every=25,
+            tf32=True,
+        ),
+        "int": dict(
+            hidden_dim=256,
+            n_layers=2,
+            pop_size=2048,
+            batch_size=16,
+            chunk=8,
+            seq_len=64,
+            lr=0.7,
+            sigma=2.0,
+            valid_windows=256,
+            epochs=100_000,
+            data=SAMPLE_DATA,
+            max_docs=1000,
+            log_every=25,
+        ),
     },
 }
 # The defaults of the flags a preset may set (argparse gets None, so that explicit flags win).
 DEFAULTS: dict[str, Any] = dict(
-    hidden_dim=32, n_layers=1, pop_size=128, batch_size=32, chunk=2, seq_len=64, valid_windows=64, epochs=60,
-    data=None, max_docs=0, log_every=1, tf32=False, sigma_scaling="none",
+    hidden_dim=32,
+    n_layers=1,
+    pop_size=128,
+    batch_size=32,
+    chunk=2,
+    seq_len=64,
+    valid_windows=64,
+    epochs=60,
+    data=None,
+    max_docs=0,
+    log_every=1,
+    tf32=False,
+    sigma_scaling="none",
 )
 
 
@@ -102,7 +138,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=None,
         help="flag values for one large GPU (per --mode, see PRESETS in this file); explicit flags override them",
     )
-    p.add_argument("--epochs", type=int, default=None, help="ES generations (one batch each); default 60")
+    p.add_argument(
+        "--epochs", type=int, default=None, help="ES generations (one batch each); default 60"
+    )
     p.add_argument("--hidden-dim", type=int, default=None, help="default 32")
     p.add_argument("--n-layers", type=int, default=None, help="default 1")
     p.add_argument("--pop-size", type=int, default=None, help="default 128")
@@ -117,9 +155,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--rank", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=None, help="default 64")
-    p.add_argument("--batch-size", type=int, default=None, help="windows per generation; default 32")
     p.add_argument(
-        "--chunk", type=int, default=None, help="windows evaluated at a time inside the forward (bounds memory); default 2"
+        "--batch-size", type=int, default=None, help="windows per generation; default 32"
+    )
+    p.add_argument(
+        "--chunk",
+        type=int,
+        default=None,
+        help="windows evaluated at a time inside the forward (bounds memory); default 2",
     )
     p.add_argument("--valid-windows", type=int, default=None, help="default 64")
     p.add_argument(
@@ -128,7 +171,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help=".npy of uint8 bytes, 0 before each document (default: the Python standard library "
         f"sources); a MiniPile sample ships as {SAMPLE_DATA}",
     )
-    p.add_argument("--max-docs", type=int, default=None, help="keep the first N documents (default 0: all)")
+    p.add_argument(
+        "--max-docs", type=int, default=None, help="keep the first N documents (default 0: all)"
+    )
     p.add_argument(
         "--time-limit",
         type=float,
@@ -136,7 +181,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="stop cleanly (summary, --plot, --json) before an epoch would end past this many seconds of the run; "
         "0 (default): no limit",
     )
-    p.add_argument("--log-every", type=int, default=None, help="print a progress line every N epochs (default 1)")
+    p.add_argument(
+        "--log-every",
+        type=int,
+        default=None,
+        help="print a progress line every N epochs (default 1)",
+    )
     p.add_argument(
         "--tf32",
         action=argparse.BooleanOptionalAction,
@@ -154,7 +204,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for key, value in {**DEFAULTS, **MODE_DEFAULTS[args.mode], **preset}.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    if args.data == SAMPLE_DATA and not Path(args.data).is_file():  # run from outside the repository root
+    if (
+        args.data == SAMPLE_DATA and not Path(args.data).is_file()
+    ):  # run from outside the repository root
         args.data = str(_HERE.parents[1] / SAMPLE_DATA)
     if args.data is not None and not Path(args.data).is_file():
         p.error(f"--data: no such file: {args.data} (the MiniPile sample: {SAMPLE_DATA})")
@@ -166,14 +218,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     require_positive(
         p,
         args,
-        ("epochs", "pop_size", "batch_size", "chunk", "seq_len", "valid_windows", "hidden_dim", "n_layers", "log_every"),
+        (
+            "epochs",
+            "pop_size",
+            "batch_size",
+            "chunk",
+            "seq_len",
+            "valid_windows",
+            "hidden_dim",
+            "n_layers",
+            "log_every",
+        ),
     )
     if args.time_limit < 0:
         p.error(f"--time-limit must be >= 0, got {args.time_limit}")
     return args
 
 
-def windows(data: np.ndarray, starts: np.ndarray, seq_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def windows(
+    data: np.ndarray, starts: np.ndarray, seq_len: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Inputs and next-byte targets, both ``(len(starts), seq_len)`` int64."""
     idx = starts[:, None] + np.arange(seq_len + 1)[None, :]
     w = torch.from_numpy(data[idx].astype(np.int64)).to(device)
@@ -198,12 +262,16 @@ class WindowLoss(nn.Module):
         parts = []
         for s in range(0, x.shape[0], self.chunk):
             logits = self.model(x[s : s + self.chunk])
-            nll = F.cross_entropy(logits.flatten(0, 1), y[s : s + self.chunk].flatten(), reduction="none")
+            nll = F.cross_entropy(
+                logits.flatten(0, 1), y[s : s + self.chunk].flatten(), reduction="none"
+            )
             parts.append(nll.view(logits.shape[0], -1).sum(-1))
         return torch.cat(parts)
 
 
-def population_bpb(population: Population, loss: WindowLoss, x: torch.Tensor, y: torch.Tensor, path: str) -> torch.Tensor:
+def population_bpb(
+    population: Population, loss: WindowLoss, x: torch.Tensor, y: torch.Tensor, path: str
+) -> torch.Tensor:
     """``(len(population),)`` mean bits per byte of every member on ``x -> y`` (``(batch, seq)``)."""
     return population.forward(loss, x, y, path=path).sum(-1) / (y.numel() * LN2)
 
@@ -213,12 +281,20 @@ def centre_bpb(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, chunk: 
     nll = 0.0
     for s in range(0, x.shape[0], chunk * 8):
         logits = model(x[s : s + chunk * 8])
-        nll += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y[s : s + chunk * 8].reshape(-1), reduction="sum"))
+        nll += float(
+            F.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]),
+                y[s : s + chunk * 8].reshape(-1),
+                reduction="sum",
+            )
+        )
     return nll / (y.numel() * LN2)
 
 
 def device_name(device: torch.device) -> str:
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.machine()} CPU"
+    return (
+        torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.machine()} CPU"
+    )
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -254,8 +330,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     data = load_corpus(args.data)
     train, valid = split_documents(data, args.max_docs)
     if min(train.size, valid.size) <= args.seq_len + 1:
-        raise ValueError(f"Invalid data: splits of {train.size} and {valid.size} bytes are shorter than --seq-len")
-    vx, vy = windows(valid, rng.integers(0, valid.size - args.seq_len - 1, args.valid_windows), args.seq_len, device)
+        raise ValueError(
+            f"Invalid data: splits of {train.size} and {valid.size} bytes are shorter than --seq-len"
+        )
+    vx, vy = windows(
+        valid,
+        rng.integers(0, valid.size - args.seq_len - 1, args.valid_windows),
+        args.seq_len,
+        device,
+    )
 
     model = build_model(args.mode, args.hidden_dim, args.n_layers).to(device)
     n_params = sum(p.numel() for p in model.parameters())
@@ -273,14 +356,22 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         )
 
     history: dict[str, list[float]] = {
-        "epoch": [], "train_bpb": [], "valid_bpb": [], "tokens_per_s": [], "seconds": []
+        "epoch": [],
+        "train_bpb": [],
+        "valid_bpb": [],
+        "tokens_per_s": [],
+        "seconds": [],
     }
     start = clock()
     interrupted = timed_out = False
     last = 0.0  # the last epoch's seconds (step + validation): the next one is expected to take as long
     # The bar is for a terminal; in a log (stderr not a terminal) the progress lines say it all.
-    bar = progress(range(1, args.epochs + 1), total=args.epochs, desc=f"nano_egg[{args.mode}]",
-                   quiet=args.quiet or not sys.stderr.isatty())
+    bar = progress(
+        range(1, args.epochs + 1),
+        total=args.epochs,
+        desc=f"nano_egg[{args.mode}]",
+        quiet=args.quiet or not sys.stderr.isatty(),
+    )
     try:
         for epoch in bar:
             t0 = clock()
@@ -290,7 +381,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             starts = rng.integers(0, train.size - args.seq_len - 1, args.batch_size)
             x, y = windows(train, starts, args.seq_len, device)
 
-            def closure(population: Population, x: torch.Tensor = x, y: torch.Tensor = y) -> torch.Tensor:
+            def closure(
+                population: Population, x: torch.Tensor = x, y: torch.Tensor = y
+            ) -> torch.Tensor:
                 return population_bpb(population, window_loss, x, y, path)
 
             train_bpb = float(opt.step(closure))
@@ -300,10 +393,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             valid_bpb = centre_bpb(model, vx, vy, args.chunk)
             now = clock()
             last = now - t0
-            for key, val in zip(history, (epoch, train_bpb, valid_bpb, tok_s, now - start), strict=True):
+            for key, val in zip(
+                history, (epoch, train_bpb, valid_bpb, tok_s, now - start), strict=True
+            ):
                 history[key].append(val)
             if not args.quiet:
-                bar.set_postfix(train=f"{train_bpb:.3f}", valid=f"{valid_bpb:.3f}", tok_s=f"{tok_s:,.0f}")
+                bar.set_postfix(
+                    train=f"{train_bpb:.3f}", valid=f"{valid_bpb:.3f}", tok_s=f"{tok_s:,.0f}"
+                )
                 if epoch % args.log_every == 0 or epoch in (1, args.epochs):
                     bar.write(
                         f"epoch {epoch:5d} | train {train_bpb:.3f} bpb | valid {valid_bpb:.3f} bpb | "
@@ -346,8 +443,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.plot:
         save_plot(
             args.plot,
-            {"train (population mean)": (history["epoch"], history["train_bpb"]),
-             "valid (centre)": (history["epoch"], history["valid_bpb"])},
+            {
+                "train (population mean)": (history["epoch"], history["train_bpb"]),
+                "valid (centre)": (history["epoch"], history["valid_bpb"]),
+            },
             title=f"nano_egg minGRU ({args.mode}), hidden {args.hidden_dim} x {args.n_layers}, pop {args.pop_size}, "
             f"lr {args.lr:g}, sigma {args.sigma:g} ({args.sigma_scaling})\n"
             f"examples/nano_egg/train.py on {device_name(device)}, torch {torch.__version__}",
