@@ -58,11 +58,17 @@ LM_SETTINGS = ((0.05, 0.02), (0.15, 0.02), (0.5, 0.02), (1.5, 0.02), (0.5, 0.002
 # (model, batch norm mode, sigma, lr)
 CALIBRATED = "eval, calibrated statistics"
 RESNET_CASES = (
-    ("resnet50", "eval", 0.01, 0.5), ("resnet50", "eval", 0.02, 0.5), ("resnet50", "eval", 0.02, 0.15),
-    ("resnet50", CALIBRATED, 0.01, 0.5), ("resnet50", CALIBRATED, 0.02, 0.5),
-    ("resnet50", CALIBRATED, 0.01, 0.15), ("resnet50", CALIBRATED, 0.01, 0.05),
-    ("resnet50", "train", 0.01, 0.5), ("resnet50", "train", 0.02, 0.5),
-    ("small", "eval", 0.01, 0.5), ("small", "eval", 0.02, 0.5),
+    ("resnet50", "eval", 0.01, 0.5),
+    ("resnet50", "eval", 0.02, 0.5),
+    ("resnet50", "eval", 0.02, 0.15),
+    ("resnet50", CALIBRATED, 0.01, 0.5),
+    ("resnet50", CALIBRATED, 0.02, 0.5),
+    ("resnet50", CALIBRATED, 0.01, 0.15),
+    ("resnet50", CALIBRATED, 0.01, 0.05),
+    ("resnet50", "train", 0.01, 0.5),
+    ("resnet50", "train", 0.02, 0.5),
+    ("small", "eval", 0.01, 0.5),
+    ("small", "eval", 0.02, 0.5),
 )
 
 
@@ -87,14 +93,33 @@ def flat(model: nn.Module) -> torch.Tensor:
 
 
 def train(
-    model: nn.Module, member_losses: Any, centre_loss: Any, score: Any, batches: Any, *,
-    lr: float, sigma: float, steps: int, pop: int, rank: int, seed: int,
+    model: nn.Module,
+    member_losses: Any,
+    centre_loss: Any,
+    score: Any,
+    batches: Any,
+    *,
+    lr: float,
+    sigma: float,
+    steps: int,
+    pop: int,
+    rank: int,
+    seed: int,
 ) -> dict[str, Any]:
     """ES steps; per step the centre's and the population's losses on the step's batch."""
-    opt = EggrollOptimizer(model.parameters(), lr=lr, sigma=sigma, rank=rank, pop_size=pop, seed=seed)
+    opt = EggrollOptimizer(
+        model.parameters(), lr=lr, sigma=sigma, rank=rank, pop_size=pop, seed=seed
+    )
     start = flat(model)
-    record: dict[str, Any] = {"lr": lr, "sigma": sigma, "score": [score(model)], "centre": [],
-                              "member_mean": [], "member_std": [], "relative_change": [0.0]}
+    record: dict[str, Any] = {
+        "lr": lr,
+        "sigma": sigma,
+        "score": [score(model)],
+        "centre": [],
+        "member_mean": [],
+        "member_std": [],
+        "relative_change": [0.0],
+    }
     t0 = time.perf_counter()
     for step in range(steps):
         batch = batches(step)
@@ -107,7 +132,11 @@ def train(
         with torch.no_grad():
             record["centre"].append(float(centre_loss(model, batch)))  # after the update
         record["member_mean"].append(float(loss))
-        record["member_std"].append(float(losses[torch.isfinite(losses)].std()) if torch.isfinite(losses).sum() > 1 else float("nan"))
+        record["member_std"].append(
+            float(losses[torch.isfinite(losses)].std())
+            if torch.isfinite(losses).sum() > 1
+            else float("nan")
+        )
         record["score"].append(score(model))
         record["relative_change"].append(float((flat(model) - start).norm() / start.norm()))
     record["seconds"] = time.perf_counter() - t0
@@ -115,14 +144,28 @@ def train(
 
 
 @torch.no_grad()
-def first_gap(model: nn.Module, member_losses: Any, centre_loss: Any, batch: Any, *,
-              sigma: float, pop: int, rank: int, seed: int) -> dict[str, float]:
+def first_gap(
+    model: nn.Module,
+    member_losses: Any,
+    centre_loss: Any,
+    batch: Any,
+    *,
+    sigma: float,
+    pop: int,
+    rank: int,
+    seed: int,
+) -> dict[str, float]:
     """``(mean member loss - centre loss) / std(member losses)`` before any update."""
     opt = EggrollOptimizer(model.parameters(), sigma=sigma, rank=rank, pop_size=pop, seed=seed)
     losses, _ = opt.evaluate(lambda population: member_losses(population, batch))
     centre = float(centre_loss(model, batch))
     mean, std = float(losses.mean()), float(losses.std())
-    return {"centre": centre, "mean": mean, "std": std, "gap_over_spread": (mean - centre) / max(std, 1e-12)}
+    return {
+        "centre": centre,
+        "mean": mean,
+        "std": std,
+        "gap_over_spread": (mean - centre) / max(std, 1e-12),
+    }
 
 
 # ---------------------------------------------------------------- part 1: GPT-2 and Llama
@@ -132,13 +175,31 @@ def lm_models() -> dict[str, Any]:
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
     return {
-        "gpt2": lambda: GPT2LMHeadModel(GPT2Config(
-            vocab_size=256, n_positions=128, n_embd=64, n_layer=2, n_head=2,
-            bos_token_id=0, eos_token_id=0)),
-        "llama": lambda: LlamaForCausalLM(LlamaConfig(
-            vocab_size=256, hidden_size=64, intermediate_size=172, num_hidden_layers=2,
-            num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128,
-            bos_token_id=0, eos_token_id=0, pad_token_id=0)),
+        "gpt2": lambda: GPT2LMHeadModel(
+            GPT2Config(
+                vocab_size=256,
+                n_positions=128,
+                n_embd=64,
+                n_layer=2,
+                n_head=2,
+                bos_token_id=0,
+                eos_token_id=0,
+            )
+        ),
+        "llama": lambda: LlamaForCausalLM(
+            LlamaConfig(
+                vocab_size=256,
+                hidden_size=64,
+                intermediate_size=172,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                num_key_value_heads=2,
+                max_position_embeddings=128,
+                bos_token_id=0,
+                eos_token_id=0,
+                pad_token_id=0,
+            )
+        ),
     }
 
 
@@ -158,7 +219,9 @@ def part_lm(args: argparse.Namespace) -> dict[str, Any]:
     def bits(logits: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """Per-member bits per byte; ``logits`` has a leading member dimension."""
         target = w[:, 1:].expand(logits.shape[0], -1, -1)
-        nll = F.cross_entropy(logits[..., :-1, :].flatten(0, -2).float(), target.flatten(), reduction="none")
+        nll = F.cross_entropy(
+            logits[..., :-1, :].flatten(0, -2).float(), target.flatten(), reduction="none"
+        )
         return nll.view(logits.shape[0], -1).mean(-1) / LN2
 
     out: dict[str, Any] = {}
@@ -168,7 +231,9 @@ def part_lm(args: argparse.Namespace) -> dict[str, Any]:
             torch.manual_seed(args.seed)
             model = build().eval()
 
-            def member_losses(population: Population, w: torch.Tensor, model: nn.Module = model) -> torch.Tensor:
+            def member_losses(
+                population: Population, w: torch.Tensor, model: nn.Module = model
+            ) -> torch.Tensor:
                 return bits(population.forward(model, input_ids=w).logits, w)
 
             def centre_loss(m: nn.Module, w: torch.Tensor) -> torch.Tensor:
@@ -179,15 +244,37 @@ def part_lm(args: argparse.Namespace) -> dict[str, Any]:
                     return float(centre_loss(m, valid))
 
             rms = matrix_rms(model)
-            gap = first_gap(model, member_losses, centre_loss, batches(0), sigma=sigma, pop=args.pop,
-                            rank=args.rank, seed=args.seed)
-            r = train(model, member_losses, centre_loss, score, batches, lr=lr, sigma=sigma,
-                      steps=args.lm_steps, pop=args.pop, rank=args.rank, seed=args.seed)
+            gap = first_gap(
+                model,
+                member_losses,
+                centre_loss,
+                batches(0),
+                sigma=sigma,
+                pop=args.pop,
+                rank=args.rank,
+                seed=args.seed,
+            )
+            r = train(
+                model,
+                member_losses,
+                centre_loss,
+                score,
+                batches,
+                lr=lr,
+                sigma=sigma,
+                steps=args.lm_steps,
+                pop=args.pop,
+                rank=args.rank,
+                seed=args.seed,
+            )
             r.update(gap=gap, rms_median=float(np.median(rms)), rms_min=float(min(rms)))
             runs.append(r)
-            print(f"{name:6s} lr={lr:<5} sigma={sigma:<6} valid {r['score'][0]:.3f} -> {r['score'][-1]:.3f} "
-                  f"bits/byte, moved {r['relative_change'][-1]:.3f}, gap/spread {gap['gap_over_spread']:.2f} "
-                  f"({r['seconds']:.0f}s)", flush=True)
+            print(
+                f"{name:6s} lr={lr:<5} sigma={sigma:<6} valid {r['score'][0]:.3f} -> {r['score'][-1]:.3f} "
+                f"bits/byte, moved {r['relative_change'][-1]:.3f}, gap/spread {gap['gap_over_spread']:.2f} "
+                f"({r['seconds']:.0f}s)",
+                flush=True,
+            )
         out[name] = runs
     return out
 
@@ -214,8 +301,13 @@ def resnet(size: str) -> nn.Module:
     if size == "resnet50":
         config = ResNetConfig(num_labels=10)
     else:
-        config = ResNetConfig(num_labels=10, embedding_size=16, hidden_sizes=[16, 32, 64],
-                              depths=[1, 1, 1], layer_type="basic")
+        config = ResNetConfig(
+            num_labels=10,
+            embedding_size=16,
+            hidden_sizes=[16, 32, 64],
+            depths=[1, 1, 1],
+            layer_type="basic",
+        )
     return ResNetForImageClassification(config)
 
 
@@ -224,8 +316,11 @@ def part_resnet(args: argparse.Namespace) -> dict[str, Any]:
 
     def member_losses(population: Population, batch: Any, model: nn.Module) -> torch.Tensor:
         logits = population.forward(model, pixel_values=x).logits
-        return F.cross_entropy(logits.flatten(0, 1), y.repeat(logits.shape[0]), reduction="none").view(
-            logits.shape[0], -1).mean(-1)
+        return (
+            F.cross_entropy(logits.flatten(0, 1), y.repeat(logits.shape[0]), reduction="none")
+            .view(logits.shape[0], -1)
+            .mean(-1)
+        )
 
     def centre_loss(m: nn.Module, batch: Any) -> torch.Tensor:
         return F.cross_entropy(m(pixel_values=x).logits, y)
@@ -237,7 +332,9 @@ def part_resnet(args: argparse.Namespace) -> dict[str, Any]:
     @torch.no_grad()
     def output_change(model: nn.Module, sigma: float) -> float:
         """Mean over members of |logits_i - logits_centre| / |logits_centre| before training."""
-        opt = EggrollOptimizer(model.parameters(), sigma=sigma, rank=args.rank, pop_size=args.pop, seed=args.seed)
+        opt = EggrollOptimizer(
+            model.parameters(), sigma=sigma, rank=args.rank, pop_size=args.pop, seed=args.seed
+        )
         seen: list[torch.Tensor] = []
 
         def closure(population: Population) -> torch.Tensor:
@@ -269,18 +366,48 @@ def part_resnet(args: argparse.Namespace) -> dict[str, Any]:
             return member_losses(population, batch, model)
 
         rms = matrix_rms(model)
-        gap = first_gap(model, losses, centre_loss, None, sigma=sigma, pop=args.pop, rank=args.rank, seed=args.seed)
+        gap = first_gap(
+            model,
+            losses,
+            centre_loss,
+            None,
+            sigma=sigma,
+            pop=args.pop,
+            rank=args.rank,
+            seed=args.seed,
+        )
         change = output_change(model, sigma)
-        r = train(model, losses, centre_loss, score, lambda step: None, lr=lr, sigma=sigma,
-                  steps=args.resnet_steps, pop=args.pop, rank=args.rank, seed=args.seed)
-        r.update(size=size, mode=mode, gap=gap, logit_std=logit_std, rms_median=float(np.median(rms)),
-                 rms_min=float(min(rms)), params=sum(p.numel() for p in model.parameters()),
-                 output_change=change)
+        r = train(
+            model,
+            losses,
+            centre_loss,
+            score,
+            lambda step: None,
+            lr=lr,
+            sigma=sigma,
+            steps=args.resnet_steps,
+            pop=args.pop,
+            rank=args.rank,
+            seed=args.seed,
+        )
+        r.update(
+            size=size,
+            mode=mode,
+            gap=gap,
+            logit_std=logit_std,
+            rms_median=float(np.median(rms)),
+            rms_min=float(min(rms)),
+            params=sum(p.numel() for p in model.parameters()),
+            output_change=change,
+        )
         out.setdefault(size, []).append(r)
-        print(f"{size:8s} {mode:28s} sigma={sigma:<5} lr={lr:<5} loss {r['score'][0]:.3f} -> max "
-              f"{max(r['score']):.3g} -> {r['score'][-1]:.3g}, gap/spread {gap['gap_over_spread']:.2f}, "
-              f"logits moved {change:.3f}, "
-              f"sigma/median RMS {sigma / np.median(rms):.2f} ({r['seconds']:.0f}s)", flush=True)
+        print(
+            f"{size:8s} {mode:28s} sigma={sigma:<5} lr={lr:<5} loss {r['score'][0]:.3f} -> max "
+            f"{max(r['score']):.3g} -> {r['score'][-1]:.3g}, gap/spread {gap['gap_over_spread']:.2f}, "
+            f"logits moved {change:.3f}, "
+            f"sigma/median RMS {sigma / np.median(rms):.2f} ({r['seconds']:.0f}s)",
+            flush=True,
+        )
     return out
 
 
@@ -289,33 +416,48 @@ def part_resnet(args: argparse.Namespace) -> dict[str, Any]:
 
 def tables(result: dict[str, Any]) -> str:
     meta = result["meta"]
-    lines = [f"benchmarks/hf_tuning.py, {meta['machine']}, torch {meta['torch']}, transformers "
-             f"{meta['transformers']}, {meta['threads']} thread(s), population {meta['pop']}, rank {meta['rank']}", ""]
+    lines = [
+        f"benchmarks/hf_tuning.py, {meta['machine']}, torch {meta['torch']}, transformers "
+        f"{meta['transformers']}, {meta['threads']} thread(s), population {meta['pop']}, rank {meta['rank']}",
+        "",
+    ]
     for name, runs in result.get("lm", {}).items():
-        lines.append(f"### {name}: validation bits/byte, {len(runs[0]['score']) - 1} steps "
-                     f"(matrix RMS at init: median {runs[0]['rms_median']:.3f})")
+        lines.append(
+            f"### {name}: validation bits/byte, {len(runs[0]['score']) - 1} steps "
+            f"(matrix RMS at init: median {runs[0]['rms_median']:.3f})"
+        )
         lines.append("")
-        lines.append("| lr | sigma | lr x sigma | gap/spread at init | before | after | change | parameters moved (relative) |")
+        lines.append(
+            "| lr | sigma | lr x sigma | gap/spread at init | before | after | change | parameters moved (relative) |"
+        )
         lines.append("|---|---|---|---|---|---|---|---|")
         for r in runs:
-            lines.append(f"| {r['lr']:g} | {r['sigma']:g} | {r['lr'] * r['sigma']:.3g} | {r['gap']['gap_over_spread']:.2f} | "
-                         f"{r['score'][0]:.3f} | {r['score'][-1]:.3f} | {r['score'][-1] - r['score'][0]:+.3f} | "
-                         f"{r['relative_change'][-1]:.3f} |")
+            lines.append(
+                f"| {r['lr']:g} | {r['sigma']:g} | {r['lr'] * r['sigma']:.3g} | {r['gap']['gap_over_spread']:.2f} | "
+                f"{r['score'][0]:.3f} | {r['score'][-1]:.3f} | {r['score'][-1] - r['score'][0]:+.3f} | "
+                f"{r['relative_change'][-1]:.3f} |"
+            )
         lines.append("")
     for size, runs in result.get("resnet", {}).items():
         r0 = runs[0]
-        lines.append(f"### {size} ({r0['params']:,} parameters): training loss (nats, 10 classes: 2.303 is chance), "
-                     f"{len(r0['score']) - 1} steps (matrix RMS at init: median {r0['rms_median']:.3f}, "
-                     f"smallest {r0['rms_min']:.3f})")
+        lines.append(
+            f"### {size} ({r0['params']:,} parameters): training loss (nats, 10 classes: 2.303 is chance), "
+            f"{len(r0['score']) - 1} steps (matrix RMS at init: median {r0['rms_median']:.3f}, "
+            f"smallest {r0['rms_min']:.3f})"
+        )
         lines.append("")
-        lines.append("| batch norm | sigma | lr | lr x sigma | sigma / median RMS | members' logits moved (relative) | "
-                     "gap/spread at init | loss at init | worst | final |")
+        lines.append(
+            "| batch norm | sigma | lr | lr x sigma | sigma / median RMS | members' logits moved (relative) | "
+            "gap/spread at init | loss at init | worst | final |"
+        )
         lines.append("|---|---|---|---|---|---|---|---|---|---|")
         for r in runs:
             worst = max(v if math.isfinite(v) else float("inf") for v in r["score"])
-            lines.append(f"| {r['mode']} | {r['sigma']:g} | {r['lr']:g} | {r['lr'] * r['sigma']:.3g} | "
-                         f"{r['sigma'] / r['rms_median']:.2f} | {r['output_change']:.3f} | "
-                         f"{r['gap']['gap_over_spread']:.2f} | {r['score'][0]:.3f} | {worst:.3g} | {r['score'][-1]:.3g} |")
+            lines.append(
+                f"| {r['mode']} | {r['sigma']:g} | {r['lr']:g} | {r['lr'] * r['sigma']:.3g} | "
+                f"{r['sigma'] / r['rms_median']:.2f} | {r['output_change']:.3f} | "
+                f"{r['gap']['gap_over_spread']:.2f} | {r['score'][0]:.3f} | {worst:.3g} | {r['score'][-1]:.3g} |"
+            )
         lines.append("")
     return "\n".join(lines)
 
@@ -326,17 +468,21 @@ def plot(result: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [("lm", k) for k in result.get("lm", {})] + [("resnet", k) for k in result.get("resnet", {})]
+    panels = [("lm", k) for k in result.get("lm", {})] + [
+        ("resnet", k) for k in result.get("resnet", {})
+    ]
     cols = 2
     rows = (len(panels) + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(7.2 * cols, 4.6 * rows), dpi=110, squeeze=False)
-    for ax in axes.flat[len(panels):]:
+    for ax in axes.flat[len(panels) :]:
         ax.set_visible(False)
     for ax, (part, name) in zip(axes.flat, panels, strict=False):
         for r in result[part][name]:
             steps = range(len(r["score"]))
             if part == "lm":
-                label = f"lr {r['lr']:g}, sigma {r['sigma']:g} (lr*sigma {r['lr'] * r['sigma']:.3g})"
+                label = (
+                    f"lr {r['lr']:g}, sigma {r['sigma']:g} (lr*sigma {r['lr'] * r['sigma']:.3g})"
+                )
             else:
                 label = f"{r['mode']}, sigma {r['sigma']:g}, lr {r['lr']:g}"
             ys = [v if math.isfinite(v) else np.nan for v in r["score"]]
@@ -354,8 +500,11 @@ def plot(result: dict[str, Any], path: Path) -> None:
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=7)
     meta = result["meta"]
-    fig.suptitle(f"benchmarks/hf_tuning.py: {meta['machine']}, torch {meta['torch']}, transformers "
-                 f"{meta['transformers']}, population {meta['pop']}, rank {meta['rank']}", fontsize=9)
+    fig.suptitle(
+        f"benchmarks/hf_tuning.py: {meta['machine']}, torch {meta['torch']}, transformers "
+        f"{meta['transformers']}, population {meta['pop']}, rank {meta['rank']}",
+        fontsize=9,
+    )
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
@@ -363,7 +512,9 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--parts", default="lm,resnet")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--pop", type=int, default=32)
@@ -393,12 +544,21 @@ def main(argv: list[str] | None = None) -> None:
         args.lm_settings = LM_SETTINGS[:2]
         args.resnet_cases = [c for c in RESNET_CASES if c[0] == "small"]
     parts = [s for s in args.parts.split(",") if s]
-    result: dict[str, Any] = {"meta": {
-        "script": "benchmarks/hf_tuning.py", "argv": sys.argv[1:] if argv is None else argv,
-        "torch": torch.__version__, "transformers": transformers.__version__,
-        "python": platform.python_version(), "machine": machine(), "threads": torch.get_num_threads(),
-        "date": datetime.date.today().isoformat(), "pop": args.pop, "rank": args.rank, "seed": args.seed,
-    }}
+    result: dict[str, Any] = {
+        "meta": {
+            "script": "benchmarks/hf_tuning.py",
+            "argv": sys.argv[1:] if argv is None else argv,
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "python": platform.python_version(),
+            "machine": machine(),
+            "threads": torch.get_num_threads(),
+            "date": datetime.date.today().isoformat(),
+            "pop": args.pop,
+            "rank": args.rank,
+            "seed": args.seed,
+        }
+    }
     start = time.perf_counter()
     if "lm" in parts:
         result["lm"] = part_lm(args)
@@ -409,7 +569,9 @@ def main(argv: list[str] | None = None) -> None:
     (out_dir / "tuning_hf.json").write_text(json.dumps(result, indent=1))
     print(tables(result))
     plot(result, out_dir / "tuning_hf.png")
-    print(f"wrote {out_dir / 'tuning_hf.json'} and {out_dir / 'tuning_hf.png'} in {result['meta']['seconds']:.0f} s")
+    print(
+        f"wrote {out_dir / 'tuning_hf.json'} and {out_dir / 'tuning_hf.png'} in {result['meta']['seconds']:.0f} s"
+    )
 
 
 if __name__ == "__main__":

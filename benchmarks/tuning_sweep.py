@@ -68,8 +68,13 @@ RANKS = (1, 2, 4, 8)
 POPS = (16, 32, 64, 128, 256)
 SHAPINGS = ("zscore", "centered_rank", "centered", "raw")
 # (shaping, lr factor): centred ranks in [-0.5, 0.5] have a spread of ~1/sqrt(12), z-scores 1.
-SHAPING_RUNS = (("zscore", 1.0), ("centered_rank", 1.0), ("centered_rank", math.sqrt(12.0)),
-                ("centered", 1.0), ("raw", 1.0))
+SHAPING_RUNS = (
+    ("zscore", 1.0),
+    ("centered_rank", 1.0),
+    ("centered_rank", math.sqrt(12.0)),
+    ("centered", 1.0),
+    ("raw", 1.0),
+)
 PARTS = ("gap", "grid", "rank_pop", "shaping")
 DATA = ROOT / "examples" / "nano_egg" / "data" / "minipile_valid_1000.npy"
 LN2 = math.log(2.0)
@@ -132,12 +137,16 @@ class ClassifierTask(Task):
 class TinyLM(nn.Module):
     """Byte embedding + learned positions, pre-norm causal Transformer layers, a linear head."""
 
-    def __init__(self, width: int = 32, heads: int = 2, ff: int = 64, layers: int = 1, context: int = 32) -> None:
+    def __init__(
+        self, width: int = 32, heads: int = 2, ff: int = 64, layers: int = 1, context: int = 32
+    ) -> None:
         super().__init__()
         self.embed = nn.Embedding(256, width)
         self.pos = nn.Parameter(0.02 * torch.randn(context, width))
         self.blocks = nn.ModuleList(
-            nn.TransformerEncoderLayer(width, heads, ff, dropout=0.0, batch_first=True, norm_first=True)
+            nn.TransformerEncoderLayer(
+                width, heads, ff, dropout=0.0, batch_first=True, norm_first=True
+            )
             for _ in range(layers)
         )
         self.norm = nn.LayerNorm(width)
@@ -163,7 +172,9 @@ class TransformerTask(Task):
         self.train = torch.from_numpy(train.astype(np.int64))
         rng = np.random.default_rng(12345)
         starts = rng.integers(0, len(valid) - self.context - 1, 64)
-        self.valid = torch.tensor(np.stack([valid[s : s + self.context + 1] for s in starts]).astype(np.int64))
+        self.valid = torch.tensor(
+            np.stack([valid[s : s + self.context + 1] for s in starts]).astype(np.int64)
+        )
 
     def build(self, seed: int) -> nn.Module:
         torch.manual_seed(seed)
@@ -171,7 +182,9 @@ class TransformerTask(Task):
 
     def batch(self, step: int, seed: int) -> tuple[torch.Tensor, ...]:
         g = torch.Generator().manual_seed(1_000_003 * seed + step)
-        starts = torch.randint(0, len(self.train) - self.context - 1, (self.batch_windows,), generator=g)
+        starts = torch.randint(
+            0, len(self.train) - self.context - 1, (self.batch_windows,), generator=g
+        )
         return (self.train[starts[:, None] + torch.arange(self.context + 1)],)
 
     def inputs(self, batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
@@ -190,18 +203,31 @@ class TransformerTask(Task):
 
 def matrix_rms(model: nn.Module) -> dict[str, float]:
     """The root-mean-square entry of every parameter with two or more dimensions, at init."""
-    return {n: float(p.detach().pow(2).mean().sqrt()) for n, p in model.named_parameters() if p.dim() >= 2}
+    return {
+        n: float(p.detach().pow(2).mean().sqrt())
+        for n, p in model.named_parameters()
+        if p.dim() >= 2
+    }
 
 
 def run_one(
-    task: Task, *, sigma: float, lr: float, rank: int, pop: int, steps: int, seed: int,
-    shaping: str = "zscore", curve_points: int = 8,
+    task: Task,
+    *,
+    sigma: float,
+    lr: float,
+    rank: int,
+    pop: int,
+    steps: int,
+    seed: int,
+    shaping: str = "zscore",
+    curve_points: int = 8,
 ) -> dict[str, Any]:
     """Train from the seed's initialization for ``steps`` steps; the centre's score along the way."""
     model = task.build(seed)
     start = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
-    opt = EggrollOptimizer(model.parameters(), lr=lr, sigma=sigma, rank=rank, pop_size=pop,
-                           shaping=shaping, seed=seed)
+    opt = EggrollOptimizer(
+        model.parameters(), lr=lr, sigma=sigma, rank=rank, pop_size=pop, shaping=shaping, seed=seed
+    )
     first = task.score(model)
     every = max(1, steps // curve_points)
     curve = [(0, first["loss"])]
@@ -209,7 +235,9 @@ def run_one(
     for step in range(steps):
         batch = task.batch(step, seed)
 
-        def closure(population: Population, batch: tuple[torch.Tensor, ...] = batch) -> torch.Tensor:
+        def closure(
+            population: Population, batch: tuple[torch.Tensor, ...] = batch
+        ) -> torch.Tensor:
             return task.losses(population.forward(model, *task.inputs(batch)), batch)
 
         opt.step(closure)
@@ -220,11 +248,20 @@ def run_one(
     end = torch.cat([p.detach().flatten() for p in model.parameters()])
     loss = final["loss"] if math.isfinite(final["loss"]) else float("inf")
     return {
-        "task": task.name, "sigma": sigma, "lr": lr, "rank": rank, "pop": pop, "steps": steps,
-        "seed": seed, "shaping": shaping, "initial": first["loss"], "final": loss,
+        "task": task.name,
+        "sigma": sigma,
+        "lr": lr,
+        "rank": rank,
+        "pop": pop,
+        "steps": steps,
+        "seed": seed,
+        "shaping": shaping,
+        "initial": first["loss"],
+        "final": loss,
         "extra": {k: v for k, v in final.items() if k != "loss"},
         "relative_change": float((end - start).norm() / start.norm()),
-        "curve": curve, "seconds": seconds,
+        "curve": curve,
+        "seconds": seconds,
     }
 
 
@@ -234,11 +271,19 @@ def gap_over_spread(task: Task, sigma: float, rank: int, pop: int, seed: int) ->
     model = task.build(seed)
     opt = EggrollOptimizer(model.parameters(), sigma=sigma, rank=rank, pop_size=pop, seed=seed)
     batch = task.batch(0, seed)
-    losses, _ = opt.evaluate(lambda population: task.losses(population.forward(model, *task.inputs(batch)), batch))
+    losses, _ = opt.evaluate(
+        lambda population: task.losses(population.forward(model, *task.inputs(batch)), batch)
+    )
     centre = float(task.losses(model(*task.inputs(batch)).unsqueeze(0), batch)[0])
     spread = float(losses.std())
-    return {"sigma": sigma, "seed": seed, "centre": centre, "mean": float(losses.mean()),
-            "spread": spread, "gap_over_spread": (float(losses.mean()) - centre) / max(spread, 1e-12)}
+    return {
+        "sigma": sigma,
+        "seed": seed,
+        "centre": centre,
+        "mean": float(losses.mean()),
+        "spread": spread,
+        "gap_over_spread": (float(losses.mean()) - centre) / max(spread, 1e-12),
+    }
 
 
 def mean_final(runs: list[dict[str, Any]], **match: Any) -> float:
@@ -267,10 +312,18 @@ def sweep(args: argparse.Namespace) -> dict[str, Any]:
     reused = json.loads(Path(args.reuse).read_text()) if args.reuse else None
     out: dict[str, Any] = {
         "meta": {
-            "script": "benchmarks/tuning_sweep.py", "argv": sys.argv[1:], "torch": torch.__version__,
-            "python": platform.python_version(), "machine": machine(), "threads": torch.get_num_threads(),
-            "date": datetime.date.today().isoformat(), "budget": args.budget, "grid_pop": args.grid_pop,
-            "grid_rank": args.grid_rank, "seeds": args.seeds, "parts": args.parts,
+            "script": "benchmarks/tuning_sweep.py",
+            "argv": sys.argv[1:],
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "machine": machine(),
+            "threads": torch.get_num_threads(),
+            "date": datetime.date.today().isoformat(),
+            "budget": args.budget,
+            "grid_pop": args.grid_pop,
+            "grid_rank": args.grid_rank,
+            "seeds": args.seeds,
+            "parts": args.parts,
         },
         "tasks": {},
     }
@@ -278,25 +331,44 @@ def sweep(args: argparse.Namespace) -> dict[str, Any]:
         out["meta"]["reused"] = {"from": args.reuse, "meta": reused["meta"]}
     for name in args.tasks:
         task = tasks[name]
-        res: dict[str, Any] = {"unit": task.unit, "rms": matrix_rms(task.build(0)),
-                               "grid": [], "rank_pop": [], "shaping": [], "gap": []}
+        res: dict[str, Any] = {
+            "unit": task.unit,
+            "rms": matrix_rms(task.build(0)),
+            "grid": [],
+            "rank_pop": [],
+            "shaping": [],
+            "gap": [],
+        }
         if reused is not None:
             res.update({k: v for k, v in reused["tasks"][name].items() if k in (*PARTS, "best")})
         out["tasks"][name] = res
         steps = args.budget // args.grid_pop
         if "gap" in args.parts:
-            res["gap"] = [gap_over_spread(task, sigma, args.grid_rank, args.grid_pop, seed)
-                          for sigma in args.sigmas for seed in args.seeds]
+            res["gap"] = [
+                gap_over_spread(task, sigma, args.grid_rank, args.grid_pop, seed)
+                for sigma in args.sigmas
+                for seed in args.seeds
+            ]
         if "grid" in args.parts:
             res["grid"] = []
             for sigma in args.sigmas:
                 for lr in args.lrs:
                     for seed in args.seeds:
-                        r = run_one(task, sigma=sigma, lr=lr, rank=args.grid_rank, pop=args.grid_pop,
-                                    steps=steps, seed=seed)
+                        r = run_one(
+                            task,
+                            sigma=sigma,
+                            lr=lr,
+                            rank=args.grid_rank,
+                            pop=args.grid_pop,
+                            steps=steps,
+                            seed=seed,
+                        )
                         res["grid"].append(r)
-                        print(f"{name:12s} sigma={sigma:<6} lr={lr:<5} seed={seed} -> {r['final']:.4f} "
-                              f"({r['seconds']:.1f}s)", flush=True)
+                        print(
+                            f"{name:12s} sigma={sigma:<6} lr={lr:<5} seed={seed} -> {r['final']:.4f} "
+                            f"({r['seconds']:.1f}s)",
+                            flush=True,
+                        )
             sigmas = sorted({r["sigma"] for r in res["grid"]})
             lrs = sorted({r["lr"] for r in res["grid"]})
             cells = [(mean_final(res["grid"], sigma=s, lr=lr), s, lr) for s in sigmas for lr in lrs]
@@ -305,19 +377,37 @@ def sweep(args: argparse.Namespace) -> dict[str, Any]:
         best_sigma, best_lr = res["best"]["sigma"], res["best"]["lr"]
         if "rank_pop" in args.parts:
             res["rank_pop"] = []
-        for rank in (args.ranks if "rank_pop" in args.parts else ()):
+        for rank in args.ranks if "rank_pop" in args.parts else ():
             for pop in args.pops:
                 for seed in args.seeds:
-                    r = run_one(task, sigma=best_sigma, lr=best_lr, rank=rank, pop=pop,
-                                steps=max(1, args.budget // pop), seed=seed)
+                    r = run_one(
+                        task,
+                        sigma=best_sigma,
+                        lr=best_lr,
+                        rank=rank,
+                        pop=pop,
+                        steps=max(1, args.budget // pop),
+                        seed=seed,
+                    )
                     res["rank_pop"].append(r)
-                    print(f"{name:12s} rank={rank} pop={pop:<4} -> {r['final']:.4f} ({r['seconds']:.1f}s)", flush=True)
+                    print(
+                        f"{name:12s} rank={rank} pop={pop:<4} -> {r['final']:.4f} ({r['seconds']:.1f}s)",
+                        flush=True,
+                    )
         if "shaping" in args.parts:
             res["shaping"] = []
-        for shaping, factor in (SHAPING_RUNS if "shaping" in args.parts else ()):
+        for shaping, factor in SHAPING_RUNS if "shaping" in args.parts else ():
             for seed in args.seeds:
-                r = run_one(task, sigma=best_sigma, lr=best_lr * factor, rank=args.grid_rank,
-                            pop=args.grid_pop, steps=steps, seed=seed, shaping=shaping)
+                r = run_one(
+                    task,
+                    sigma=best_sigma,
+                    lr=best_lr * factor,
+                    rank=args.grid_rank,
+                    pop=args.grid_pop,
+                    steps=steps,
+                    seed=seed,
+                    shaping=shaping,
+                )
                 r["label"] = shaping_label(shaping, factor)
                 res["shaping"].append(r)
                 print(f"{name:12s} shaping={r['label']:<24} -> {r['final']:.4f}", flush=True)
@@ -331,16 +421,21 @@ def fmt(v: float) -> str:
 def tables(result: dict[str, Any]) -> str:
     """Markdown tables of the sweeps (means over seeds)."""
     meta = result["meta"]
-    lines = [f"benchmarks/tuning_sweep.py, {meta['machine']}, torch {meta['torch']}, "
-             f"{meta['threads']} thread(s), seeds {meta['seeds']}, budget {meta['budget']} member evaluations", ""]
+    lines = [
+        f"benchmarks/tuning_sweep.py, {meta['machine']}, torch {meta['torch']}, "
+        f"{meta['threads']} thread(s), seeds {meta['seeds']}, budget {meta['budget']} member evaluations",
+        "",
+    ]
     for name, res in result["tasks"].items():
         grid = res["grid"]
         sigmas = sorted({r["sigma"] for r in grid})
         lrs = sorted({r["lr"] for r in grid})
         init = float(np.mean([r["initial"] for r in grid]))
         steps = grid[0]["steps"]
-        lines.append(f"### {name}: {res['unit']} after {steps} steps of population {grid[0]['pop']} "
-                     f"(rank {grid[0]['rank']}; at init {init:.3f})")
+        lines.append(
+            f"### {name}: {res['unit']} after {steps} steps of population {grid[0]['pop']} "
+            f"(rank {grid[0]['rank']}; at init {init:.3f})"
+        )
         lines.append("")
         lines.append("| sigma \\ lr | " + " | ".join(f"{lr:g}" for lr in lrs) + " |")
         lines.append("|---" * (len(lrs) + 1) + "|")
@@ -353,30 +448,49 @@ def tables(result: dict[str, Any]) -> str:
         lines.append("| sigma \\ lr | " + " | ".join(f"{lr:g}" for lr in lrs) + " |")
         lines.append("|---" * (len(lrs) + 1) + "|")
         for s in sigmas:
-            moved = [np.mean([r["relative_change"] for r in grid if r["sigma"] == s and r["lr"] == lr]) for lr in lrs]
+            moved = [
+                np.mean([r["relative_change"] for r in grid if r["sigma"] == s and r["lr"] == lr])
+                for lr in lrs
+            ]
             lines.append(f"| {s:g} | " + " | ".join(f"{v:.3f}" for v in moved) + " |")
         best = res["best"]
         lines.append("")
-        lines.append(f"best: sigma {best['sigma']:g}, lr {best['lr']:g} (lr*sigma {best['sigma'] * best['lr']:.3g}): "
-                     f"{best['final']:.3f}")
+        lines.append(
+            f"best: sigma {best['sigma']:g}, lr {best['lr']:g} (lr*sigma {best['sigma'] * best['lr']:.3g}): "
+            f"{best['final']:.3f}"
+        )
         lines.append("")
         rp = res["rank_pop"]
         if rp:
             ranks = sorted({r["rank"] for r in rp})
             pops = sorted({r["pop"] for r in rp})
-            lines.append(f"rank x population at sigma {best['sigma']:g}, lr {best['lr']:g}, "
-                         f"{meta['budget']} evaluations (steps = {meta['budget']} / population):")
+            lines.append(
+                f"rank x population at sigma {best['sigma']:g}, lr {best['lr']:g}, "
+                f"{meta['budget']} evaluations (steps = {meta['budget']} / population):"
+            )
             lines.append("")
-            lines.append("| rank \\ population | " + " | ".join(f"{p} ({meta['budget'] // p} steps)" for p in pops) + " |")
+            lines.append(
+                "| rank \\ population | "
+                + " | ".join(f"{p} ({meta['budget'] // p} steps)" for p in pops)
+                + " |"
+            )
             lines.append("|---" * (len(pops) + 1) + "|")
             for rank in ranks:
-                lines.append(f"| {rank} | " + " | ".join(fmt(mean_final(rp, rank=rank, pop=p)) for p in pops) + " |")
+                lines.append(
+                    f"| {rank} | "
+                    + " | ".join(fmt(mean_final(rp, rank=rank, pop=p)) for p in pops)
+                    + " |"
+                )
             lines.append("")
         if res["shaping"]:
             labels = list(dict.fromkeys(r.get("label", r["shaping"]) for r in res["shaping"]))
-            finals = [np.mean([r["final"] for r in res["shaping"] if r.get("label", r["shaping"]) == lab])
-                      for lab in labels]
-            lines.append(f"shaping at sigma {best['sigma']:g}, lr {best['lr']:g} (population {meta['grid_pop']}):")
+            finals = [
+                np.mean([r["final"] for r in res["shaping"] if r.get("label", r["shaping"]) == lab])
+                for lab in labels
+            ]
+            lines.append(
+                f"shaping at sigma {best['sigma']:g}, lr {best['lr']:g} (population {meta['grid_pop']}):"
+            )
             lines.append("")
             lines.append("| shaping | " + " | ".join(labels) + " |")
             lines.append("|---" * (len(labels) + 1) + "|")
@@ -385,7 +499,10 @@ def tables(result: dict[str, Any]) -> str:
         if res["gap"]:
             lines.append("| sigma | " + " | ".join(f"{s:g}" for s in sigmas) + " |")
             lines.append("|---" * (len(sigmas) + 1) + "|")
-            ratio = [np.mean([g["gap_over_spread"] for g in res["gap"] if g["sigma"] == s]) for s in sigmas]
+            ratio = [
+                np.mean([g["gap_over_spread"] for g in res["gap"] if g["sigma"] == s])
+                for s in sigmas
+            ]
             lines.append("| gap/spread at init | " + " | ".join(f"{v:.2f}" for v in ratio) + " |")
             lines.append("")
         rms = res["rms"]
@@ -415,14 +532,24 @@ def plot(result: dict[str, Any], path: Path) -> None:
         for i in range(len(sigmas)):
             for j in range(len(lrs)):
                 worse = not np.isfinite(z[i, j]) or z[i, j] >= init
-                ax.text(j, i, "x" if worse else f"{z[i, j]:.2f}", ha="center", va="center",
-                        fontsize=8, color="white" if shown[i, j] > (shown.min() + init) / 2 else "black")
+                ax.text(
+                    j,
+                    i,
+                    "x" if worse else f"{z[i, j]:.2f}",
+                    ha="center",
+                    va="center",
+                    fontsize=8,
+                    color="white" if shown[i, j] > (shown.min() + init) / 2 else "black",
+                )
         ax.set_xticks(range(len(lrs)), [f"{v:g}" for v in lrs])
         ax.set_yticks(range(len(sigmas)), [f"{v:g}" for v in sigmas])
         ax.set_xlabel("lr")
         ax.set_ylabel("sigma")
-        ax.set_title(f"{name}: {res['unit']}\nafter {grid[0]['steps']} steps x pop {grid[0]['pop']} "
-                     f"(init {init:.2f}; x = no better)", fontsize=9)
+        ax.set_title(
+            f"{name}: {res['unit']}\nafter {grid[0]['steps']} steps x pop {grid[0]['pop']} "
+            f"(init {init:.2f}; x = no better)",
+            fontsize=9,
+        )
         fig.colorbar(im, ax=ax)
         ax = row[1]
         for s in sigmas:
@@ -432,7 +559,9 @@ def plot(result: dict[str, Any], path: Path) -> None:
             ax.plot(xs, ys, marker="o", label=f"sigma {s:g}")
         ax.axhline(init, color="grey", linestyle="--", linewidth=1, label="at init")
         ax.set_xscale("log")
-        ax.set_ylim(top=init * 1.15, bottom=min(np.nanmin(z), init) * 0.9 if np.isfinite(z).any() else None)
+        ax.set_ylim(
+            top=init * 1.15, bottom=min(np.nanmin(z), init) * 0.9 if np.isfinite(z).any() else None
+        )
         ax.set_xlabel("lr x sigma (step per entry)")
         ax.set_ylabel(res["unit"])
         ax.set_title(f"{name}: the same data against lr x sigma", fontsize=9)
@@ -443,20 +572,31 @@ def plot(result: dict[str, Any], path: Path) -> None:
         if rp:
             pops = sorted({r["pop"] for r in rp})
             for rank in sorted({r["rank"] for r in rp}):
-                ax.plot(pops, [mean_final(rp, rank=rank, pop=p) for p in pops], marker="o", label=f"rank {rank}")
+                ax.plot(
+                    pops,
+                    [mean_final(rp, rank=rank, pop=p) for p in pops],
+                    marker="o",
+                    label=f"rank {rank}",
+                )
             ax.axhline(init, color="grey", linestyle="--", linewidth=1, label="at init")
             ax.set_xscale("log", base=2)
             ax.set_xticks(pops, [str(p) for p in pops])
             ax.set_xlabel(f"population (steps = {result['meta']['budget']} / population)")
             ax.set_ylabel(res["unit"])
             best = res["best"]
-            ax.set_title(f"{name}: rank and population at a fixed budget\n(sigma {best['sigma']:g}, "
-                         f"lr {best['lr']:g})", fontsize=9)
+            ax.set_title(
+                f"{name}: rank and population at a fixed budget\n(sigma {best['sigma']:g}, "
+                f"lr {best['lr']:g})",
+                fontsize=9,
+            )
             ax.grid(True, alpha=0.3)
             ax.legend(fontsize=7)
     meta = result["meta"]
-    fig.suptitle(f"benchmarks/tuning_sweep.py: {meta['machine']}, torch {meta['torch']}, "
-                 f"{meta['threads']} thread, mean of seeds {meta['seeds']}", fontsize=10)
+    fig.suptitle(
+        f"benchmarks/tuning_sweep.py: {meta['machine']}, torch {meta['torch']}, "
+        f"{meta['threads']} thread, mean of seeds {meta['seeds']}",
+        fontsize=10,
+    )
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
@@ -464,18 +604,30 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--tasks", default="classifier,transformer")
-    p.add_argument("--seeds", default="0,1", help="comma-separated seeds (model init, noise and batches)")
-    p.add_argument("--budget", type=int, default=4096, help="member evaluations per run (population x steps)")
+    p.add_argument(
+        "--seeds", default="0,1", help="comma-separated seeds (model init, noise and batches)"
+    )
+    p.add_argument(
+        "--budget", type=int, default=4096, help="member evaluations per run (population x steps)"
+    )
     p.add_argument("--grid-pop", type=int, default=32)
     p.add_argument("--grid-rank", type=int, default=4)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--quick", action="store_true", help="a tiny grid and budget (a smoke run)")
     p.add_argument("--out-dir", default=str(ROOT / "benchmarks" / "results"))
-    p.add_argument("--plot-only", default=None, metavar="JSON", help="redraw the plot and tables from a JSON")
-    p.add_argument("--parts", default=",".join(PARTS), help=f"which sweeps to run, of {','.join(PARTS)}")
-    p.add_argument("--reuse", default=None, metavar="JSON", help="take the parts not run from this JSON")
+    p.add_argument(
+        "--plot-only", default=None, metavar="JSON", help="redraw the plot and tables from a JSON"
+    )
+    p.add_argument(
+        "--parts", default=",".join(PARTS), help=f"which sweeps to run, of {','.join(PARTS)}"
+    )
+    p.add_argument(
+        "--reuse", default=None, metavar="JSON", help="take the parts not run from this JSON"
+    )
     args = p.parse_args(argv)
     out_dir = Path(args.out_dir)
     if args.plot_only:
@@ -500,8 +652,10 @@ def main(argv: list[str] | None = None) -> None:
     (out_dir / "tuning_sweep.json").write_text(json.dumps(result, indent=1))
     print(tables(result))
     plot(result, out_dir / "tuning_sweep.png")
-    print(f"wrote {out_dir / 'tuning_sweep.json'} and {out_dir / 'tuning_sweep.png'} "
-          f"in {result['meta']['seconds']:.0f} s")
+    print(
+        f"wrote {out_dir / 'tuning_sweep.json'} and {out_dir / 'tuning_sweep.png'} "
+        f"in {result['meta']['seconds']:.0f} s"
+    )
 
 
 if __name__ == "__main__":

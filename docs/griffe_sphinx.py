@@ -16,7 +16,9 @@ from typing import Any
 import griffe
 
 API = Path(__file__).resolve().parent / "api.md"
-DOCUMENTED = set(re.findall(r"^::: (torcheggroll\.\S+)", API.read_text(encoding="utf-8"), flags=re.M))
+DOCUMENTED = set(
+    re.findall(r"^::: (torcheggroll\.\S+)", API.read_text(encoding="utf-8"), flags=re.M)
+)
 ROLE = re.compile(r":(?:py:)?(class|func|meth|attr|mod|exc|data|obj):`(~?)([^`<]+)`")
 MATH_ROLE = re.compile(r":math:`([^`]+)`")
 MATH_BLOCK = re.compile(r"^([ \t]*)\.\. math::[ \t]*\n((?:\1[ \t]+\S.*\n?|[ \t]*\n)+)", flags=re.M)

@@ -18,7 +18,7 @@ from mkdocs.structure.files import File, Files, InclusionLevel
 LINK = re.compile(r"\]\(([^)\s]+)\)|<img [^>]*src=\"([^\"]+)\"")
 
 
-def on_files(files: Files, config) -> Files:  # noqa: ANN001  (MkDocsConfig)
+def on_files(files: Files, config) -> Files:  # config: MkDocsConfig
     docs = Path(config["docs_dir"]).resolve()
     root = docs.parent
     seen: set[str] = set()
@@ -37,7 +37,9 @@ def on_files(files: Files, config) -> Files:  # noqa: ANN001  (MkDocsConfig)
                 continue  # outside the repository, or missing: MkDocs reports the link
             seen.add(src_uri)
             rel = path.relative_to(root).as_posix()
-            file = File.generated(config, src_uri, abs_src_path=str(path), inclusion=InclusionLevel.NOT_IN_NAV)
+            file = File.generated(
+                config, src_uri, abs_src_path=str(path), inclusion=InclusionLevel.NOT_IN_NAV
+            )
             file.dest_uri = "repo/" + (rel[:-3] + ".html" if rel.endswith(".md") else rel)
             files.append(file)
     return files

@@ -65,7 +65,9 @@ def test_nav_lists_every_page() -> None:
 
 def test_ci_builds_the_site_strictly() -> None:
     ci = (ROOT / ".ci" / "run").read_text()
-    assert re.search(r"pip install .*\.\[[^\]]*\bdocs\b", ci), ".ci/run does not install the docs extra"
+    assert re.search(r"pip install .*\.\[[^\]]*\bdocs\b", ci), (
+        ".ci/run does not install the docs extra"
+    )
     assert "mkdocs build --strict" in ci
 
 
@@ -90,13 +92,18 @@ def test_docstring_examples(name: str) -> None:
 
 def test_docstring_examples_exist() -> None:
     # The parametrized test above would pass vacuously if the finder stopped finding examples.
-    count = sum(len(t.examples) for m in ("torcheggroll.optimizer", "torcheggroll.compat")
-                for t in doctest.DocTestFinder().find(importlib.import_module(m)))
+    count = sum(
+        len(t.examples)
+        for m in ("torcheggroll.optimizer", "torcheggroll.compat")
+        for t in doctest.DocTestFinder().find(importlib.import_module(m))
+    )
     assert count > 0
 
 
 def test_getting_started_code_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    blocks = re.findall(r"```python\n(.*?)```", (DOCS / "getting-started.md").read_text(), flags=re.S)
+    blocks = re.findall(
+        r"```python\n(.*?)```", (DOCS / "getting-started.md").read_text(), flags=re.S
+    )
     assert blocks
     monkeypatch.chdir(tmp_path)  # the checkpoint block writes ckpt.pt
     namespace: dict = {}
