@@ -179,8 +179,9 @@ def generate_noise_for_shapes(
         pop_size: population size ``N``; even when ``antithetic``.
         sigma: the noise scale (included in the returned noise).
         epoch: the generation the noise belongs to.
-        device, dtype: where and in which dtype to return the noise (it is drawn in float32,
-            or float64 when ``dtype`` is float64).
+        device: where to return the noise.
+        dtype: the dtype to return it in (it is drawn in float32, or float64 when ``dtype`` is
+            float64).
         antithetic: mirrored pairs in halves (``noise[:N/2] == -noise[N/2:]``).
         seed: the noise seed (keyword-only; the original had none).
 
@@ -327,10 +328,14 @@ class TorchEggrollES:
         seed: keyword-only, the noise seed; None takes ``torch.initial_seed()``.
 
     Attributes:
-        model, device, param_names, optimizer (the underlying
-        :class:`~torcheggroll.EggrollOptimizer`; its ``param_groups`` hold the hyperparameters,
-        so LR schedulers can drive it), and ``pop_size``, ``sigma``, ``lr``, ``rank``,
-        ``normalize_fitness``, ``antithetic`` (assignable), ``epoch``, ``seed`` (read-only).
+        model: the module being optimized.
+        device: the device it runs on.
+        param_names: the names of the evolved parameters, in noise order.
+        optimizer: the underlying :class:`~torcheggroll.EggrollOptimizer`; its
+            ``param_groups`` hold the hyperparameters, so LR schedulers can drive it.
+
+    ``pop_size``, ``sigma``, ``lr``, ``rank``, ``normalize_fitness`` and ``antithetic`` can be
+    read and assigned (assignments are checked); ``epoch`` and ``seed`` are read-only.
 
     Example:
         >>> model = nn.Linear(10, 5)

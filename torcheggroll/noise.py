@@ -301,10 +301,11 @@ def draw_noise(
         shape: the parameter's shape.
         rank: low-rank factor count; ``0`` (or a parameter of ``ndim < 2``) gives dense noise.
         draws: number of independent draws (antithetic pairs); draw ``k`` is counter ``k``.
-        seed, generation, param_index: the integers the noise is a function of (the seed is
-            taken modulo ``2**64``; generation and parameter index must be below ``2**32``).
-        device, dtype: where and in which floating dtype the noise is returned (it is computed
-            in float32).
+        seed: the noise seed (taken modulo ``2**64``).
+        generation: the generation (below ``2**32``).
+        param_index: the parameter's index (below ``2**32``).
+        device: where the noise is returned.
+        dtype: the floating dtype it is returned in (it is computed in float32).
 
     Returns:
         A :class:`ParamNoise` with factors ``(draws, m, rank)`` and ``(draws, n, rank)``, or dense

@@ -316,9 +316,10 @@ class Population:
 
         Args:
             module: the model whose parameters (some or all) the optimizer owns.
-            *args, **kwargs: the module's inputs. By default the same inputs go to every member
-                (broadcast). With ``per_member=True`` every tensor in them has a leading
+            *args: the module's positional inputs. By default the same inputs go to every
+                member (broadcast). With ``per_member=True`` every tensor in them has a leading
                 ``(size,)`` dimension and member ``j`` gets slice ``j``.
+            **kwargs: the module's keyword inputs, treated like ``args``.
             path: ``"auto"`` (default) evaluates supported layers (``nn.Linear``,
                 ``nn.Embedding``, ``nn.Conv1d``/``nn.Conv2d``, ...) with the low-rank population
                 forward and falls back to materialized per-member weights elsewhere;
