@@ -53,9 +53,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--check",
         action="store_true",
-        help="also check each backend against the float32 reference on shapes that exercise the tile "
-        "edges (autotunes every one of them: several minutes; tests/test_fused_linear.py -m cuda checks "
-        "the same shapes with one configuration per kernel)",
+        help="also check each backend against the float32 reference on shapes that exercise the "
+        "tile edges (autotunes every one of them: several minutes; tests/test_fused_linear.py "
+        "-m cuda checks the same shapes with one configuration per kernel)",
     )
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)

@@ -17,7 +17,8 @@ Run it once per world size, then compare (NCCL, one GPU per process)::
 
 and on the CPU with gloo, tiny, to check that it runs::
 
-    torchrun --standalone --nproc_per_node=2 benchmarks/distributed_throughput.py --device cpu --tiny
+    torchrun --standalone --nproc_per_node=2 benchmarks/distributed_throughput.py \\
+        --device cpu --tiny
 """
 
 from __future__ import annotations
@@ -232,7 +233,8 @@ def run(args: argparse.Namespace) -> None:
     if rank == 0:
         print(
             f"world {world} | {meta['device']} | torch {meta['torch']} | path {meta['path']} | "
-            f"width {args.width} x {args.layers} layers, {args.rows} rows/member, rank {args.rank}, "
+            f"width {args.width} x {args.layers} layers, {args.rows} rows/member, "
+            f"rank {args.rank}, "
             f"{args.dtype}{' (tf32)' if meta['tf32'] else ''}"
         )
         print(f"{'pop':>6} {'members/s':>12} {'step ms':>9} {'closure ms':>11} {'fwd TFLOP/s':>12}")

@@ -1,4 +1,5 @@
-"""Two tuning findings on Hugging Face models, reproduced on the CPU (randomly initialized, no download).
+"""Two tuning findings on Hugging Face models, reproduced on the CPU (randomly initialized, no
+download).
 
 1. ``lm``: small GPT-2 and Llama configurations (vocab 256 bytes, width 64, 2 layers) trained
    for 10 steps on the MiniPile sample of ``examples/nano_egg/data/``: at the README's
@@ -270,8 +271,9 @@ def part_lm(args: argparse.Namespace) -> dict[str, Any]:
             r.update(gap=gap, rms_median=float(np.median(rms)), rms_min=float(min(rms)))
             runs.append(r)
             print(
-                f"{name:6s} lr={lr:<5} sigma={sigma:<6} valid {r['score'][0]:.3f} -> {r['score'][-1]:.3f} "
-                f"bits/byte, moved {r['relative_change'][-1]:.3f}, gap/spread {gap['gap_over_spread']:.2f} "
+                f"{name:6s} lr={lr:<5} sigma={sigma:<6} valid {r['score'][0]:.3f} -> "
+                f"{r['score'][-1]:.3f} bits/byte, moved {r['relative_change'][-1]:.3f}, "
+                f"gap/spread {gap['gap_over_spread']:.2f} "
                 f"({r['seconds']:.0f}s)",
                 flush=True,
             )
@@ -403,7 +405,8 @@ def part_resnet(args: argparse.Namespace) -> dict[str, Any]:
         out.setdefault(size, []).append(r)
         print(
             f"{size:8s} {mode:28s} sigma={sigma:<5} lr={lr:<5} loss {r['score'][0]:.3f} -> max "
-            f"{max(r['score']):.3g} -> {r['score'][-1]:.3g}, gap/spread {gap['gap_over_spread']:.2f}, "
+            f"{max(r['score']):.3g} -> {r['score'][-1]:.3g}, "
+            f"gap/spread {gap['gap_over_spread']:.2f}, "
             f"logits moved {change:.3f}, "
             f"sigma/median RMS {sigma / np.median(rms):.2f} ({r['seconds']:.0f}s)",
             flush=True,
@@ -418,7 +421,8 @@ def tables(result: dict[str, Any]) -> str:
     meta = result["meta"]
     lines = [
         f"benchmarks/hf_tuning.py, {meta['machine']}, torch {meta['torch']}, transformers "
-        f"{meta['transformers']}, {meta['threads']} thread(s), population {meta['pop']}, rank {meta['rank']}",
+        f"{meta['transformers']}, {meta['threads']} thread(s), population {meta['pop']}, "
+        f"rank {meta['rank']}",
         "",
     ]
     for name, runs in result.get("lm", {}).items():
@@ -428,26 +432,31 @@ def tables(result: dict[str, Any]) -> str:
         )
         lines.append("")
         lines.append(
-            "| lr | sigma | lr x sigma | gap/spread at init | before | after | change | parameters moved (relative) |"
+            "| lr | sigma | lr x sigma | gap/spread at init | before | after | change | "
+            "parameters moved (relative) |"
         )
         lines.append("|---|---|---|---|---|---|---|---|")
         for r in runs:
             lines.append(
-                f"| {r['lr']:g} | {r['sigma']:g} | {r['lr'] * r['sigma']:.3g} | {r['gap']['gap_over_spread']:.2f} | "
-                f"{r['score'][0]:.3f} | {r['score'][-1]:.3f} | {r['score'][-1] - r['score'][0]:+.3f} | "
+                f"| {r['lr']:g} | {r['sigma']:g} | {r['lr'] * r['sigma']:.3g} | "
+                f"{r['gap']['gap_over_spread']:.2f} | "
+                f"{r['score'][0]:.3f} | {r['score'][-1]:.3f} | "
+                f"{r['score'][-1] - r['score'][0]:+.3f} | "
                 f"{r['relative_change'][-1]:.3f} |"
             )
         lines.append("")
     for size, runs in result.get("resnet", {}).items():
         r0 = runs[0]
         lines.append(
-            f"### {size} ({r0['params']:,} parameters): training loss (nats, 10 classes: 2.303 is chance), "
+            f"### {size} ({r0['params']:,} parameters): training loss "
+            "(nats, 10 classes: 2.303 is chance), "
             f"{len(r0['score']) - 1} steps (matrix RMS at init: median {r0['rms_median']:.3f}, "
             f"smallest {r0['rms_min']:.3f})"
         )
         lines.append("")
         lines.append(
-            "| batch norm | sigma | lr | lr x sigma | sigma / median RMS | members' logits moved (relative) | "
+            "| batch norm | sigma | lr | lr x sigma | sigma / median RMS | "
+            "members' logits moved (relative) | "
             "gap/spread at init | loss at init | worst | final |"
         )
         lines.append("|---|---|---|---|---|---|---|---|---|---|")
@@ -456,7 +465,8 @@ def tables(result: dict[str, Any]) -> str:
             lines.append(
                 f"| {r['mode']} | {r['sigma']:g} | {r['lr']:g} | {r['lr'] * r['sigma']:.3g} | "
                 f"{r['sigma'] / r['rms_median']:.2f} | {r['output_change']:.3f} | "
-                f"{r['gap']['gap_over_spread']:.2f} | {r['score'][0]:.3f} | {worst:.3g} | {r['score'][-1]:.3g} |"
+                f"{r['gap']['gap_over_spread']:.2f} | {r['score'][0]:.3f} | {worst:.3g} | "
+                f"{r['score'][-1]:.3g} |"
             )
         lines.append("")
     return "\n".join(lines)
@@ -570,7 +580,8 @@ def main(argv: list[str] | None = None) -> None:
     print(tables(result))
     plot(result, out_dir / "tuning_hf.png")
     print(
-        f"wrote {out_dir / 'tuning_hf.json'} and {out_dir / 'tuning_hf.png'} in {result['meta']['seconds']:.0f} s"
+        f"wrote {out_dir / 'tuning_hf.json'} and {out_dir / 'tuning_hf.png'} in "
+        f"{result['meta']['seconds']:.0f} s"
     )
 
 

@@ -346,8 +346,8 @@ def main(argv: list[str] | None = None) -> None:
         "--trials",
         type=int,
         default=1,
-        help="CUDA: time each method this many times and report the median (a forward whose host time "
-        "is close to its GPU time varies from one timing to the next)",
+        help="CUDA: time each method this many times and report the median (a forward whose host "
+        "time is close to its GPU time varies from one timing to the next)",
     )
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--json", type=Path, default=None)
@@ -369,7 +369,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     fused = fused_linear._triton_enabled() and fused_linear._kernels() is not None
     print(
-        f"device: {device_name(device)}; torch {torch.__version__}; fused Triton kernels: {'on' if fused else 'off'}"
+        f"device: {device_name(device)}; torch {torch.__version__}; "
+        f"fused Triton kernels: {'on' if fused else 'off'}"
     )
     print("ms per iteration (peak MiB)")
     print(header)
@@ -398,11 +399,13 @@ def main(argv: list[str] | None = None) -> None:
             for m in methods
         )
         print(
-            f"{cfg['sweep']:<14}{cfg['width']:>6}{cfg['layers']:>3}{cfg['pop']:>6}{cfg['rank']:>4}{cfg['rows']:>5} {cfg['dtype']:<9}{cells}",
+            f"{cfg['sweep']:<14}{cfg['width']:>6}{cfg['layers']:>3}{cfg['pop']:>6}"
+            f"{cfg['rank']:>4}{cfg['rows']:>5} {cfg['dtype']:<9}{cells}",
             flush=True,
         )
     print(
-        "\nthroughput relative to plain inference (inference ms / method ms); speed-up and memory ratio of low-rank over materialized steps"
+        "\nthroughput relative to plain inference (inference ms / method ms); "
+        "speed-up and memory ratio of low-rank over materialized steps"
     )
     for row in results:
         ratios = {

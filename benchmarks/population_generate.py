@@ -276,21 +276,31 @@ def main(argv: list[str] | None = None) -> None:
         res = dict(cfg, **decode(cfg, device, args.trials))
         results["decode"].append(res)
         line = (
-            f"{cfg['name']:<14} plain {res['plain']:9.1f} ms ({res['plain_tokens_per_s']:9.0f} tok/s)  "
+            f"{cfg['name']:<14} plain {res['plain']:9.1f} ms "
+            f"({res['plain_tokens_per_s']:9.0f} tok/s)  "
             f"rows {res['rows']:9.1f} ms ({res['rows_tokens_per_s']:9.0f} tok/s)  "
-            f"throughput vs plain {res['rows_vs_plain']:.3f} (worst {res['rows_vs_plain_worst']:.3f})"
+            f"throughput vs plain {res['rows_vs_plain']:.3f} "
+            f"(worst {res['rows_vs_plain_worst']:.3f})"
         )
         if "sequential" in res:
-            line += f"  sequential {res['sequential']:.0f} ms, rows {res['speedup_over_sequential']:.1f}x faster"
+            line += (
+                f"  sequential {res['sequential']:.0f} ms, "
+                f"rows {res['speedup_over_sequential']:.1f}x faster"
+            )
         b = res["bytes_per_step"]
-        line += f"  bytes/step: weights {b['weights'] / 2**30:.2f} GiB, factors {b['factors'] / 2**30:.2f} GiB"
+        line += (
+            f"  bytes/step: weights {b['weights'] / 2**30:.2f} GiB, "
+            f"factors {b['factors'] / 2**30:.2f} GiB"
+        )
         print(line, flush=True)
     if args.preset == "cpu":
         results["forward"] = forward_small(args.trials)
         for row in results["forward"]:
             print(
-                f"forward {row['model']:<6} {row['rows']} rows: rows path {row['rows_over_plain']:.2f}x plain "
-                f"(worst {row['rows_over_plain_worst']:.2f}), vmap path {row['vmap_over_plain']:.2f}x "
+                f"forward {row['model']:<6} {row['rows']} rows: "
+                f"rows path {row['rows_over_plain']:.2f}x plain "
+                f"(worst {row['rows_over_plain_worst']:.2f}), "
+                f"vmap path {row['vmap_over_plain']:.2f}x "
                 f"(worst {row['vmap_over_plain_worst']:.2f})",
                 flush=True,
             )

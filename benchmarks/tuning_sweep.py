@@ -1,4 +1,5 @@
-"""How sigma, lr, rank, population and shaping change what EggrollOptimizer learns in a fixed budget.
+"""How sigma, lr, rank, population and shaping change what EggrollOptimizer learns in a fixed
+budget.
 
 Two small tasks, both on the CPU with one thread:
 
@@ -222,7 +223,8 @@ def run_one(
     shaping: str = "zscore",
     curve_points: int = 8,
 ) -> dict[str, Any]:
-    """Train from the seed's initialization for ``steps`` steps; the centre's score along the way."""
+    """Train from the seed's initialization for ``steps`` steps; the centre's score along the
+    way."""
     model = task.build(seed)
     start = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
     opt = EggrollOptimizer(
@@ -365,7 +367,8 @@ def sweep(args: argparse.Namespace) -> dict[str, Any]:
                         )
                         res["grid"].append(r)
                         print(
-                            f"{name:12s} sigma={sigma:<6} lr={lr:<5} seed={seed} -> {r['final']:.4f} "
+                            f"{name:12s} sigma={sigma:<6} lr={lr:<5} seed={seed} -> "
+                            f"{r['final']:.4f} "
                             f"({r['seconds']:.1f}s)",
                             flush=True,
                         )
@@ -391,7 +394,8 @@ def sweep(args: argparse.Namespace) -> dict[str, Any]:
                     )
                     res["rank_pop"].append(r)
                     print(
-                        f"{name:12s} rank={rank} pop={pop:<4} -> {r['final']:.4f} ({r['seconds']:.1f}s)",
+                        f"{name:12s} rank={rank} pop={pop:<4} -> {r['final']:.4f} "
+                        f"({r['seconds']:.1f}s)",
                         flush=True,
                     )
         if "shaping" in args.parts:
@@ -423,7 +427,8 @@ def tables(result: dict[str, Any]) -> str:
     meta = result["meta"]
     lines = [
         f"benchmarks/tuning_sweep.py, {meta['machine']}, torch {meta['torch']}, "
-        f"{meta['threads']} thread(s), seeds {meta['seeds']}, budget {meta['budget']} member evaluations",
+        f"{meta['threads']} thread(s), seeds {meta['seeds']}, "
+        f"budget {meta['budget']} member evaluations",
         "",
     ]
     for name, res in result["tasks"].items():
@@ -456,7 +461,8 @@ def tables(result: dict[str, Any]) -> str:
         best = res["best"]
         lines.append("")
         lines.append(
-            f"best: sigma {best['sigma']:g}, lr {best['lr']:g} (lr*sigma {best['sigma'] * best['lr']:.3g}): "
+            f"best: sigma {best['sigma']:g}, lr {best['lr']:g} "
+            f"(lr*sigma {best['sigma'] * best['lr']:.3g}): "
             f"{best['final']:.3f}"
         )
         lines.append("")
@@ -489,7 +495,8 @@ def tables(result: dict[str, Any]) -> str:
                 for lab in labels
             ]
             lines.append(
-                f"shaping at sigma {best['sigma']:g}, lr {best['lr']:g} (population {meta['grid_pop']}):"
+                f"shaping at sigma {best['sigma']:g}, lr {best['lr']:g} "
+                f"(population {meta['grid_pop']}):"
             )
             lines.append("")
             lines.append("| shaping | " + " | ".join(labels) + " |")

@@ -20,11 +20,14 @@ initialization, data order and noise. The claim under test: with the scaling, th
 
 Examples::
 
+    # the full sweep (~20 min, one CPU thread)
     python benchmarks/width_sweep.py --json benchmarks/results/width_sweep.json \\
-        --plot benchmarks/results/width_sweep.png          # the full sweep (~20 min, one CPU thread)
-    python benchmarks/width_sweep.py --tasks mlp --widths 32,64 --seeds 0 --mlp-steps 10   # a smoke run
+        --plot benchmarks/results/width_sweep.png
+    # a smoke run
+    python benchmarks/width_sweep.py --tasks mlp --widths 32,64 --seeds 0 --mlp-steps 10
+    # the analysis again, from a JSON's points
     python benchmarks/width_sweep.py --replot benchmarks/results/width_sweep.json \\
-        --plot benchmarks/results/width_sweep.png          # the analysis again, from a JSON's points
+        --plot benchmarks/results/width_sweep.png
 """
 
 from __future__ import annotations
@@ -165,7 +168,8 @@ def one_run(
         width_scaled_groups(model, **settings) if scaling == "fan_in" else model.parameters()
     )
     if scaling == "fan_in" and vector_factor != 1.0:
-        # Vectors (biases; this model has no norm weights) in a group of their own, with sigma * factor.
+        # Vectors (biases; this model has no norm weights) in a group of their own, with
+        # sigma * factor.
         vectors = [p for g in params for p in g["params"] if p.ndim < 2]
         params = [{**g, "params": [p for p in g["params"] if p.ndim >= 2]} for g in params]
         params.append(
@@ -183,7 +187,8 @@ def tolerance(cell: list[dict[str, Any]]) -> float:
     """How far above the best mean loss a grid point still counts as about as good.
 
     With several seeds: two standard errors of a difference of two means, the seeds' standard
-    deviation pooled over the cell's five best points; with one seed: ``TOLERANCE`` of the best loss.
+    deviation pooled over the cell's five best points; with one seed: ``TOLERANCE`` of the best
+    loss.
     """
     top = sorted((p for p in cell if math.isfinite(p["loss"])), key=lambda p: p["loss"])[:5]
     n = len(top[0]["losses"])
@@ -194,7 +199,8 @@ def tolerance(cell: list[dict[str, Any]]) -> float:
 
 
 def best_points(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per (task, scaling, width): the best grid point, the near-optimal ones, and what transfer costs.
+    """Per (task, scaling, width): the best grid point, the near-optimal ones, and what transfer
+    costs.
 
     ``transfer_loss`` is the loss at this width with the ``(sigma, lr)`` that was best at the
     smallest width (what a user who tuned small and then grew the model gets); ``near`` lists
@@ -244,22 +250,25 @@ def best_points(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def table(best: list[dict[str, Any]]) -> str:
     lines = [
-        f"{'task':<5}{'scaling':<8}{'width':>6}{'sigma':>9}{'lr':>6}{'loss':>8}{'x sigma':>8}{'x lr':>6}"
+        f"{'task':<5}{'scaling':<8}{'width':>6}{'sigma':>9}{'lr':>6}{'loss':>8}"
+        f"{'x sigma':>8}{'x lr':>6}"
         f"{'x lr*sigma':>11}{'transfer':>9}  near-optimal (sigma, lr)"
     ]
     for b in best:
         near = " ".join(f"({s:g},{lr:g})" for s, lr in b["near"])
         edge = "*" if b["sigma_at_edge"] or b["lr_at_edge"] else " "
         lines.append(
-            f"{b['task']:<5}{b['scaling']:<8}{b['width']:>6}{b['sigma']:>9.4g}{b['lr']:>6.3g}{b['loss']:>8.3f}"
+            f"{b['task']:<5}{b['scaling']:<8}{b['width']:>6}{b['sigma']:>9.4g}{b['lr']:>6.3g}"
+            f"{b['loss']:>8.3f}"
             f"{b['sigma'] / b['first']['sigma']:>8.3g}{b['lr'] / b['first']['lr']:>6.3g}"
             f"{b['sigma'] * b['lr'] / (b['first']['sigma'] * b['first']['lr']):>11.3g}"
             f"{b['transfer_loss']:>9.3f}{edge} {near}"
         )
     lines.append(
-        "x sigma, x lr, x lr*sigma: the best point's value over the best point's at the smallest width; "
-        "transfer: the loss with the smallest width's best (sigma, lr); *: best point on the edge of the "
-        "grid; near-optimal: mean loss within two standard errors of the best (seed noise), or within "
+        "x sigma, x lr, x lr*sigma: the best point's value over the best point's at the smallest "
+        "width; transfer: the loss with the smallest width's best (sigma, lr); *: best point on "
+        "the edge of the grid; near-optimal: mean loss within two standard errors of the best "
+        "(seed noise), or within "
         f"{TOLERANCE:.0%} with one seed"
     )
     return "\n".join(lines)
@@ -444,7 +453,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "--vector-sigma-factor",
         type=float,
         default=1.0,
-        help='"fan_in" runs: the vectors (biases) get sigma times this (default 1, as width_scaled_groups)',
+        help='"fan_in" runs: the vectors (biases) get sigma times this '
+        "(default 1, as width_scaled_groups)",
     )
     p.add_argument("--mlp-steps", type=int, default=40)
     p.add_argument("--mlp-pop", type=int, default=32)
@@ -527,7 +537,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 ]
                 b = min(cell, key=lambda q: q["loss"])
                 print(
-                    f"{name} {scaling:<7} width {width:5d}: best sigma {b['sigma']:g} lr {b['lr']:g} "
+                    f"{name} {scaling:<7} width {width:5d}: best sigma {b['sigma']:g} "
+                    f"lr {b['lr']:g} "
                     f"loss {b['loss']:.4f} ({time.perf_counter() - t0:.0f} s)",
                     flush=True,
                 )

@@ -140,5 +140,6 @@ def trim_history(history: dict[str, list[Any]]) -> None:
 
 
 def fmt(value: float | None, spec: str = ".3f") -> str:
-    """``value`` formatted with ``spec``, or ``-`` when there is none (a run stopped before step 1)."""
+    """``value`` formatted with ``spec``, or ``-`` when there is none (a run stopped before
+    step 1)."""
     return "-" if value is None else format(value, spec)

@@ -80,7 +80,8 @@ class BatchedCartPole:
         return self.state.float()
 
     def step(self, action: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Apply ``(n,)`` actions in {0, 1}; returns the new observations and ``(n,)`` terminated flags."""
+        """Apply ``(n,)`` actions in {0, 1}; returns the new observations and ``(n,)`` terminated
+        flags."""
         x, x_dot, theta, theta_dot = self.state.unbind(-1)
         force = torch.where(action.to(self.device) == 1, self.force_mag, -self.force_mag).to(
             torch.float64
@@ -180,7 +181,8 @@ def import_gymnasium() -> Any:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    """Train, print the summary, write ``--plot``/``--json``; Ctrl-C stops early and still writes them."""
+    """Train, print the summary, write ``--plot``/``--json``; Ctrl-C stops early and still writes
+    them."""
     args = parse_args(argv)
     with torch_threads(args.threads):
         return run(args)
@@ -276,7 +278,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     )
     stopped = " (interrupted)" if interrupted else ""
     print(
-        f"cartpole summary{stopped}: mode={args.mode} pop={args.pop_size} {solved}; final eval return "
+        f"cartpole summary{stopped}: mode={args.mode} pop={args.pop_size} {solved}; "
+        "final eval return "
         f"{fmt(result['final_eval_return'], '.1f')} after {done} steps "
         f"({result['episodes']} training episodes) in {elapsed:.1f}s on {device}"
     )

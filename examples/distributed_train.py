@@ -4,7 +4,8 @@ Every rank holds the whole model and evaluates its share of the population; only
 travel between ranks (see docs/distributed.md). Run it on the CPU with gloo:
 
     torchrun --nproc_per_node=2 examples/distributed_train.py --steps 60 --checkpoint ckpt.pt
-    torchrun --nproc_per_node=2 examples/distributed_train.py --steps 120 --checkpoint ckpt.pt --resume
+    torchrun --nproc_per_node=2 examples/distributed_train.py --steps 120 --checkpoint ckpt.pt \\
+        --resume
 
 or on GPUs (one per process, NCCL) with ``--device cuda``. Without torchrun it runs as a single
 process, and gives the same result: the final line prints a fingerprint of the parameters, which
@@ -88,11 +89,13 @@ def compare(a_path: Path, b_path: Path) -> None:
         la, lb = a["losses"][i], b["losses"][i]
         rel = ((la - lb).abs() / lb.abs().clamp_min(1e-30)).max().item()
         print(
-            f"step {a['start'] + i + 1:4d}  max |loss diff| {(la - lb).abs().max().item():.3e}  max rel {rel:.3e}"
+            f"step {a['start'] + i + 1:4d}  max |loss diff| {(la - lb).abs().max().item():.3e}  "
+            f"max rel {rel:.3e}"
         )
     d = (a["params"] - b["params"]).abs().max().item()
     print(
-        f"final parameters: max |diff| {d:.3e}, bit-identical: {torch.equal(a['params'], b['params'])}"
+        f"final parameters: max |diff| {d:.3e}, "
+        f"bit-identical: {torch.equal(a['params'], b['params'])}"
     )
 
 

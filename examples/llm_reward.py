@@ -217,7 +217,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    """Fine-tune, print the summary, write ``--plot``/``--json``; Ctrl-C stops early and still writes them."""
+    """Fine-tune, print the summary, write ``--plot``/``--json``; Ctrl-C stops early and still
+    writes them."""
     args = parse_args(argv)
     with torch_threads(args.threads):
         return run(args)
@@ -315,10 +316,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
     stopped = f" (interrupted after step {result['steps_done']})" if interrupted else ""
     print(
-        f"llm_reward summary{stopped}: {'tiny byte-level Llama' if args.model is None else args.model}, "
-        f"pop {args.pop_size} x {prompts.shape[0]} prompts in one decode per step; exact-match reward "
-        f"{result['initial_reward']:.2f} -> {result['final_reward']:.2f} (best {result['best_reward']:.2f}) in "
-        f"{result['steps_done']} ES steps, {elapsed:.0f}s on {device} (pre-training {pretrain_seconds:.0f}s)"
+        f"llm_reward summary{stopped}: "
+        f"{'tiny byte-level Llama' if args.model is None else args.model}, "
+        f"pop {args.pop_size} x {prompts.shape[0]} prompts in one decode per step; "
+        "exact-match reward "
+        f"{result['initial_reward']:.2f} -> {result['final_reward']:.2f} "
+        f"(best {result['best_reward']:.2f}) in "
+        f"{result['steps_done']} ES steps, {elapsed:.0f}s on {device} "
+        f"(pre-training {pretrain_seconds:.0f}s)"
     )
     if args.plot:
         save_plot(

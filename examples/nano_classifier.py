@@ -97,7 +97,8 @@ def make_dataset(n_per_class: int, seed: int) -> tuple[torch.Tensor, torch.Tenso
 
 
 class FactorizedClassifier(nn.Module):
-    """Colour MLP ``3 -> h -> 5`` and shape MLP ``1 -> h -> 2``; log-probabilities of the 10 classes."""
+    """Colour MLP ``3 -> h -> 5`` and shape MLP ``1 -> h -> 2``; log-probabilities of the 10
+    classes."""
 
     def __init__(self, hidden: int = 16) -> None:
         super().__init__()
@@ -137,7 +138,8 @@ def accuracy(
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    """Train, print the summary, write ``--plot``/``--json``; Ctrl-C stops early and still writes them."""
+    """Train, print the summary, write ``--plot``/``--json``; Ctrl-C stops early and still writes
+    them."""
     args = parse_args(argv)
     with torch_threads(args.threads):
         return run(args)
@@ -211,9 +213,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             print(f"  {name:14s} {float((pred[sel] == k).float().mean()):6.1%}")
     stopped = f" (interrupted after step {result['steps_done']})" if interrupted else ""
     print(
-        f"nano_classifier summary{stopped}: steps={args.steps} pop={args.pop_size} loss {result['initial_loss']:.3f} -> "
+        f"nano_classifier summary{stopped}: steps={args.steps} pop={args.pop_size} "
+        f"loss {result['initial_loss']:.3f} -> "
         f"{result['final_loss']:.3f}, train acc {result['final_train_acc']:.1%}, test acc "
-        f"{result['initial_test_acc']:.1%} -> {result['final_test_acc']:.1%} (chance 10%) in {elapsed:.1f}s on {device}"
+        f"{result['initial_test_acc']:.1%} -> {result['final_test_acc']:.1%} (chance 10%) "
+        f"in {elapsed:.1f}s on {device}"
     )
     if args.plot:
         save_plot(

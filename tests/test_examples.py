@@ -336,7 +336,8 @@ def test_cartpole_without_gymnasium_says_how_to_install(cartpole, monkeypatch):
 
 # ------------------------------------------------------------------ all examples
 def _interrupt_after(module, monkeypatch, n_steps):
-    """Make the example's optimizer raise KeyboardInterrupt (as Ctrl-C does) in step ``n_steps + 1``."""
+    """Make the example's optimizer raise KeyboardInterrupt (as Ctrl-C does) in step
+    ``n_steps + 1``."""
     base = module.EggrollOptimizer
 
     class Interrupted(base):

@@ -88,5 +88,10 @@ def test_capture_snippet_is_the_recipe_of_the_docs() -> None:
     # The README's CUDA graph lines are the recipe of docs/capture.md, which runs as a test on
     # CUDA (tests/test_capture.py): check that the README still names the same calls.
     block = _block_containing("capturable=True")
-    for call in ("torch.cuda.CUDAGraph()", "torch.cuda.graph(graph)", "opt.step(closure)", "graph.replay()"):
+    for call in (
+        "torch.cuda.CUDAGraph()",
+        "torch.cuda.graph(graph)",
+        "opt.step(closure)",
+        "graph.replay()",
+    ):
         assert call in block

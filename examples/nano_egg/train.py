@@ -64,7 +64,8 @@ from torcheggroll import EggrollOptimizer, Population, width_scaled_groups  # no
 
 LN2 = math.log(2.0)
 clock = time.perf_counter  # the run's clock (--time-limit, seconds, tokens/s); a test replaces it
-# Per-mode defaults: int master weights live on the int8 scale (16 = 1.0), so sigma is in those units.
+# Per-mode defaults: int master weights live on the int8 scale (16 = 1.0), so sigma is in those
+# units.
 MODE_DEFAULTS = {"float": {"lr": 0.3, "sigma": 0.05}, "int": {"lr": 1.0, "sigma": 2.0}}
 # The MiniPile sample shipped with the example (data/README.md), from the repository root.
 SAMPLE_DATA = "examples/nano_egg/data/minipile_valid_1000.npy"
@@ -136,7 +137,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--preset",
         choices=sorted(PRESETS),
         default=None,
-        help="flag values for one large GPU (per --mode, see PRESETS in this file); explicit flags override them",
+        help="flag values for one large GPU (per --mode, see PRESETS in this file); "
+        "explicit flags override them",
     )
     p.add_argument(
         "--epochs", type=int, default=None, help="ES generations (one batch each); default 60"
@@ -150,7 +152,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--sigma-scaling",
         choices=["none", "fan_in"],
         default=None,
-        help="none (default): --sigma is every weight's noise scale; fan_in: matrices get sigma/sqrt(fan_in), "
+        help="none (default): --sigma is every weight's noise scale; "
+        "fan_in: matrices get sigma/sqrt(fan_in), "
         "the embedding sigma (float mode only; docs/width.md)",
     )
     p.add_argument("--rank", type=int, default=4)
@@ -178,8 +181,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--time-limit",
         type=float,
         default=0.0,
-        help="stop cleanly (summary, --plot, --json) before an epoch would end past this many seconds of the run; "
-        "0 (default): no limit",
+        help="stop cleanly (summary, --plot, --json) before an epoch would end past this many "
+        "seconds of the run; 0 (default): no limit",
     )
     p.add_argument(
         "--log-every",
@@ -191,7 +194,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--tf32",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="float mode on CUDA: TF32 matrix products (torch.set_float32_matmul_precision('high'))",
+        help="float mode on CUDA: TF32 matrix products "
+        "(torch.set_float32_matmul_precision('high'))",
     )
     p.add_argument("--seed", type=int, default=0)
     add_common_args(
@@ -212,8 +216,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error(f"--data: no such file: {args.data} (the MiniPile sample: {SAMPLE_DATA})")
     if args.mode == "int" and args.sigma_scaling != "none":
         p.error(
-            "--sigma-scaling fan_in is for float mode: the int layers already divide their products by "
-            "16 * sqrt(fan_in), so one --sigma moves every layer's output alike at any width"
+            "--sigma-scaling fan_in is for float mode: the int layers already divide their "
+            "products by 16 * sqrt(fan_in), so one --sigma moves every layer's output alike at "
+            "any width"
         )
     require_positive(
         p,
@@ -272,7 +277,8 @@ class WindowLoss(nn.Module):
 def population_bpb(
     population: Population, loss: WindowLoss, x: torch.Tensor, y: torch.Tensor, path: str
 ) -> torch.Tensor:
-    """``(len(population),)`` mean bits per byte of every member on ``x -> y`` (``(batch, seq)``)."""
+    """``(len(population),)`` mean bits per byte of every member on ``x -> y``
+    (``(batch, seq)``)."""
     return population.forward(loss, x, y, path=path).sum(-1) / (y.numel() * LN2)
 
 
@@ -298,7 +304,8 @@ def device_name(device: torch.device) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    """Train, print the summary, write ``--plot``/``--json``; Ctrl-C or ``--time-limit`` stops early and still writes them."""
+    """Train, print the summary, write ``--plot``/``--json``; Ctrl-C or ``--time-limit`` stops
+    early and still writes them."""
     args = parse_args(argv)
     precision = torch.get_float32_matmul_precision()
     if args.tf32 and args.mode == "float":
@@ -311,11 +318,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 def param_groups(model: nn.Module, args: argparse.Namespace) -> list[dict[str, Any]]:
-    """The optimizer's parameter groups: one (``--sigma-scaling none``) or one per kind of tensor."""
+    """The optimizer's parameter groups: one (``--sigma-scaling none``) or one per kind of
+    tensor."""
     settings = dict(lr=args.lr, sigma=args.sigma, rank=args.rank)
     if args.sigma_scaling == "none":
         return [{"params": list(model.parameters()), **settings}]
-    # Matrices get sigma / sqrt(fan_in); the embedding table (an nn.Embedding) and vectors keep sigma.
+    # Matrices get sigma / sqrt(fan_in); the embedding table (an nn.Embedding) and vectors keep
+    # sigma.
     return width_scaled_groups(model, **settings)
 
 
@@ -331,7 +340,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     train, valid = split_documents(data, args.max_docs)
     if min(train.size, valid.size) <= args.seq_len + 1:
         raise ValueError(
-            f"Invalid data: splits of {train.size} and {valid.size} bytes are shorter than --seq-len"
+            f"Invalid data: splits of {train.size} and {valid.size} bytes are shorter than "
+            "--seq-len"
         )
     vx, vy = windows(
         valid,
@@ -347,9 +357,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     source = args.data or "Python standard library sources"
     if not args.quiet:
         print(
-            f"nano_egg: mode={args.mode} params={n_params:,} hidden={args.hidden_dim} layers={args.n_layers} "
-            f"pop={args.pop_size} lr={args.lr} sigma={args.sigma} sigma_scaling={args.sigma_scaling} "
-            f"rank={args.rank} windows={args.batch_size}x{args.seq_len} device={device} path={path} "
+            f"nano_egg: mode={args.mode} params={n_params:,} hidden={args.hidden_dim} "
+            f"layers={args.n_layers} "
+            f"pop={args.pop_size} lr={args.lr} sigma={args.sigma} "
+            f"sigma_scaling={args.sigma_scaling} "
+            f"rank={args.rank} windows={args.batch_size}x{args.seq_len} device={device} "
+            f"path={path} "
             f"float32 matmul={torch.get_float32_matmul_precision()}\n"
             f"data: {source}: train {train.size:,} bytes, valid {valid.size:,} bytes",
             flush=True,
@@ -364,7 +377,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
     start = clock()
     interrupted = timed_out = False
-    last = 0.0  # the last epoch's seconds (step + validation): the next one is expected to take as long
+    # the last epoch's seconds (step + validation): the next one is expected to take as long
+    last = 0.0
     # The bar is for a terminal; in a log (stderr not a terminal) the progress lines say it all.
     bar = progress(
         range(1, args.epochs + 1),
@@ -403,7 +417,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 )
                 if epoch % args.log_every == 0 or epoch in (1, args.epochs):
                     bar.write(
-                        f"epoch {epoch:5d} | train {train_bpb:.3f} bpb | valid {valid_bpb:.3f} bpb | "
+                        f"epoch {epoch:5d} | train {train_bpb:.3f} bpb | "
+                        f"valid {valid_bpb:.3f} bpb | "
                         f"{tok_s:,.0f} tok/s | {now - start:.1f} s"
                     )
                     sys.stdout.flush()
@@ -435,7 +450,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if timed_out:
         stopped = f" (time limit {args.time_limit:g} s reached after epoch {done})"
     print(
-        f"nano_egg summary{stopped}: mode={args.mode} epochs={args.epochs} train={fmt(result['final_train_bpb'])} bpb "
+        f"nano_egg summary{stopped}: mode={args.mode} epochs={args.epochs} "
+        f"train={fmt(result['final_train_bpb'])} bpb "
         f"valid={fmt(result['final_valid_bpb'])} bpb (best {fmt(result['best_valid_bpb'])}) "
         f"{fmt(result['mean_tokens_per_s'], ',.0f')} tok/s {elapsed:.1f}s on {device}",
         flush=True,
@@ -447,7 +463,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "train (population mean)": (history["epoch"], history["train_bpb"]),
                 "valid (centre)": (history["epoch"], history["valid_bpb"]),
             },
-            title=f"nano_egg minGRU ({args.mode}), hidden {args.hidden_dim} x {args.n_layers}, pop {args.pop_size}, "
+            title=f"nano_egg minGRU ({args.mode}), hidden {args.hidden_dim} x {args.n_layers}, "
+            f"pop {args.pop_size}, "
             f"lr {args.lr:g}, sigma {args.sigma:g} ({args.sigma_scaling})\n"
             f"examples/nano_egg/train.py on {device_name(device)}, torch {torch.__version__}",
             xlabel="epoch (ES generation)",
