@@ -70,17 +70,25 @@ def test_population_generate_snippet() -> None:
     from torcheggroll import EggrollOptimizer
 
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
-                                   num_hidden_layers=1, num_attention_heads=2,
-                                   num_key_value_heads=2, max_position_embeddings=32)
+    cfg = transformers.LlamaConfig(
+        vocab_size=32,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+    )
     model = transformers.LlamaForCausalLM(cfg).eval()
     population = EggrollOptimizer(model.parameters(), pop_size=4, seed=0).population()
     prompt_ids = torch.randint(3, 32, (2, 5))
     mask = torch.ones_like(prompt_ids)
     namespace = {"population": population, "model": model, "prompt_ids": prompt_ids, "mask": mask}
     with torch.no_grad():
-        exec(compile(_block_containing("population.rows(model) as rows"), "README.md", "exec"),
-             namespace)
+        exec(
+            compile(_block_containing("population.rows(model) as rows"), "README.md", "exec"),
+            namespace,
+        )
     assert namespace["tokens"].shape[:2] == (4, 2)
 
 
