@@ -25,30 +25,24 @@ transformers = pytest.importorskip("transformers")
 POP = 4
 
 
+# Llama and Qwen2 take the same config fields (grouped-query attention: 4 heads, 2 KV heads).
+_DECODER_CONFIG: dict[str, Any] = dict(
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+)
+
+
 def _llama() -> nn.Module:
-    cfg = transformers.LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    return transformers.LlamaForCausalLM(cfg)
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(**_DECODER_CONFIG))
 
 
 def _qwen2() -> nn.Module:
-    cfg = transformers.Qwen2Config(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    return transformers.Qwen2ForCausalLM(cfg)
+    return transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**_DECODER_CONFIG))
 
 
 def _gpt2() -> nn.Module:
