@@ -127,6 +127,8 @@ DEFAULTS: dict[str, Any] = dict(
     log_every=1,
     tf32=False,
     sigma_scaling="none",
+    lr_schedule="constant",
+    lr_final=0.05,
 )
 
 
@@ -155,6 +157,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="none (default): --sigma is every weight's noise scale; "
         "fan_in: matrices get sigma/sqrt(fan_in), "
         "the embedding sigma (float mode only; docs/width.md)",
+    )
+    p.add_argument(
+        "--lr-schedule",
+        choices=["constant", "cosine"],
+        default=None,
+        help="constant (default): --lr throughout; cosine: --lr decays along half a cosine to "
+        "--lr-final x --lr over the run (its --time-limit when given, else its --epochs)",
+    )
+    p.add_argument(
+        "--lr-final",
+        type=float,
+        default=None,
+        help="with --lr-schedule cosine: the last lr as a fraction of --lr (default 0.05)",
     )
     p.add_argument("--rank", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=None, help="default 64")
@@ -237,7 +252,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     if args.time_limit < 0:
         p.error(f"--time-limit must be >= 0, got {args.time_limit}")
+    if not 0.0 <= args.lr_final <= 1.0:
+        p.error(f"--lr-final must be in [0, 1], got {args.lr_final}")
     return args
+
+
+def lr_factor(args: argparse.Namespace, epoch: int, seconds: float) -> float:
+    """The multiplier of every group's lr for ``epoch`` (1-based), started ``seconds`` into the
+    run: 1 for ``--lr-schedule constant``; for cosine, half a cosine from 1 to ``--lr-final``
+    over the run's progress, the larger of its share of ``--time-limit`` and of ``--epochs``."""
+    if args.lr_schedule == "constant":
+        return 1.0
+    done = (epoch - 1) / args.epochs
+    if args.time_limit:
+        done = max(done, seconds / args.time_limit)
+    done = min(done, 1.0)
+    return args.lr_final + (1.0 - args.lr_final) * 0.5 * (1.0 + math.cos(math.pi * done))
 
 
 def windows(
@@ -354,6 +384,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     n_params = sum(p.numel() for p in model.parameters())
     window_loss = WindowLoss(model, args.chunk)
     opt = EggrollOptimizer(param_groups(model, args), pop_size=args.pop_size, seed=args.seed)
+    base_lrs = [group["lr"] for group in opt.param_groups]
     source = args.data or "Python standard library sources"
     if not args.quiet:
         print(
@@ -361,6 +392,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             f"layers={args.n_layers} "
             f"pop={args.pop_size} lr={args.lr} sigma={args.sigma} "
             f"sigma_scaling={args.sigma_scaling} "
+            f"lr_schedule={args.lr_schedule} "
             f"rank={args.rank} windows={args.batch_size}x{args.seq_len} device={device} "
             f"path={path} "
             f"float32 matmul={torch.get_float32_matmul_precision()}\n"
@@ -374,6 +406,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "valid_bpb": [],
         "tokens_per_s": [],
         "seconds": [],
+        "lr_factor": [],
     }
     start = clock()
     interrupted = timed_out = False
@@ -392,6 +425,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             if args.time_limit and t0 - run_start + last > args.time_limit:
                 timed_out = True
                 break
+            factor = lr_factor(args, epoch, t0 - run_start)
+            for group, base_lr in zip(opt.param_groups, base_lrs, strict=True):
+                group["lr"] = base_lr * factor
             starts = rng.integers(0, train.size - args.seq_len - 1, args.batch_size)
             x, y = windows(train, starts, args.seq_len, device)
 
@@ -408,7 +444,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             now = clock()
             last = now - t0
             for key, val in zip(
-                history, (epoch, train_bpb, valid_bpb, tok_s, now - start), strict=True
+                history, (epoch, train_bpb, valid_bpb, tok_s, now - start, factor), strict=True
             ):
                 history[key].append(val)
             if not args.quiet:
