@@ -147,6 +147,12 @@ def test_different_integers_give_different_noise(
 
 
 # --------------------------------------------------------------------------- the definition
+# The compiled CPU kernel (torcheggroll/_cpu_noise.c) against the PyTorch reference: the same
+# integer words, normals within 4 float32 ulps of the largest |z| (ulp 4.8e-7 in [4, 8));
+# measured: 7.2e-7 over 590k normals.
+CPU_KERNEL_TOLERANCE = 2e-6
+
+
 # Known-answer vectors of Philox-4x32-10 from the Random123 distribution (kat_vectors):
 # (counter, key) -> output.
 KAT = [
@@ -181,7 +187,11 @@ def test_noise_is_the_documented_function_of_its_counters():
                 words = philox4x32(
                     torch.tensor([e // 4 + stream * STREAM_B]), k, index, generation, k0, k1
                 )
-                assert torch.equal(flat[e], block_normals(words)[0, e % 4])
+                # The compiled CPU kernel's logf/sinf/cosf may round differently from
+                # PyTorch's: a few ulps of |z| < 5.8 (bitwise without the kernel).
+                torch.testing.assert_close(
+                    flat[e], block_normals(words)[0, e % 4], rtol=0, atol=CPU_KERNEL_TOLERANCE
+                )
     assert seed_key(seed) == (k0, k1)
 
 

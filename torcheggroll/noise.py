@@ -23,11 +23,12 @@ Philox is a bijection of the counter for a fixed key, no two blocks of one seed 
 words. Nothing here reads or advances a ``torch.Generator``: the noise is the same on every
 device, for every shard of the population, and in every order of evaluation.
 
-Two implementations compute this definition: the PyTorch functions in this module (any device;
-the reference, and what runs on the CPU) and a Triton kernel (``torcheggroll._triton_noise``,
-CUDA). They agree bitwise on the integer words; the float transform (``log``, ``cos``, ``sin``
-in float32) may differ by a few units in the last place between devices' math libraries (a
-measured bound is stated in the tests).
+Three implementations compute this definition: the PyTorch functions in this module (any
+device; the reference), a C kernel compiled at first use (``torcheggroll._cpu_noise``, what runs
+on the CPU when a C compiler is present; the reference runs otherwise) and a Triton kernel
+(``torcheggroll._triton_noise``, CUDA). They agree bitwise on the integer words; the float
+transform (``log``, ``cos``, ``sin`` in float32) may differ by a few units in the last place
+between math libraries (a measured bound is stated in the tests).
 """
 
 from __future__ import annotations
@@ -151,7 +152,34 @@ def _stream(
     key: tuple[int, int],
     device: torch.device | str,
 ) -> torch.Tensor:
-    """``(draws, entries)`` float32 normals of one stream of one parameter (the reference)."""
+    """``(draws, entries)`` float32 normals of one stream of one parameter: the compiled kernel
+    on the CPU when it is available (see :mod:`torcheggroll._cpu_noise`), else
+    :func:`_stream_reference`."""
+    if torch.device(device).type == "cpu":
+        from ._cpu_noise import load
+
+        kernel = load()
+        if kernel is not None:
+            blocks = -(-entries // 4)
+            out = torch.empty(draws, blocks * 4, dtype=torch.float32)
+            params = torch.tensor([param_index & _MASK32], dtype=torch.int64)
+            kernel.fill_grid(
+                out, draws, blocks, stream * STREAM_B, params, generation & _MASK32, key
+            )
+            return out[:, :entries]
+    return _stream_reference(entries, draws, stream, param_index, generation, key, device)
+
+
+def _stream_reference(
+    entries: int,
+    draws: int,
+    stream: int,
+    param_index: int,
+    generation: int,
+    key: tuple[int, int],
+    device: torch.device | str,
+) -> torch.Tensor:
+    """:func:`_stream` computed with PyTorch operations (the reference, on any device)."""
     blocks = -(-entries // 4)
     j = torch.arange(blocks, device=device, dtype=torch.int64).view(1, blocks) + stream * STREAM_B
     k = torch.arange(draws, device=device, dtype=torch.int64).view(draws, 1)

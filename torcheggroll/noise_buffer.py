@@ -210,9 +210,12 @@ class NoiseBuffer:
         key: Any = seed_key(seed) if isinstance(seed, int) else seed
         gen: Any = generation & _MASK32 if isinstance(generation, int) else generation
         kernels = _triton_noise() if self.device.type == "cuda" else None
+        cpu = _cpu_noise() if self.device.type == "cpu" else None
         if kernels is not None:
             for region in self._regions:
                 kernels.fill_region(self.buffer, region, key, gen)
+        elif cpu is not None:
+            self._fill_cpu(cpu, (int(key[0]), int(key[1])), int(gen))
         elif self.buffer.numel() <= 4 * _CHUNK_BLOCKS:
             # Small buffers: one call for all regions (each call costs a few hundred operations).
             c0, c1, c2 = self._counters()
@@ -260,6 +263,19 @@ class NoiseBuffer:
         assert self._block_counters is not None
         return self._block_counters
 
+    def _fill_cpu(self, cpu: Any, key: tuple[int, int], gen: int) -> None:
+        """Every region with the compiled CPU kernel (float32; other dtypes through a copy)."""
+        f32 = self.buffer.dtype == torch.float32
+        target = self.buffer if f32 else torch.empty(self.buffer.shape, dtype=torch.float32)
+        for r in self._regions:
+            out = target[r.start : r.start + r.size]
+            if r.column_block is None:
+                cpu.fill_grid(out, r.draws, r.blocks, r.stream * STREAM_B, r.params, gen, key)
+            else:
+                cpu.fill_columns(out, r.draws, r.column_block, r.params, gen, key)
+        if not f32:
+            self.buffer.copy_(target)
+
     def _fill_reference(self, region: _Region, key: Any, gen: Any) -> None:
         dev = self.device
         out = self.buffer[region.start : region.start + region.size].view(
@@ -283,6 +299,13 @@ class NoiseBuffer:
                     local[sl].view(1, 1, -1), k, params[sl].view(1, 1, -1), gen, key[0], key[1]
                 )
                 out[:, :, sl].copy_(block_normals(words))
+
+
+def _cpu_noise() -> Any:
+    """The compiled CPU noise kernel, or None (see :mod:`torcheggroll._cpu_noise`)."""
+    from . import _cpu_noise
+
+    return _cpu_noise.load()
 
 
 @functools.lru_cache(maxsize=1)

@@ -414,17 +414,20 @@ class EggrollOptimizer(Optimizer):
         ) -> None:
             plan.fill(seed, generation)
 
-        sigmas = [float(group["sigma"]) for group in self.param_groups]
-        entries = [
-            PerturbedParam(
-                o.param,
-                o.index,
-                sigmas[o.group] * o.scale,
-                plan.buffers[o.buffer].noise[o.entry],
-                o.group,
-            )
-            for o in plan.owned
-        ]
+        sigmas = tuple(float(group["sigma"]) for group in self.param_groups)
+        entries = plan.__dict__.get("_entries", (None, None))[1]
+        if plan.__dict__.get("_entries", (None,))[0] != sigmas:  # made again when a sigma changed
+            entries = [
+                PerturbedParam(
+                    o.param,
+                    o.index,
+                    sigmas[o.group] * o.scale,
+                    plan.buffers[o.buffer].noise[o.entry],
+                    o.group,
+                )
+                for o in plan.owned
+            ]
+            plan.__dict__["_entries"] = (sigmas, entries)
         if not entries:
             warnings.warn(
                 "no parameter of EggrollOptimizer requires grad: nothing is perturbed or updated",
