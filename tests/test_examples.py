@@ -169,6 +169,42 @@ def test_nano_egg_time_limit_stops_cleanly(nano_egg, monkeypatch, tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_nano_egg_cosine_schedule_by_epochs_and_by_time(nano_egg):
+    args = nano_egg.parse_args(["--lr-schedule", "cosine", "--epochs", "11", "--lr-final", "0.1"])
+    f = [nano_egg.lr_factor(args, e, 0.0) for e in range(1, 12)]
+    assert f[0] == 1.0 and f[-1] == pytest.approx(0.1)
+    assert f[5] == pytest.approx(0.55)  # halfway: the mean of the two ends
+    assert all(f[i] > f[i + 1] for i in range(len(f) - 1))
+    # With a time limit, progress is the larger of the two shares: time here.
+    args.time_limit = 100.0
+    assert nano_egg.lr_factor(args, 1, 50.0) == pytest.approx(0.55)
+    assert nano_egg.lr_factor(args, 1, 250.0) == pytest.approx(0.1)
+    constant = nano_egg.parse_args(["--epochs", "11"])
+    assert nano_egg.lr_factor(constant, 11, 1e9) == 1.0
+
+
+def test_nano_egg_cosine_schedule_sets_the_optimizer_lr(nano_egg, monkeypatch):
+    seen = []
+    real_step = nano_egg.EggrollOptimizer.step
+
+    def step(self, closure):  # type: ignore[no-untyped-def]
+        seen.append(self.param_groups[0]["lr"])
+        return real_step(self, closure)
+
+    monkeypatch.setattr(nano_egg.EggrollOptimizer, "step", step)
+    r = nano_egg.main([*TINY_LM, "--epochs", "5", "--lr-schedule", "cosine", "--lr-final", "0.2"])
+    assert seen == pytest.approx([1.0 * f for f in r["history"]["lr_factor"]])
+    assert seen[0] == 1.0 and seen[-1] == pytest.approx(0.2)  # the last epoch at --lr-final
+    assert seen[2] == pytest.approx(0.6)  # halfway
+
+
+def test_nano_egg_rejects_lr_final_outside_0_1(nano_egg, capsys):
+    with pytest.raises(SystemExit):
+        nano_egg.parse_args(["--lr-final", "1.5"])
+    err = capsys.readouterr().err
+    assert "--lr-final" in err and "1.5" in err
+
+
 def test_nano_egg_progress_lines(nano_egg, capsys):
     nano_egg.main([*[a for a in TINY_LM if a != "--quiet"], "--epochs", "5", "--log-every", "2"])
     out = capsys.readouterr().out

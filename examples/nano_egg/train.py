@@ -69,14 +69,16 @@ clock = time.perf_counter  # the run's clock (--time-limit, seconds, tokens/s); 
 MODE_DEFAULTS = {"float": {"lr": 0.3, "sigma": 0.05}, "int": {"lr": 1.0, "sigma": 2.0}}
 # The MiniPile sample shipped with the example (data/README.md), from the repository root.
 SAMPLE_DATA = "examples/nano_egg/data/minipile_valid_1000.npy"
-# Flag values for one large GPU, per mode; explicit flags override them. Not tuned on the GPU:
-# hidden 256 x 2 blocks with sigma 0.01 and lr 0.3 is the setting that learned best in 200
-# generations of population 512 on an H200 (sigma 0.05, this example's default for width 32, made
-# that width stop learning: docs/width.md explains why); the population is 4x larger and the
-# windows per generation 4x fewer, so a generation costs about the same. The int mode's sigma is
-# in int8 units and already width-independent (its layers divide by 16 sqrt(fan_in)); its lr
-# gives about the same step, relative to the weights' spread, as the float mode's. Run with
-# --time-limit: the number of epochs is only a ceiling.
+# Flag values for one large GPU, per mode; explicit flags override them. hidden 256 x 2 blocks
+# with sigma 0.01 is the setting that learned best in 200 generations of population 512 on an
+# H200 (sigma 0.05, this example's default for width 32, made that width stop learning:
+# docs/width.md explains why); the population is 4x larger and the windows per generation 4x
+# fewer, so a generation costs about the same. lr 0.3 with a cosine decay over --time-limit beat
+# lr 0.6 in two 555 s runs side by side on one H200 (3.78 against 3.95 bits/byte,
+# benchmarks/results/nano_egg_h200_float*). The int mode's sigma is in int8 units and already
+# width-independent (its layers divide by 16 sqrt(fan_in)); its lr gives about the same step,
+# relative to the weights' spread, as the float mode's. Run with --time-limit: the number of
+# epochs is only a ceiling.
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "h200": {
         "float": dict(
@@ -94,6 +96,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
             max_docs=1000,
             log_every=25,
             tf32=True,
+            lr_schedule="cosine",
         ),
         "int": dict(
             hidden_dim=256,
@@ -109,6 +112,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
             data=SAMPLE_DATA,
             max_docs=1000,
             log_every=25,
+            lr_schedule="cosine",
         ),
     },
 }
@@ -263,7 +267,7 @@ def lr_factor(args: argparse.Namespace, epoch: int, seconds: float) -> float:
     over the run's progress, the larger of its share of ``--time-limit`` and of ``--epochs``."""
     if args.lr_schedule == "constant":
         return 1.0
-    done = (epoch - 1) / args.epochs
+    done = (epoch - 1) / max(args.epochs - 1, 1)  # the last epoch runs at --lr-final
     if args.time_limit:
         done = max(done, seconds / args.time_limit)
     done = min(done, 1.0)
@@ -501,7 +505,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             },
             title=f"nano_egg minGRU ({args.mode}), hidden {args.hidden_dim} x {args.n_layers}, "
             f"pop {args.pop_size}, "
-            f"lr {args.lr:g}, sigma {args.sigma:g} ({args.sigma_scaling})\n"
+            f"lr {args.lr:g} ({args.lr_schedule}), sigma {args.sigma:g} ({args.sigma_scaling})\n"
             f"examples/nano_egg/train.py on {device_name(device)}, torch {torch.__version__}",
             xlabel="epoch (ES generation)",
             ylabel="bits per byte",
