@@ -172,3 +172,35 @@ def test_es_trains_through_the_rows_forward() -> None:
         for _ in range(60):
             opt.step(closure)
         assert float((model(x) - y).pow(2).mean()) < 0.5 * start
+
+
+def test_owned_parameters_are_proxied_inside_and_restored_after() -> None:
+    # Without batch norm, only operations on owned tensors reach the rows forward: the module's
+    # owned parameters are replaced by proxies for the duration, and put back (the very same
+    # objects, tied ones still tied) even when the code inside raises.
+    torch.manual_seed(0)
+    emb = nn.Embedding(7, 4)
+    model = nn.Sequential(emb, nn.Linear(4, 7, bias=False))
+    model[1].weight = emb.weight  # tied, as language models' heads are
+    frozen = nn.Linear(4, 4)
+    frozen.requires_grad_(False)
+    model.append(frozen)
+    before = {n: p for n, p in model.named_parameters(remove_duplicate=False)}
+    opt = EggrollOptimizer([p for p in model.parameters() if p.requires_grad], pop_size=4, seed=0)
+    population = opt.population()
+    with pytest.raises(RuntimeError, match="inside"), population.rows(model):
+        assert not torch._C._is_torch_function_mode_enabled()
+        assert type(model[0].weight) is not nn.Parameter
+        assert model[1].weight is model[0].weight  # one proxy for the tied tensor
+        assert type(frozen.weight) is nn.Parameter  # not owned: left alone
+        raise RuntimeError("inside")
+    after = dict(model.named_parameters(remove_duplicate=False))
+    assert after.keys() == before.keys()
+    assert all(after[n] is before[n] for n in before)
+
+
+def test_a_model_with_batch_norm_is_watched_by_a_mode() -> None:
+    model, opt = _setup(TinyCNN)
+    with opt.population().rows(model):
+        assert torch._C._is_torch_function_mode_enabled()
+    assert not torch._C._is_torch_function_mode_enabled()

@@ -2,8 +2,10 @@
 as it is (no ``vmap``), each use of an owned parameter corrected row by row.
 
 Member ``p`` of ``P`` owns rows ``[p * B, (p + 1) * B)`` of every batch (dimension 0) the model
-sees. Inside :meth:`Population.rows <torcheggroll.Population.rows>` a torch-function mode watches
-the optimizer's parameters:
+sees. Inside :meth:`Population.rows <torcheggroll.Population.rows>` the module's owned parameters
+are replaced by proxies (a tensor subclass whose hook sees only the operations that take them; a
+model with batch norm is watched by a torch-function mode instead, which sees every operation,
+since its statistics are per member even where no owned tensor takes part):
 
 * a low-rank matrix ``W`` (``nn.Linear``'s ``F.linear``, ``torch.addmm``/``matmul`` with ``W`` as
   the right operand as in GPT-2's ``Conv1D``, ``F.embedding``, ``F.conv*``) is used as it is by
@@ -78,6 +80,23 @@ class _RowsMode(HandlerMode):
     def __init__(self, rows: Rows) -> None:
         super().__init__()
         self.rows = rows
+        self._proxies: dict[int, _Proxy] = {}
+
+    def proxy(self, t: torch.Tensor) -> _Proxy:
+        """The :class:`_Proxy` of the owned tensor ``t`` (one per tensor)."""
+        p = self._proxies.get(id(t))
+        if p is None or p._target is not t:
+            p = self._proxies[id(t)] = _Proxy.make(t, self)
+        return p
+
+    def proxied(self, out: Any) -> Any:
+        """``out`` with every owned tensor in it (top level, or in a list or tuple) replaced by
+        its proxy."""
+        if isinstance(out, torch.Tensor):
+            return self.proxy(out) if self.owned(out) is not None else out
+        if type(out) in (list, tuple):
+            return type(out)(self.proxied(x) for x in out)
+        return out
 
     def owned(self, t: Any) -> _Owned | None:
         o = self.rows.owned.get(id(t))
@@ -129,6 +148,62 @@ class _RowsMode(HandlerMode):
 _ALWAYS = {F.batch_norm}
 
 
+class _Proxy(torch.Tensor):
+    """Stands for an owned tensor inside the module while the rows are in use.
+
+    Only operations that take an owned tensor reach the rows forward this way (a tensor
+    subclass's hook), instead of every operation of the model (a torch-function mode): a decoder
+    layer makes a dozen such calls against hundreds in all. The hook replaces each proxy by the
+    tensor it stands for and runs the mode's dispatch on the call; a per-member tensor derived
+    from an owned one (``1 + weight``, ``weight.float()``) comes back as a proxy too, so that its
+    next use is seen as well.
+    """
+
+    _target: torch.Tensor
+    _mode: _RowsMode
+
+    @staticmethod
+    def make(target: torch.Tensor, mode: _RowsMode) -> _Proxy:
+        proxy = torch.Tensor._make_subclass(_Proxy, target.detach(), False)
+        proxy._target = target
+        proxy._mode = mode
+        return proxy
+
+    @classmethod
+    def __torch_function__(
+        cls, func: Callable[..., Any], types: Any, args: Any = (), kwargs: Any = None
+    ) -> Any:
+        mode: _RowsMode | None = None
+
+        def unwrap(x: Any) -> Any:
+            nonlocal mode
+            if isinstance(x, _Proxy):
+                mode = x._mode
+                return x._target
+            return x
+
+        args, kwargs = pytree.tree_map(unwrap, (args, kwargs or {}))
+        assert mode is not None
+        with torch._C.DisableTorchFunctionSubclass():
+            out = mode.__torch_function__(func, types, args, kwargs)
+        return mode.proxied(out)
+
+
+def _swap_in_proxies(
+    module: nn.Module, mode: _RowsMode
+) -> list[tuple[nn.Module, str, torch.Tensor]]:
+    """Put a :class:`_Proxy` in place of every owned parameter of ``module``'s modules (one
+    proxy per tensor, so tied weights stay tied); returns what to put back."""
+    swapped: list[tuple[nn.Module, str, torch.Tensor]] = []
+    for m in module.modules():
+        for name, param in m._parameters.items():
+            if param is not None and mode.owned(param) is not None:
+                swapped.append((m, name, param))
+    for m, name, tensor in swapped:
+        m._parameters[name] = mode.proxy(tensor)  # type: ignore[assignment]
+    return swapped
+
+
 class Rows:
     """The population as rows of one batch of ``module`` (see the module doc); made by
     :meth:`Population.rows <torcheggroll.Population.rows>`.
@@ -152,6 +227,7 @@ class Rows:
         self.batch = batch
         self.owned: dict[int, _Owned] = {}
         self._mode: _RowsMode | None = None
+        self._swapped: list[tuple[nn.Module, str, torch.Tensor]] | None = None
         paired = bool(population.antithetic) and self.size % 2 == 0
         for name, t in module.named_parameters(remove_duplicate=False):
             if id(t) in self.owned or not population.owns(t):
@@ -230,12 +306,22 @@ class Rows:
     # ------------------------------------------------------------------ context
     def __enter__(self) -> Rows:
         self._mode = _RowsMode(self)
-        self._mode.__enter__()
+        if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.module.modules()):
+            # Batch norm needs every call (its statistics are per member even when no owned
+            # tensor takes part): watch all operations.
+            self._mode.__enter__()
+        else:
+            self._swapped = _swap_in_proxies(self.module, self._mode)
         return self
 
     def __exit__(self, *exc: Any) -> None:
         assert self._mode is not None
-        self._mode.__exit__(*exc)
+        if self._swapped is None:
+            self._mode.__exit__(*exc)
+        else:
+            for module, name, tensor in reversed(self._swapped):
+                module._parameters[name] = tensor  # type: ignore[assignment]
+            self._swapped = None
         self._mode = None
 
     # ------------------------------------------------------------------ row helpers
