@@ -151,36 +151,23 @@ def _stream(
     generation: int,
     key: tuple[int, int],
     device: torch.device | str,
+    reference: bool = False,
 ) -> torch.Tensor:
     """``(draws, entries)`` float32 normals of one stream of one parameter: the compiled kernel
-    on the CPU when it is available (see :mod:`torcheggroll._cpu_noise`), else
-    :func:`_stream_reference`."""
-    if torch.device(device).type == "cpu":
+    on the CPU when it is available (see :mod:`torcheggroll._cpu_noise`), else (or with
+    ``reference``) the PyTorch operations of this module."""
+    blocks = -(-entries // 4)
+    if torch.device(device).type == "cpu" and not reference:
         from ._cpu_noise import load
 
         kernel = load()
         if kernel is not None:
-            blocks = -(-entries // 4)
             out = torch.empty(draws, blocks * 4, dtype=torch.float32)
             params = torch.tensor([param_index & _MASK32], dtype=torch.int64)
             kernel.fill_grid(
                 out, draws, blocks, stream * STREAM_B, params, generation & _MASK32, key
             )
             return out[:, :entries]
-    return _stream_reference(entries, draws, stream, param_index, generation, key, device)
-
-
-def _stream_reference(
-    entries: int,
-    draws: int,
-    stream: int,
-    param_index: int,
-    generation: int,
-    key: tuple[int, int],
-    device: torch.device | str,
-) -> torch.Tensor:
-    """:func:`_stream` computed with PyTorch operations (the reference, on any device)."""
-    blocks = -(-entries // 4)
     j = torch.arange(blocks, device=device, dtype=torch.int64).view(1, blocks) + stream * STREAM_B
     k = torch.arange(draws, device=device, dtype=torch.int64).view(draws, 1)
     words = philox4x32(j, k, param_index & _MASK32, generation & _MASK32, *key)
