@@ -25,6 +25,15 @@ def _groups(a: torch.Tensor) -> int:
     return a.dim() - 2
 
 
+def _narrow_product(rows: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    """``rows @ f`` for a factor ``f`` ``(*G, n, r)`` of few columns. On the CPU it is computed
+    as ``(f^T rows^T)^T``: with an output only ``r`` wide, MKL's (batched) GEMM measured 2-4x
+    slower than the transposed product (``(16, 64, 64) @ (16, 64, 4)``: 64 against 16 us)."""
+    if rows.device.type == "cpu" and rows.dim() >= 2:
+        return (f.transpose(-1, -2) @ rows.transpose(-1, -2)).transpose(-1, -2)
+    return rows @ f
+
+
 def linear_correction(
     x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, base: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -37,7 +46,7 @@ def linear_correction(
     g = _groups(a)
     lead, n, m = x.shape[:g], x.shape[-1], a.shape[-2]
     rows = x.reshape(*lead, -1, n)
-    h = rows @ b.to(x.dtype)
+    h = _narrow_product(rows, b.to(x.dtype))
     a_t = a.to(x.dtype).transpose(-1, -2)
     if base is None:
         return (h @ a_t).reshape(*x.shape[:-1], m)
@@ -57,7 +66,7 @@ def right_correction(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch
     g = _groups(a)
     lead, m = x.shape[:g], x.shape[-1]
     rows = x.reshape(*lead, -1, m)
-    out = (rows @ a.to(x.dtype)) @ b.to(x.dtype).transpose(-1, -2)
+    out = _narrow_product(rows, a.to(x.dtype)) @ b.to(x.dtype).transpose(-1, -2)
     return out.reshape(*x.shape[:-1], b.shape[-2])
 
 
