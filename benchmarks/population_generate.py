@@ -15,11 +15,15 @@ rows.
 Greedy decoding with a KV cache, a fixed number of new tokens, Llama configurations built from
 a config (random weights, no download). ``--preset h200`` times bf16 Llama (hidden 2048, 16
 layers) at 256 x 1 and 64 x 4 rows, ranks 1 and 4, and reports the bytes a decode step must
-read (weights plus every member's factors) beside each throughput.
+read (weights plus every member's factors) beside each throughput. ``--preset cpu-host`` times
+a 16-layer Llama of hidden size 32 on the CPU, whose arithmetic is negligible: the host's cost
+of a decode step (plain, rows, and rows with every operation watched by a torch-function mode),
+the cost that bounds a GPU decode of a deep model when nothing is captured.
 
 Examples::
 
     python benchmarks/population_generate.py --preset cpu --json out.json --plot out.png
+    python benchmarks/population_generate.py --preset cpu-host --trials 5
     python benchmarks/population_generate.py --preset h200
 """
 
@@ -39,6 +43,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from torcheggroll import EggrollOptimizer
+from torcheggroll import rows as rows_module
 
 
 def llama(
@@ -107,7 +112,18 @@ def decode(cfg: dict[str, Any], device: torch.device, trials: int) -> dict[str, 
             )
         )
 
+    def rows_mode() -> Any:
+        # The same, with every operation watched by the torch-function mode (as the rows forward
+        # did before it swapped owned parameters for proxies).
+        rows_module._ALWAYS_MODE = True
+        try:
+            return rows()
+        finally:
+            rows_module._ALWAYS_MODE = False
+
     methods = {"plain": plain, "rows": rows}
+    if cfg.get("compare_mode"):
+        methods["rows_mode"] = rows_mode
     if cfg.get("sequential"):
         methods["sequential"] = sequential
     times: dict[str, list[float]] = {m: [] for m in methods}
@@ -213,6 +229,26 @@ def forward_small(trials: int) -> list[dict[str, Any]]:
 
 
 def configs(preset: str) -> list[dict[str, Any]]:
+    if preset == "cpu-host":
+        # Arithmetic too small to matter: what a decode step costs the host (Python and
+        # dispatch), which is what bounds the GPU decode of a model with many layers.
+        return [
+            dict(
+                name=f"host-16layers-r{rank}",
+                hidden=32,
+                layers=16,
+                intermediate=64,
+                vocab=256,
+                pop=16,
+                prompts=1,
+                prompt_len=8,
+                new_tokens=32,
+                rank=rank,
+                dtype="float32",
+                compare_mode=True,
+            )
+            for rank in (1, 4)
+        ]
     if preset == "cpu":
         return [
             dict(
@@ -250,7 +286,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--preset", choices=["cpu", "h200"], default="cpu")
+    p.add_argument("--preset", choices=["cpu", "cpu-host", "h200"], default="cpu")
     p.add_argument("--trials", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", type=Path, default=None)
@@ -282,6 +318,12 @@ def main(argv: list[str] | None = None) -> None:
             f"throughput vs plain {res['rows_vs_plain']:.3f} "
             f"(worst {res['rows_vs_plain_worst']:.3f})"
         )
+        if "rows_mode" in res:
+            step = {m: res[m] / cfg["new_tokens"] for m in ("plain", "rows", "rows_mode")}
+            line += (
+                f"  per decode step: plain {step['plain']:.2f} ms, rows {step['rows']:.2f} ms, "
+                f"rows watched by the mode {step['rows_mode']:.2f} ms"
+            )
         if "sequential" in res:
             line += (
                 f"  sequential {res['sequential']:.0f} ms, "

@@ -146,6 +146,9 @@ class _RowsMode(HandlerMode):
 # Operations intercepted even without an owned argument: batch norm's statistics must be each
 # member's own.
 _ALWAYS = {F.batch_norm}
+# Watch every operation with the mode even without batch norm (for benchmarks that compare the
+# two ways; not part of the API).
+_ALWAYS_MODE = False
 
 
 class _Proxy(torch.Tensor):
@@ -173,20 +176,26 @@ class _Proxy(torch.Tensor):
     def __torch_function__(
         cls, func: Callable[..., Any], types: Any, args: Any = (), kwargs: Any = None
     ) -> Any:
-        mode: _RowsMode | None = None
-
-        def unwrap(x: Any) -> Any:
-            nonlocal mode
-            if isinstance(x, _Proxy):
-                mode = x._mode
-                return x._target
-            return x
-
-        args, kwargs = pytree.tree_map(unwrap, (args, kwargs or {}))
-        assert mode is not None
+        found: list[_RowsMode] = []
+        args = _unwrap(args, found)
+        kwargs = {k: _unwrap(v, found) for k, v in kwargs.items()} if kwargs else {}
+        mode = found[0]
         with torch._C.DisableTorchFunctionSubclass():
-            out = mode.__torch_function__(func, types, args, kwargs)
+            # An owned tensor takes part by construction: straight to the handlers.
+            out = HandlerMode.__torch_function__(mode, func, types, args, kwargs)
         return mode.proxied(out)
+
+
+def _unwrap(x: Any, found: list[_RowsMode]) -> Any:
+    """``x`` with every :class:`_Proxy` (itself, or in a list or tuple, as torch functions take
+    them) replaced by the tensor it stands for; the proxies' mode is appended to ``found``. (By
+    hand rather than with pytree: this runs for every call on an owned tensor.)"""
+    if isinstance(x, _Proxy):
+        found.append(x._mode)
+        return x._target
+    if type(x) in (list, tuple):
+        return type(x)(_unwrap(v, found) for v in x)
+    return x
 
 
 def _swap_in_proxies(
@@ -306,7 +315,9 @@ class Rows:
     # ------------------------------------------------------------------ context
     def __enter__(self) -> Rows:
         self._mode = _RowsMode(self)
-        if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.module.modules()):
+        if _ALWAYS_MODE or any(
+            isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.module.modules()
+        ):
             # Batch norm needs every call (its statistics are per member even when no owned
             # tensor takes part): watch all operations.
             self._mode.__enter__()
