@@ -26,10 +26,11 @@ def _groups(a: torch.Tensor) -> int:
 
 
 def _narrow_product(rows: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
-    """``rows @ f`` for a factor ``f`` ``(*G, n, r)`` of few columns. On the CPU it is computed
-    as ``(f^T rows^T)^T``: with an output only ``r`` wide, MKL's (batched) GEMM measured 2-4x
-    slower than the transposed product (``(16, 64, 64) @ (16, 64, 4)``: 64 against 16 us)."""
-    if rows.device.type == "cpu" and rows.dim() >= 2:
+    """``rows @ f`` for a factor ``f`` ``(*G, n, r)`` of few columns. On the CPU, for 16 rows or
+    more, it is computed as ``(f^T rows^T)^T``: with an output only ``r`` wide, MKL's (batched)
+    GEMM measured 2-4x slower than the transposed product (``(16, 64, 64) @ (16, 64, 4)``: 64
+    against 16 us); with fewer rows (a decode step) the transposes cost more than they save."""
+    if rows.device.type == "cpu" and rows.dim() >= 2 and rows.shape[-2] >= 16:
         return (f.transpose(-1, -2) @ rows.transpose(-1, -2)).transpose(-1, -2)
     return rows @ f
 
@@ -45,16 +46,21 @@ def linear_correction(
     """
     g = _groups(a)
     lead, n, m = x.shape[:g], x.shape[-1], a.shape[-2]
-    rows = x.reshape(*lead, -1, n)
-    h = _narrow_product(rows, b.to(x.dtype))
-    a_t = a.to(x.dtype).transpose(-1, -2)
+    flat = x.dim() == g + 2  # already (*G, L, n): no reshapes (the rows forward's case)
+    rows = x if flat else x.reshape(*lead, -1, n)
+    if a.dtype != x.dtype:
+        a, b = a.to(x.dtype), b.to(x.dtype)
+    h = _narrow_product(rows, b)
+    a_t = a.transpose(-1, -2)
     if base is None:
-        return (h @ a_t).reshape(*x.shape[:-1], m)
-    if g == 0:
-        return torch.addmm(base.reshape(-1, m), h, a_t).reshape(*x.shape[:-1], m)
-    if g == 1:
-        return torch.baddbmm(base.reshape(*lead, -1, m), h, a_t).reshape(*x.shape[:-1], m)
-    return base + (h @ a_t).reshape(*x.shape[:-1], m)
+        out = h @ a_t
+    elif g == 0:
+        out = torch.addmm(base if flat else base.reshape(-1, m), h, a_t)
+    elif g == 1:
+        out = torch.baddbmm(base if flat else base.reshape(*lead, -1, m), h, a_t)
+    else:
+        return base + (h @ a_t).reshape(*x.shape[:-1], m)
+    return out if flat else out.reshape(*x.shape[:-1], m)
 
 
 def right_correction(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

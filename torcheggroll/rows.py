@@ -336,11 +336,14 @@ class Rows:
         self._mode = None
 
     # ------------------------------------------------------------------ row helpers
-    def group(self, t: torch.Tensor, o: _Owned, op: str) -> torch.Tensor:
-        """``t`` ``(P * B * k, ...)`` as ``(P, B * k, ...)``: its first dimension is the batch,
-        possibly flattened with the next ones (``x.view(-1, d)`` of a ``(P * B, T, d)``
-        batch-first tensor, as GPT-2's ``Conv1D`` does); errors naming ``o`` and ``op`` when it
-        is not a multiple of the batch."""
+    def group(
+        self, t: torch.Tensor, o: _Owned, op: str, rows_of: int | None = None
+    ) -> torch.Tensor:
+        """``t`` ``(P * B * k, ...)`` as ``(P, B * k, ...)``, or with ``rows_of`` (its last
+        dimension) as ``(P, L, rows_of)``: its first dimension is the batch, possibly flattened
+        with the next ones (``x.view(-1, d)`` of a ``(P * B, T, d)`` batch-first tensor, as
+        GPT-2's ``Conv1D`` does); errors naming ``o`` and ``op`` when it is not a multiple of the
+        batch."""
         n = t.shape[0] if t.dim() else 0
         if self.batch is None and n and n % self.size == 0:
             self.batch = n // self.size
@@ -351,6 +354,8 @@ class Rows:
                 f"{self.batch} rows; the rows forward needs every batch member-major (batch "
                 "first) in dimension 0"
             )
+        if rows_of is not None:
+            return t.reshape(self.size, -1, rows_of)
         return t.reshape(self.size, n // self.size, *t.shape[1:])
 
     def member_values(self, o: _Owned, ndim: int, trailing: int | None = None) -> torch.Tensor:
@@ -390,9 +395,7 @@ def _h_linear(
         return NotImplemented
     key = w or b
     assert key is not None
-    x3 = rows.group(input, key, "F.linear")
-    lead = x3.shape[:2]
-    x3 = x3.reshape(rows.size, -1, input.shape[-1])  # (P, L, n)
+    x3 = rows.group(input, key, "F.linear", rows_of=input.shape[-1])  # (P, L, n)
     if w is not None and w.low_rank:
         if w.fused is not None and _no_grad(input, weight):
             a_draws, b_draws, draw, coeff, source = w.fused
@@ -408,7 +411,7 @@ def _h_linear(
     else:
         y3 = F.linear(x3, weight, None)
     y3 = _add_bias(rows, y3, b)
-    return y3.reshape(*lead, *input.shape[1:-1], y3.shape[-1]).reshape(*input.shape[:-1], -1)
+    return y3.reshape(*input.shape[:-1], y3.shape[-1])
 
 
 def _right(mode: _RowsMode, x: torch.Tensor, weight: torch.Tensor, op: str) -> torch.Tensor | None:
@@ -417,7 +420,7 @@ def _right(mode: _RowsMode, x: torch.Tensor, weight: torch.Tensor, op: str) -> t
     if w is None or weight.dim() != 2:
         return None
     rows = mode.rows
-    x3 = rows.group(x, w, op).reshape(rows.size, -1, x.shape[-1])
+    x3 = rows.group(x, w, op, rows_of=x.shape[-1])
     if w.low_rank:
         a, b = w.factors()
         y3 = torch.matmul(x3, weight) + _ops.right_correction(x3, a, b)
