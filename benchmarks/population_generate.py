@@ -17,8 +17,9 @@ a config (random weights, no download). ``--preset h200`` times bf16 Llama (hidd
 layers) at 256 x 1 and 64 x 4 rows, ranks 1 and 4, and reports the bytes a decode step must
 read (weights plus every member's factors) beside each throughput. ``--preset cpu-host`` times
 a 16-layer Llama of hidden size 32 on the CPU, whose arithmetic is negligible: the host's cost
-of a decode step (plain, rows, and rows with every operation watched by a torch-function mode),
-the cost that bounds a GPU decode of a deep model when nothing is captured.
+of a decode step (plain, rows, and rows with ``watch="all"``, every operation seen by a
+torch-function mode), the cost that bounds a GPU decode of a deep model when nothing is
+captured.
 
 Examples::
 
@@ -43,7 +44,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from torcheggroll import EggrollOptimizer
-from torcheggroll import rows as rows_module
 
 
 def llama(
@@ -113,13 +113,11 @@ def decode(cfg: dict[str, Any], device: torch.device, trials: int) -> dict[str, 
         )
 
     def rows_mode() -> Any:
-        # The same, with every operation watched by the torch-function mode (as the rows forward
-        # did before it swapped owned parameters for proxies).
-        rows_module._ALWAYS_MODE = True
-        try:
-            return rows()
-        finally:
-            rows_module._ALWAYS_MODE = False
+        # The same with every operation seen by a torch-function mode (watch="all").
+        population = opt.population()
+        with population.rows(model, watch="all") as r:
+            ids = r.repeat(prompts)
+            return model.generate(ids, attention_mask=torch.ones_like(ids), **settings)
 
     methods = {"plain": plain, "rows": rows}
     if cfg.get("compare_mode"):
@@ -322,7 +320,7 @@ def main(argv: list[str] | None = None) -> None:
             step = {m: res[m] / cfg["new_tokens"] for m in ("plain", "rows", "rows_mode")}
             line += (
                 f"  per decode step: plain {step['plain']:.2f} ms, rows {step['rows']:.2f} ms, "
-                f"rows watched by the mode {step['rows_mode']:.2f} ms"
+                f"rows with watch='all' {step['rows_mode']:.2f} ms"
             )
         if "sequential" in res:
             line += (

@@ -4,11 +4,14 @@ every member's parameters copied into a plain model, and the vmap forward."""
 from __future__ import annotations
 
 import copy
+import functools
+import threading
 from collections.abc import Callable
 from typing import Any
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from torcheggroll import EggrollOptimizer
@@ -174,10 +177,10 @@ def test_es_trains_through_the_rows_forward() -> None:
         assert float((model(x) - y).pow(2).mean()) < 0.5 * start
 
 
-def test_owned_parameters_are_proxied_inside_and_restored_after() -> None:
-    # Without batch norm, only operations on owned tensors reach the rows forward: the module's
-    # owned parameters are replaced by proxies for the duration, and put back (the very same
-    # objects, tied ones still tied) even when the code inside raises.
+def test_owned_parameters_are_marked_inside_and_restored_after() -> None:
+    # Without batch norm, only operations on owned tensors reach the rows forward: the owned
+    # tensors wear a marked class for the duration (the same objects, tied ones still tied) and
+    # get their own class back on exit, also when the code inside raises.
     torch.manual_seed(0)
     emb = nn.Embedding(7, 4)
     model = nn.Sequential(emb, nn.Linear(4, 7, bias=False))
@@ -185,18 +188,99 @@ def test_owned_parameters_are_proxied_inside_and_restored_after() -> None:
     frozen = nn.Linear(4, 4)
     frozen.requires_grad_(False)
     model.append(frozen)
-    before = {n: p for n, p in model.named_parameters(remove_duplicate=False)}
+    before = dict(model.named_parameters(remove_duplicate=False))
     opt = EggrollOptimizer([p for p in model.parameters() if p.requires_grad], pop_size=4, seed=0)
     population = opt.population()
     with pytest.raises(RuntimeError, match="inside"), population.rows(model):
         assert not torch._C._is_torch_function_mode_enabled()
-        assert type(model[0].weight) is not nn.Parameter
-        assert model[1].weight is model[0].weight  # one proxy for the tied tensor
+        assert type(emb.weight) is not nn.Parameter and isinstance(emb.weight, nn.Parameter)
+        assert model[1].weight is model[0].weight is before["0.weight"]
+        assert population.owns(emb.weight)
         assert type(frozen.weight) is nn.Parameter  # not owned: left alone
         raise RuntimeError("inside")
     after = dict(model.named_parameters(remove_duplicate=False))
     assert after.keys() == before.keys()
-    assert all(after[n] is before[n] for n in before)
+    assert all(after[n] is before[n] and type(after[n]) is nn.Parameter for n in before)
+    assert not any("_rows_mode" in p.__dict__ for p in after.values())
+
+
+class Elsewhere(nn.Module):
+    """Owned tensors reached other than through the module's own attributes: a reference kept
+    in a list, a partial made at construction, and a weight tied to a module outside the one the
+    rows are made for."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc = nn.Linear(5, 5)
+        self.dec = nn.Linear(5, 5, bias=False)
+        self.dec.weight = self.enc.weight
+        self.refs = [self.enc.bias]
+        self.act = functools.partial(F.linear, weight=self.enc.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.enc(x)) + self.refs[0]
+        return self.dec(h) + self.act(h)
+
+
+@pytest.mark.parametrize("watch", ["auto", "all"])
+def test_owned_tensors_referenced_from_elsewhere_are_corrected(watch: str) -> None:
+    model, opt = _setup(Elsewhere)
+    x = torch.randn(3, 5, dtype=torch.float64)
+    population = opt.population()
+    with torch.no_grad():
+        expected = _reference(population, model, x, per_member=False)
+        # The rows are made for model.enc only; model.dec shares its weight.
+        with population.rows(model.enc, watch=watch) as rows:
+            got = rows.split(model(rows.repeat(x)))
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_other_threads_see_the_plain_model() -> None:
+    model, opt = _setup(lambda: nn.Linear(5, 3))
+    x = torch.randn(POP * 2, 5, dtype=torch.float64)  # a batch the rows could take for theirs
+    with torch.no_grad():
+        plain = model(x)
+        seen: list[torch.Tensor] = []
+        with opt.population().rows(model):
+            worker = threading.Thread(target=lambda: seen.append(model(x)))
+            worker.start()
+            worker.join()
+    assert torch.equal(seen[0], plain)
+
+
+def test_rows_cannot_be_nested_or_entered_twice() -> None:
+    model, opt = _setup(lambda: nn.Linear(5, 3))
+    population = opt.population()
+    rows = population.rows(model)
+    with rows:
+        with pytest.raises(RuntimeError, match="in use already"), rows:
+            pass
+        with pytest.raises(RuntimeError, match="cannot be nested"), population.rows(model):
+            pass
+        assert type(model.weight) is not nn.Parameter
+    assert type(model.weight) is nn.Parameter and type(model.bias) is nn.Parameter
+    with pytest.raises(ValueError, match="Invalid watch: 'some'"):
+        population.rows(model, watch="some")
+
+
+class FunctionalBatchNorm(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(5, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.batch_norm(self.lin(x), None, None, training=True)
+
+
+def test_watch_all_sees_batch_statistics_computed_functionally() -> None:
+    model, opt = _setup(FunctionalBatchNorm)
+    x = torch.randn(6, 5, dtype=torch.float64)
+    population = opt.population()
+    with torch.no_grad():
+        expected = _reference(population, model, x, per_member=False)
+        with population.rows(model, watch="all") as rows:
+            got = rows.split(model(rows.repeat(x)))
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
 
 
 def test_a_model_with_batch_norm_is_watched_by_a_mode() -> None:

@@ -2,10 +2,11 @@
 as it is (no ``vmap``), each use of an owned parameter corrected row by row.
 
 Member ``p`` of ``P`` owns rows ``[p * B, (p + 1) * B)`` of every batch (dimension 0) the model
-sees. Inside :meth:`Population.rows <torcheggroll.Population.rows>` the module's owned parameters
-are replaced by proxies (a tensor subclass whose hook sees only the operations that take them; a
-model with batch norm is watched by a torch-function mode instead, which sees every operation,
-since its statistics are per member even where no owned tensor takes part):
+sees. Inside :meth:`Population.rows <torcheggroll.Population.rows>` the owned parameters wear a
+tensor subclass whose hook sees every operation that takes one of them, wherever it is
+referenced from (a model with batch norm, whose statistics are per member even where no owned
+tensor takes part, is watched by a torch-function mode instead, which sees every operation; see
+:class:`Rows` for ``watch``):
 
 * a low-rank matrix ``W`` (``nn.Linear``'s ``F.linear``, ``torch.addmm``/``matmul`` with ``W`` as
   the right operand as in GPT-2's ``Conv1D``, ``F.embedding``, ``F.conv*``) is used as it is by
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import functools
 import operator
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -80,20 +82,19 @@ class _RowsMode(HandlerMode):
     def __init__(self, rows: Rows) -> None:
         super().__init__()
         self.rows = rows
+        self.thread = threading.get_ident()
         self._proxies: dict[int, _Proxy] = {}
 
-    def proxy(self, t: torch.Tensor) -> _Proxy:
-        """The :class:`_Proxy` of the owned tensor ``t`` (one per tensor)."""
-        p = self._proxies.get(id(t))
-        if p is None or p._target is not t:
-            p = self._proxies[id(t)] = _Proxy.make(t, self)
-        return p
-
     def proxied(self, out: Any) -> Any:
-        """``out`` with every owned tensor in it (top level, or in a list or tuple) replaced by
-        its proxy."""
+        """``out`` with every derived per-member tensor in it (top level, or in a list or tuple)
+        wrapped in a :class:`_Proxy` (one per tensor); marked owned tensors stay as they are."""
         if isinstance(out, torch.Tensor):
-            return self.proxy(out) if self.owned(out) is not None else out
+            if isinstance(out, (_OwnedParameter, _OwnedTensor)) or self.owned(out) is None:
+                return out
+            p = self._proxies.get(id(out))
+            if p is None or p._target is not out:
+                p = self._proxies[id(out)] = _Proxy.make(out, self)
+            return p
         if type(out) in (list, tuple):
             return type(out)(self.proxied(x) for x in out)
         return out
@@ -146,24 +147,47 @@ class _RowsMode(HandlerMode):
 # Operations intercepted even without an owned argument: batch norm's statistics must be each
 # member's own.
 _ALWAYS = {F.batch_norm}
-# Watch every operation with the mode even without batch norm (for benchmarks that compare the
-# two ways; not part of the API).
-_ALWAYS_MODE = False
+
+
+def _hook(
+    cls: type, func: Callable[..., Any], types: Any, args: Any = (), kwargs: Any = None
+) -> Any:
+    """The ``__torch_function__`` of the marked owned tensors and of :class:`_Proxy`: the call
+    goes to the rows forward's handlers (an owned tensor takes part by construction), or runs
+    as plain PyTorch in a thread other than the one that entered the rows."""
+    found: list[_RowsMode] = []
+    args = _unwrap(args, found)
+    kwargs = {k: _unwrap(v, found) for k, v in kwargs.items()} if kwargs else {}
+    mode = found[0] if found else None
+    with torch._C.DisableTorchFunctionSubclass():
+        if mode is None or threading.get_ident() != mode.thread:
+            return func(*args, **kwargs)
+        out = HandlerMode.__torch_function__(mode, func, types, args, kwargs)
+    return mode.proxied(out)
+
+
+class _OwnedParameter(nn.Parameter):
+    """The class an owned ``nn.Parameter`` wears while the rows are in use (see :class:`Rows`)."""
+
+    __torch_function__ = classmethod(_hook)  # type: ignore[assignment,var-annotated]
+
+
+class _OwnedTensor(torch.Tensor):
+    """The class an owned plain tensor wears while the rows are in use."""
+
+    __torch_function__ = classmethod(_hook)  # type: ignore[assignment,var-annotated]
+
+
+_MARKED: dict[type, type] = {nn.Parameter: _OwnedParameter, torch.Tensor: _OwnedTensor}
 
 
 class _Proxy(torch.Tensor):
-    """Stands for an owned tensor inside the module while the rows are in use.
-
-    Only operations that take an owned tensor reach the rows forward this way (a tensor
-    subclass's hook), instead of every operation of the model (a torch-function mode): a decoder
-    layer makes a dozen such calls against hundreds in all. The hook replaces each proxy by the
-    tensor it stands for and runs the mode's dispatch on the call; a per-member tensor derived
-    from an owned one (``1 + weight``, ``weight.float()``) comes back as a proxy too, so that its
-    next use is seen as well.
-    """
+    """A per-member tensor derived from an owned one inside the rows (``1 + weight``,
+    ``weight.float()``): handed back wrapped, so that its next use reaches the handlers too."""
 
     _target: torch.Tensor
     _mode: _RowsMode
+    __torch_function__ = classmethod(_hook)  # type: ignore[assignment,var-annotated]
 
     @staticmethod
     def make(target: torch.Tensor, mode: _RowsMode) -> _Proxy:
@@ -172,45 +196,29 @@ class _Proxy(torch.Tensor):
         proxy._mode = mode
         return proxy
 
-    @classmethod
-    def __torch_function__(
-        cls, func: Callable[..., Any], types: Any, args: Any = (), kwargs: Any = None
-    ) -> Any:
-        found: list[_RowsMode] = []
-        args = _unwrap(args, found)
-        kwargs = {k: _unwrap(v, found) for k, v in kwargs.items()} if kwargs else {}
-        mode = found[0]
-        with torch._C.DisableTorchFunctionSubclass():
-            # An owned tensor takes part by construction: straight to the handlers.
-            out = HandlerMode.__torch_function__(mode, func, types, args, kwargs)
-        return mode.proxied(out)
-
 
 def _unwrap(x: Any, found: list[_RowsMode]) -> Any:
     """``x`` with every :class:`_Proxy` (itself, or in a list or tuple, as torch functions take
-    them) replaced by the tensor it stands for; the proxies' mode is appended to ``found``. (By
-    hand rather than with pytree: this runs for every call on an owned tensor.)"""
+    them) replaced by the tensor it stands for; the mode of every proxy or marked tensor met is
+    appended to ``found``. (By hand rather than with pytree: this runs for every call on an owned
+    tensor.)"""
     if isinstance(x, _Proxy):
         found.append(x._mode)
         return x._target
+    if isinstance(x, (_OwnedParameter, _OwnedTensor)):
+        mode = x.__dict__.get("_rows_mode")
+        if mode is not None:
+            found.append(mode)
+        return x
     if type(x) in (list, tuple):
         return type(x)(_unwrap(v, found) for v in x)
     return x
 
 
-def _swap_in_proxies(
-    module: nn.Module, mode: _RowsMode
-) -> list[tuple[nn.Module, str, torch.Tensor]]:
-    """Put a :class:`_Proxy` in place of every owned parameter of ``module``'s modules (one
-    proxy per tensor, so tied weights stay tied); returns what to put back."""
-    swapped: list[tuple[nn.Module, str, torch.Tensor]] = []
-    for m in module.modules():
-        for name, param in m._parameters.items():
-            if param is not None and mode.owned(param) is not None:
-                swapped.append((m, name, param))
-    for m, name, tensor in swapped:
-        m._parameters[name] = mode.proxy(tensor)  # type: ignore[assignment]
-    return swapped
+def _markable(tensors: list[torch.Tensor]) -> bool:
+    """Whether every tensor can wear a marked class (plain tensors and parameters; not other
+    subclasses, nor tensors marked by rows already in use)."""
+    return all(type(t) in _MARKED for t in tensors)
 
 
 class Rows:
@@ -223,20 +231,41 @@ class Rows:
             out = model.generate(rows.repeat(prompt_ids), attention_mask=rows.repeat(mask))
         tokens = rows.split(out)  # (P, B, T)
 
+    How uses of the owned parameters are seen (``watch``):
+
+    * ``"auto"`` (default): the owned tensors themselves wear, for the duration, a tensor
+      subclass whose hook receives each operation that takes one of them, wherever it is
+      referenced from (the module, a tied module outside it, the user's own references); other
+      operations run untouched, and other threads see plain tensors. A model with a batch-norm
+      module, or an owned tensor of another tensor subclass, is watched as with ``"all"``.
+    * ``"all"``: a torch-function mode receives every operation (slower on the host). Needed
+      when batch statistics are computed with no owned tensor in the call other than through a
+      batch-norm module (``F.batch_norm(h, None, None, training=True)`` in a model's own code),
+      which ``"auto"`` does not see.
+
     Attributes:
         size: ``P``, the number of local members.
         batch: rows per member, once known (from :meth:`repeat`, :meth:`flatten` or the first
             batch the model sees).
     """
 
-    def __init__(self, population: Any, module: nn.Module, batch: int | None = None) -> None:
+    def __init__(
+        self,
+        population: Any,
+        module: nn.Module,
+        batch: int | None = None,
+        watch: str = "auto",
+    ) -> None:
+        if watch not in ("auto", "all"):
+            raise ValueError(f"Invalid watch: {watch!r} (expected 'auto' or 'all')")
+        self.watch = watch
         self.population = population
         self.module = module
         self.size = population.size
         self.batch = batch
         self.owned: dict[int, _Owned] = {}
         self._mode: _RowsMode | None = None
-        self._swapped: list[tuple[nn.Module, str, torch.Tensor]] | None = None
+        self._marked: list[tuple[torch.Tensor, type]] | None = None
         paired = bool(population.antithetic) and self.size % 2 == 0
         for name, t in module.named_parameters(remove_duplicate=False):
             if id(t) in self.owned or not population.owns(t):
@@ -264,6 +293,8 @@ class Rows:
             else:
                 o = _Owned(name, t, False, get_values=functools.partial(population.perturbed, t))
             self.owned[id(t)] = o
+        # The owned parameters (self.owned also collects derived tensors while in use).
+        self._params = list(self.owned.values())
 
     # ------------------------------------------------------------------ batches
     def repeat(self, x: Any) -> Any:
@@ -314,25 +345,46 @@ class Rows:
 
     # ------------------------------------------------------------------ context
     def __enter__(self) -> Rows:
-        self._mode = _RowsMode(self)
-        if _ALWAYS_MODE or any(
-            isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.module.modules()
+        if self._mode is not None:
+            raise RuntimeError("these rows are in use already: enter a Rows object once at a time")
+        mode = _RowsMode(self)
+        tensors = [o.tensor for o in self._params]
+        busy = next((o.name for o in self._params if "_rows_mode" in o.tensor.__dict__), None)
+        if busy is not None:
+            raise RuntimeError(
+                f"parameter {busy!r} is in rows in use already: population.rows contexts of the "
+                "same parameters cannot be nested"
+            )
+        if (
+            self.watch == "all"
+            or not _markable(tensors)
+            or any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.module.modules())
         ):
             # Batch norm needs every call (its statistics are per member even when no owned
-            # tensor takes part): watch all operations.
-            self._mode.__enter__()
+            # tensor takes part), and a tensor of another subclass cannot be marked: watch all
+            # operations.
+            mode.__enter__()
         else:
-            self._swapped = _swap_in_proxies(self.module, self._mode)
+            # The owned tensors themselves wear a class whose hook sees each operation that takes
+            # them, wherever they are referenced from (tied weights, a user's own references).
+            self._marked = [(t, type(t)) for t in tensors]
+            for t, cls in self._marked:
+                t.__class__ = _MARKED[cls]  # type: ignore[assignment]
+        for t in tensors:
+            t.__dict__["_rows_mode"] = mode
+        self._mode = mode
         return self
 
     def __exit__(self, *exc: Any) -> None:
         assert self._mode is not None
-        if self._swapped is None:
+        if self._marked is None:
             self._mode.__exit__(*exc)
         else:
-            for module, name, tensor in reversed(self._swapped):
-                module._parameters[name] = tensor  # type: ignore[assignment]
-            self._swapped = None
+            for t, cls in self._marked:
+                t.__class__ = cls  # type: ignore[assignment]
+            self._marked = None
+        for o in self._params:
+            o.tensor.__dict__.pop("_rows_mode", None)
         self._mode = None
 
     # ------------------------------------------------------------------ row helpers
