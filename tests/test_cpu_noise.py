@@ -139,7 +139,8 @@ def test_disabled_or_failing_build_falls_back_to_the_reference(monkeypatch, tmp_
         broken = tmp_path / "broken.c"
         broken.write_text("this is not C\n")
         monkeypatch.setattr(_cpu_noise, "_SOURCE", broken)
-        assert _cpu_noise.load() is None
+        with pytest.warns(RuntimeWarning, match="could not be built"):
+            assert _cpu_noise.load() is None
         # The optimizer still steps, on the reference noise.
         w = torch.nn.Parameter(torch.ones(4, 3))
         opt = EggrollOptimizer([w], lr=0.1, sigma=0.1, rank=1, pop_size=4, seed=0)
@@ -173,3 +174,10 @@ def test_per_parameter_draws_use_the_kernel_within_the_tolerance(kernel):
     assert fast.shape == ref.shape == (9, 37)
     err = (fast - ref).abs().max().item()
     assert 0 < err <= TOLERANCE, err  # 0 would mean both ran the same code
+
+
+def test_kernel_refuses_an_output_it_cannot_write(kernel):
+    params = torch.tensor([0])
+    for bad in (torch.empty(31), torch.empty(32, dtype=torch.float64), torch.empty(64)[::2]):
+        with pytest.raises(ValueError, match="Invalid out"):
+            kernel.fill_grid(bad, 2, 4, 0, params, 0, (0, 0))

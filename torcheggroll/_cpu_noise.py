@@ -24,6 +24,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -54,7 +55,7 @@ def _flags() -> tuple[list[str], list[str]]:
         capability = torch.backends.cpu.get_cpu_capability()
         if capability in ("AVX2", "AVX512"):
             compile_flags += ["-mavx2", "-mfma"]
-        if capability == "AVX512":  # 64-bit products in one instruction; 256-bit vectors
+        if capability == "AVX512":  # 64-bit products in one instruction, AVX-512 libmvec
             compile_flags += ["-mavx512f", "-mavx512dq", "-mavx512vl"]
         if platform.system() == "Linux":
             libs.insert(0, "-lmvec")  # glibc's vector logf/sinf/cosf
@@ -64,8 +65,12 @@ def _flags() -> tuple[list[str], list[str]]:
 def _build(compiler: str) -> Path:
     compile_flags, libs = _flags()
     source = _SOURCE.read_bytes()
+    version = subprocess.run(
+        [compiler, "--version"], capture_output=True, text=True, timeout=30
+    ).stdout.splitlines()[:1]
+    machine = [platform.machine(), *platform.libc_ver(), *version]
     tag = hashlib.sha256(
-        source + " ".join([compiler, *compile_flags, *libs, platform.machine()]).encode()
+        source + " ".join([compiler, *compile_flags, *libs, *machine]).encode()
     ).hexdigest()[:16]
     target = cache_dir() / f"cpu_noise_{tag}.so"
     if target.is_file():
@@ -107,8 +112,7 @@ class CpuNoiseKernel:
         """Normals of a low-rank region into ``out`` (float32, ``rows * draws * blocks * 4``):
         block ``(p, k, j)`` has counter ``(j + c0_base, k, params[p], generation)``."""
         params = _int64(params)
-        assert out.dtype == torch.float32 and out.is_contiguous()
-        assert out.numel() == params.numel() * draws * blocks * 4
+        _check_out(out, params.numel() * draws * blocks * 4)
         self._grid(
             out.data_ptr(), params.numel(), draws, blocks, c0_base, params.data_ptr(),
             generation, *key,
@@ -126,8 +130,11 @@ class CpuNoiseKernel:
         """Normals of the dense region into ``out`` (float32, ``draws * C * 4``): block
         ``(k, c)`` has counter ``(local[c], k, owners[c], generation)``."""
         local, owners = _int64(local), _int64(owners)
-        assert out.dtype == torch.float32 and out.is_contiguous()
-        assert out.numel() == draws * local.numel() * 4 and owners.numel() == local.numel()
+        if owners.numel() != local.numel():
+            raise ValueError(
+                f"Invalid owners: {owners.numel()} entries for {local.numel()} columns"
+            )
+        _check_out(out, draws * local.numel() * 4)
         self._columns(
             out.data_ptr(), draws, local.numel(), local.data_ptr(), owners.data_ptr(),
             generation, *key,
@@ -144,10 +151,25 @@ class CpuNoiseKernel:
         """``(n, 4)`` int64 Philox words of the counters ``(c0[i], c1[i], c2[i], c3)``."""
         c0, c1, c2 = (_int64(c.reshape(-1)) for c in (c0, c1, c2))
         n = c0.numel()
-        assert c1.numel() == n and c2.numel() == n
+        if c1.numel() != n or c2.numel() != n:
+            raise ValueError(f"Invalid counters: {n}, {c1.numel()}, {c2.numel()} entries")
         out = torch.empty(n, 4, dtype=torch.int64)
         self._words(c0.data_ptr(), c1.data_ptr(), c2.data_ptr(), n, c3, *key, out.data_ptr())
         return out
+
+
+def _check_out(out: torch.Tensor, numel: int) -> None:
+    """The kernel writes ``numel`` float32 values at ``out.data_ptr()``: check that it may."""
+    if (
+        out.device.type != "cpu"
+        or out.dtype != torch.float32
+        or not out.is_contiguous()
+        or out.numel() != numel
+    ):
+        raise ValueError(
+            f"Invalid out: expected a contiguous float32 CPU tensor of {numel} elements, got "
+            f"{out.dtype} of {out.numel()} on {out.device} (contiguous: {out.is_contiguous()})"
+        )
 
 
 def _int64(t: torch.Tensor) -> torch.Tensor:
@@ -165,5 +187,13 @@ def load() -> CpuNoiseKernel | None:
         return None
     try:
         return CpuNoiseKernel(ctypes.CDLL(str(_build(compiler))))
-    except (OSError, subprocess.SubprocessError, AttributeError):
+    except (OSError, RuntimeError, subprocess.SubprocessError, AttributeError) as exc:
+        warnings.warn(
+            f"torcheggroll: the CPU noise kernel could not be built with {compiler!r} "
+            f"({type(exc).__name__}: {str(exc)[:200]}); the PyTorch reference draws the noise "
+            "instead (slower; its normals differ from the kernel's by rounding, so processes of "
+            "one distributed run should all have the kernel or none)",
+            RuntimeWarning,
+            stacklevel=2,
+        )
         return None
