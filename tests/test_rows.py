@@ -178,9 +178,9 @@ def test_es_trains_through_the_rows_forward() -> None:
 
 
 def test_owned_parameters_are_marked_inside_and_restored_after() -> None:
-    # Without batch norm, only operations on owned tensors reach the rows forward: the owned
-    # tensors wear a marked class for the duration (the same objects, tied ones still tied) and
-    # get their own class back on exit, also when the code inside raises.
+    # watch="owned" without batch norm: only operations on owned tensors reach the rows forward;
+    # the owned tensors wear a marked class for the duration (the same objects, tied ones still
+    # tied) and get their own class back on exit, also when the code inside raises.
     torch.manual_seed(0)
     emb = nn.Embedding(7, 4)
     model = nn.Sequential(emb, nn.Linear(4, 7, bias=False))
@@ -191,7 +191,7 @@ def test_owned_parameters_are_marked_inside_and_restored_after() -> None:
     before = dict(model.named_parameters(remove_duplicate=False))
     opt = EggrollOptimizer([p for p in model.parameters() if p.requires_grad], pop_size=4, seed=0)
     population = opt.population()
-    with pytest.raises(RuntimeError, match="inside"), population.rows(model):
+    with pytest.raises(RuntimeError, match="inside"), population.rows(model, watch="owned"):
         assert not torch._C._is_torch_function_mode_enabled()
         assert type(emb.weight) is not nn.Parameter and isinstance(emb.weight, nn.Parameter)
         assert model[1].weight is model[0].weight is before["0.weight"]
@@ -222,7 +222,7 @@ class Elsewhere(nn.Module):
         return self.dec(h) + self.act(h)
 
 
-@pytest.mark.parametrize("watch", ["auto", "all"])
+@pytest.mark.parametrize("watch", ["all", "owned"])
 def test_owned_tensors_referenced_from_elsewhere_are_corrected(watch: str) -> None:
     model, opt = _setup(Elsewhere)
     x = torch.randn(3, 5, dtype=torch.float64)
@@ -241,26 +241,76 @@ def test_other_threads_see_the_plain_model() -> None:
     with torch.no_grad():
         plain = model(x)
         seen: list[torch.Tensor] = []
-        with opt.population().rows(model):
+        with opt.population().rows(model, watch="owned"):
             worker = threading.Thread(target=lambda: seen.append(model(x)))
             worker.start()
             worker.join()
     assert torch.equal(seen[0], plain)
 
 
-def test_rows_cannot_be_nested_or_entered_twice() -> None:
+@pytest.mark.parametrize("watch", ["all", "owned"])
+def test_rows_cannot_be_nested_or_entered_twice(watch: str) -> None:
     model, opt = _setup(lambda: nn.Linear(5, 3))
     population = opt.population()
-    rows = population.rows(model)
+    rows = population.rows(model, watch=watch)
     with rows:
         with pytest.raises(RuntimeError, match="in use already"), rows:
             pass
         with pytest.raises(RuntimeError, match="cannot be nested"), population.rows(model):
             pass
-        assert type(model.weight) is not nn.Parameter
     assert type(model.weight) is nn.Parameter and type(model.bias) is nn.Parameter
+    assert not any("_rows_mode" in p.__dict__ for p in model.parameters())
     with pytest.raises(ValueError, match="Invalid watch: 'some'"):
         population.rows(model, watch="some")
+
+
+class CachesScale(nn.Module):
+    """Keeps a tensor derived from an owned one across calls (``1 + gain``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gain = nn.Parameter(torch.zeros(4))
+        self.scale: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.scale is None:
+            self.scale = 1 + self.gain
+        return x * self.scale
+
+
+def test_a_derived_tensor_kept_past_the_rows_is_plain_afterwards() -> None:
+    model, opt = _setup(CachesScale)
+    x = torch.randn(POP * 2, 4, dtype=torch.float64)
+    with torch.no_grad(), opt.population().rows(model, watch="owned") as rows:
+        model(rows.flatten(x.view(POP, 2, 4)))
+    # After the rows, the cached (1 + gain) is the centre's value for every row.
+    torch.testing.assert_close(model(x), x * (1 + model.gain.detach()), rtol=0, atol=0)
+    copy.deepcopy(model)  # and nothing refuses to be copied
+
+
+def test_two_populations_in_one_call_are_refused() -> None:
+    torch.manual_seed(0)
+    lin = nn.Linear(5, 3).double()
+    first = EggrollOptimizer([lin.weight], rank=2, pop_size=POP, seed=0).population()
+    second = EggrollOptimizer([lin.bias], pop_size=POP, seed=1).population()
+    x = torch.randn(POP, 5, dtype=torch.float64)
+    with (
+        torch.no_grad(),
+        first.rows(lin, batch=1, watch="owned"),
+        second.rows(lin, batch=1, watch="owned"),
+        pytest.raises(RowsAttributionError, match="two populations"),
+    ):
+        lin(x)
+
+
+def test_a_deepcopy_taken_inside_the_rows_is_a_plain_model() -> None:
+    model, opt = _setup(lambda: nn.Linear(5, 3))
+    with opt.population().rows(model, watch="owned"):
+        clone = copy.deepcopy(model)
+    assert all(type(p) is nn.Parameter for p in clone.parameters())
+    assert all(
+        torch.equal(a, b) for a, b in zip(clone.parameters(), model.parameters(), strict=True)
+    )
 
 
 class FunctionalBatchNorm(nn.Module):

@@ -274,7 +274,7 @@ class Population:
         base = (param if centre is None else centre).detach().to(compute_dtype(param.dtype))
         return (base + noise.materialize(coeff)[0]).to(param.dtype)
 
-    def rows(self, module: nn.Module, batch: int | None = None, watch: str = "auto") -> Rows:
+    def rows(self, module: nn.Module, batch: int | None = None, watch: str = "all") -> Rows:
         """The population as rows of one batch of ``module``, to use as a context manager: inside
         it, ``module`` runs as it is (no vmap) on member-major batches ``(P * B, ...)`` - member
         ``p`` owns rows ``[p * B, (p + 1) * B)`` - and every use of an owned parameter is
@@ -291,9 +291,11 @@ class Population:
             module: the model whose parameters (some or all) the optimizer owns.
             batch: rows per member ``B``, if known (else from :meth:`Rows.repeat`,
                 :meth:`Rows.flatten` or the first batch the model sees).
-            watch: ``"auto"`` or ``"all"``: how uses of the owned parameters are seen (see
-                :class:`~torcheggroll.rows.Rows`; ``"all"`` for a model that computes batch
-                statistics functionally, outside batch-norm modules).
+            watch: ``"all"`` (default: a torch-function mode sees every operation) or
+                ``"owned"`` (only operations that take an owned tensor are seen, through a
+                tensor subclass the owned tensors wear: much less host time per call, for models
+                without batch statistics outside batch-norm modules; see
+                :class:`~torcheggroll.rows.Rows`).
         """
         return Rows(self, module, batch, watch)
 

@@ -2,11 +2,9 @@
 as it is (no ``vmap``), each use of an owned parameter corrected row by row.
 
 Member ``p`` of ``P`` owns rows ``[p * B, (p + 1) * B)`` of every batch (dimension 0) the model
-sees. Inside :meth:`Population.rows <torcheggroll.Population.rows>` the owned parameters wear a
-tensor subclass whose hook sees every operation that takes one of them, wherever it is
-referenced from (a model with batch norm, whose statistics are per member even where no owned
-tensor takes part, is watched by a torch-function mode instead, which sees every operation; see
-:class:`Rows` for ``watch``):
+sees. Inside :meth:`Population.rows <torcheggroll.Population.rows>` a torch-function mode watches
+the optimizer's parameters (or, with ``watch="owned"``, a tensor subclass worn by the owned
+tensors themselves, which costs the host less; see :class:`Rows`):
 
 * a low-rank matrix ``W`` (``nn.Linear``'s ``F.linear``, ``torch.addmm``/``matmul`` with ``W`` as
   the right operand as in GPT-2's ``Conv1D``, ``F.embedding``, ``F.conv*``) is used as it is by
@@ -85,6 +83,13 @@ class _RowsMode(HandlerMode):
         self.thread = threading.get_ident()
         self._proxies: dict[int, _Proxy] = {}
 
+    def close(self) -> None:
+        """The rows are left: derived tensors handed out as proxies behave as plain ones from
+        now on (a model may have kept one, e.g. a cached ``1 + weight``)."""
+        for p in self._proxies.values():
+            p._mode = None
+        self._proxies.clear()
+
     def proxied(self, out: Any) -> Any:
         """``out`` with every derived per-member tensor in it (top level, or in a list or tuple)
         wrapped in a :class:`_Proxy` (one per tensor); marked owned tensors stay as they are."""
@@ -159,6 +164,12 @@ def _hook(
     args = _unwrap(args, found)
     kwargs = {k: _unwrap(v, found) for k, v in kwargs.items()} if kwargs else {}
     mode = found[0] if found else None
+    if any(m is not mode for m in found):
+        raise RowsAttributionError(
+            f"rows forward: {getattr(func, '__name__', func)} takes tensors owned by two "
+            "populations' rows at once; it cannot correct both (use watch='all' for the outer "
+            "rows, or one population)"
+        )
     with torch._C.DisableTorchFunctionSubclass():
         if mode is None or threading.get_ident() != mode.thread:
             return func(*args, **kwargs)
@@ -171,6 +182,16 @@ class _OwnedParameter(nn.Parameter):
 
     __torch_function__ = classmethod(_hook)  # type: ignore[assignment,var-annotated]
 
+    def __deepcopy__(self, memo: dict[int, Any]) -> nn.Parameter:
+        # A copy made while the rows are in use (another thread's deepcopy of the model) is a
+        # plain parameter with the centre's values, not one marked for rows that end.
+        with torch._C.DisableTorchFunctionSubclass():
+            copied = nn.Parameter(
+                self.detach().clone(memory_format=torch.preserve_format), self.requires_grad
+            )
+        memo[id(self)] = copied
+        return copied
+
 
 class _OwnedTensor(torch.Tensor):
     """The class an owned plain tensor wears while the rows are in use."""
@@ -179,6 +200,7 @@ class _OwnedTensor(torch.Tensor):
 
 
 _MARKED: dict[type, type] = {nn.Parameter: _OwnedParameter, torch.Tensor: _OwnedTensor}
+_ENTER_LOCK = threading.Lock()
 
 
 class _Proxy(torch.Tensor):
@@ -186,7 +208,7 @@ class _Proxy(torch.Tensor):
     ``weight.float()``): handed back wrapped, so that its next use reaches the handlers too."""
 
     _target: torch.Tensor
-    _mode: _RowsMode
+    _mode: _RowsMode | None
     __torch_function__ = classmethod(_hook)  # type: ignore[assignment,var-annotated]
 
     @staticmethod
@@ -203,7 +225,8 @@ def _unwrap(x: Any, found: list[_RowsMode]) -> Any:
     appended to ``found``. (By hand rather than with pytree: this runs for every call on an owned
     tensor.)"""
     if isinstance(x, _Proxy):
-        found.append(x._mode)
+        if x._mode is not None:
+            found.append(x._mode)
         return x._target
     if isinstance(x, (_OwnedParameter, _OwnedTensor)):
         mode = x.__dict__.get("_rows_mode")
@@ -233,15 +256,19 @@ class Rows:
 
     How uses of the owned parameters are seen (``watch``):
 
-    * ``"auto"`` (default): the owned tensors themselves wear, for the duration, a tensor
-      subclass whose hook receives each operation that takes one of them, wherever it is
-      referenced from (the module, a tied module outside it, the user's own references); other
-      operations run untouched, and other threads see plain tensors. A model with a batch-norm
-      module, or an owned tensor of another tensor subclass, is watched as with ``"all"``.
-    * ``"all"``: a torch-function mode receives every operation (slower on the host). Needed
-      when batch statistics are computed with no owned tensor in the call other than through a
-      batch-norm module (``F.batch_norm(h, None, None, training=True)`` in a model's own code),
-      which ``"auto"`` does not see.
+    * ``"all"`` (default): a torch-function mode receives every operation of the thread and
+      picks out those that take an owned tensor (or compute batch statistics).
+    * ``"owned"``: the owned tensors themselves wear, for the duration, a tensor subclass whose
+      hook receives each operation that takes one of them, wherever it is referenced from;
+      other operations run untouched, which costs the host much less (a decode step of a deep
+      model: ``benchmarks/population_generate.py --preset cpu-host``). Other threads see plain
+      parameters, and derived per-member tensors kept past the context behave as plain ones. It
+      does not see what the mode sees beyond that, so use it only for models where that cannot
+      matter: batch statistics computed over rows with no owned tensor in the call (a
+      batch-norm layer anywhere in the code that runs, also outside ``module``; a model with a
+      batch-norm module inside ``module`` is watched with the mode anyway), and calls in which
+      another tensor subclass with its own ``__torch_function__`` disables subclass dispatch
+      before the hook runs (wrapper tensors, frozen quantized weights).
 
     Attributes:
         size: ``P``, the number of local members.
@@ -254,10 +281,10 @@ class Rows:
         population: Any,
         module: nn.Module,
         batch: int | None = None,
-        watch: str = "auto",
+        watch: str = "all",
     ) -> None:
-        if watch not in ("auto", "all"):
-            raise ValueError(f"Invalid watch: {watch!r} (expected 'auto' or 'all')")
+        if watch not in ("all", "owned"):
+            raise ValueError(f"Invalid watch: {watch!r} (expected 'all' or 'owned')")
         self.watch = watch
         self.population = population
         self.module = module
@@ -345,6 +372,10 @@ class Rows:
 
     # ------------------------------------------------------------------ context
     def __enter__(self) -> Rows:
+        with _ENTER_LOCK:  # the check and the marking, atomic across threads
+            return self._enter()
+
+    def _enter(self) -> Rows:
         if self._mode is not None:
             raise RuntimeError("these rows are in use already: enter a Rows object once at a time")
         mode = _RowsMode(self)
@@ -377,15 +408,17 @@ class Rows:
 
     def __exit__(self, *exc: Any) -> None:
         assert self._mode is not None
-        if self._marked is None:
-            self._mode.__exit__(*exc)
-        else:
-            for t, cls in self._marked:
-                t.__class__ = cls  # type: ignore[assignment]
-            self._marked = None
-        for o in self._params:
-            o.tensor.__dict__.pop("_rows_mode", None)
-        self._mode = None
+        with _ENTER_LOCK:
+            if self._marked is None:
+                self._mode.__exit__(*exc)
+            else:
+                for t, cls in self._marked:
+                    t.__class__ = cls  # type: ignore[assignment]
+                self._marked = None
+            for o in self._params:
+                o.tensor.__dict__.pop("_rows_mode", None)
+            self._mode.close()
+            self._mode = None
 
     # ------------------------------------------------------------------ row helpers
     def group(
