@@ -338,3 +338,46 @@ def test_a_model_with_batch_norm_is_watched_by_a_mode() -> None:
     with opt.population().rows(model):
         assert torch._C._is_torch_function_mode_enabled()
     assert not torch._C._is_torch_function_mode_enabled()
+
+
+class GemmaNorm(nn.Module):
+    """Derives ``1 + weight`` at every call, as Gemma's RMSNorm does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * (1.0 + self.weight.float())
+
+
+@pytest.mark.parametrize("watch", ["all", "owned"])
+def test_a_tensor_derived_at_every_call_is_made_once(watch: str) -> None:
+    # A decode of many steps must not pile up one derived tensor per step.
+    model, opt = _setup(GemmaNorm)
+    x = torch.randn(POP * 2, 4, dtype=torch.float32)
+    population = opt.population()
+    with torch.no_grad(), population.rows(model, batch=2, watch=watch) as rows:
+        first = model(x)
+        size = len(rows.owned)
+        for _ in range(20):
+            torch.testing.assert_close(model(x), first, rtol=0, atol=0)
+        assert len(rows.owned) == size
+    expected = _reference(population, model.float(), x.view(POP, 2, 4), per_member=True)
+    torch.testing.assert_close(first.view(POP, 2, 4), expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("watch", ["all", "owned"])
+def test_a_rows_object_entered_again_reads_the_current_parameters(watch: str) -> None:
+    model, opt = _setup(lambda: nn.Linear(5, 3))
+    x = torch.randn(POP, 5, dtype=torch.float64)
+    population = opt.population()
+    rows = population.rows(model, batch=1, watch=watch)
+    with torch.no_grad():
+        with rows:
+            model(x)
+        model.bias.add_(1.0)  # the centre moves (as after a step)
+        expected = _reference(population, model, x.view(POP, 1, 5), per_member=True)
+        with rows:
+            got = model(x)
+    torch.testing.assert_close(got.view(POP, 1, 3), expected, rtol=1e-10, atol=1e-12)

@@ -293,6 +293,7 @@ class Rows:
         self.owned: dict[int, _Owned] = {}
         self._mode: _RowsMode | None = None
         self._marked: list[tuple[torch.Tensor, type]] | None = None
+        self._derived: dict[Any, _Owned] = {}  # derived tensors made once per context
         paired = bool(population.antithetic) and self.size % 2 == 0
         for name, t in module.named_parameters(remove_duplicate=False):
             if id(t) in self.owned or not population.owns(t):
@@ -419,6 +420,21 @@ class Rows:
                 o.tensor.__dict__.pop("_rows_mode", None)
             self._mode.close()
             self._mode = None
+            for d in self._derived.values():  # the next context derives afresh
+                self.owned.pop(id(d.tensor), None)
+            self._derived.clear()
+            for o in self._params:  # ... and reads the parameters' values again
+                o.cache.clear()
+
+    def derived(self, key: Any, make: Callable[[], _Owned]) -> torch.Tensor:
+        """The centre of the derived tensor ``key`` (made by ``make`` on first use in this
+        context, and registered as owned), so that a model that derives the same tensor at
+        every call (``1 + weight`` in each decode step) does not pile up copies."""
+        d = self._derived.get(key)
+        if d is None:
+            d = self._derived[key] = make()
+            self.owned[id(d.tensor)] = d
+        return d.tensor
 
     # ------------------------------------------------------------------ row helpers
     def group(
@@ -749,13 +765,20 @@ def _elementwise(
             v = rows.member_values(o, p3.dim() - 1)
             out = call(v, p3) if o is ol else call(p3, v)
             return out.reshape(plain.shape[0], *out.shape[2:])
-        # The rows are not involved: a per-member tensor derived from the owned one.
-        centre = call(lhs, rhs)
-        v = o.values()
-        values = call(v, plain) if o is ol else call(plain, v)
-        derived = _Owned(f"{o.name} ({name})", centre, False, get_values=lambda: values)
-        rows.owned[id(centre)] = derived
-        return centre
+
+        # The rows are not involved: a per-member tensor derived from the owned one (made once
+        # per context for a number on the other side, as `1 + weight` is at every call).
+        def derive() -> _Owned:
+            centre = call(lhs, rhs)
+            v = o.values()
+            values = call(v, plain) if o is ol else call(plain, v)
+            return _Owned(f"{o.name} ({name})", centre, False, get_values=lambda: values)
+
+        if isinstance(plain, (int, float, bool)) and isinstance(alpha, (int, float, bool)):
+            return rows.derived((id(o.tensor), name, o is ol, plain, alpha), derive)
+        derived = derive()
+        rows.owned[id(derived.tensor)] = derived
+        return derived.tensor
 
     return handler
 
@@ -790,14 +813,24 @@ def _h_to(mode: _RowsMode, self: torch.Tensor, *args: Any, **kwargs: Any) -> Any
     o = mode.owned(self)
     if o is None:
         return NotImplemented
+    if o.low_rank:
+        return NotImplemented if self.to(*args, **kwargs) is not self else self
+
+    def derive() -> _Owned:
+        values = o.values().to(*args, **kwargs)
+        return _Owned(o.name, self.to(*args, **kwargs), False, get_values=lambda: values)
+
+    try:
+        key = (id(self), "to", args, tuple(sorted(kwargs.items())))
+        hash(key)
+    except TypeError:
+        derived = derive()
+        mode.rows.owned[id(derived.tensor)] = derived
+        return derived.tensor
     centre = self.to(*args, **kwargs)
     if centre is self:
         return self
-    if o.low_rank:
-        return NotImplemented
-    values = o.values().to(*args, **kwargs)
-    mode.rows.owned[id(centre)] = _Owned(o.name, centre, False, get_values=lambda: values)
-    return centre
+    return mode.rows.derived(key, derive)
 
 
 def _no_grad(*tensors: torch.Tensor) -> bool:
