@@ -381,3 +381,23 @@ def test_a_rows_object_entered_again_reads_the_current_parameters(watch: str) ->
         with rows:
             got = model(x)
     torch.testing.assert_close(got.view(POP, 1, 3), expected, rtol=1e-10, atol=1e-12)
+
+
+class CatsKeyword(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.b = nn.Parameter(torch.zeros(3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + torch.cat(tensors=[self.b, self.b])[:3]
+
+
+@pytest.mark.parametrize("watch", ["all", "owned"])
+def test_an_owned_tensor_in_a_keyword_list_is_seen(watch: str) -> None:
+    model, opt = _setup(CatsKeyword)
+    with (
+        torch.no_grad(),
+        opt.population().rows(model, batch=1, watch=watch),
+        pytest.raises(RowsAttributionError, match=r"'b'.*cat"),
+    ):
+        model(torch.randn(POP, 3, dtype=torch.float64))

@@ -121,14 +121,17 @@ class _RowsMode(HandlerMode):
         self, func: Callable[..., Any], types: Any, args: Any = (), kwargs: Any = None
     ) -> Any:
         kwargs = kwargs or {}
-        # Most operations of a model touch no owned tensor: let them through at once (a cheap
-        # look at the top-level arguments first; lists, as torch.cat's, are looked into after).
+        # Most operations of a model touch no owned tensor: let them through at once (a plain
+        # loop over the arguments, as this runs for every operation; lists, as torch.cat's, and
+        # keywords are looked into only when there are any).
         if func not in _ALWAYS:
             ids = self.rows.owned
-            hit = any(id(a) in ids for a in args) or any(id(v) in ids for v in kwargs.values())
-            nested = any(type(a) in (list, tuple) for a in args)
-            if not hit and (not nested or not self._owned_in(args, kwargs)):
-                return func(*args, **kwargs)
+            for a in args:
+                if id(a) in ids or (type(a) in (list, tuple) and self._owned_in((a,), {})):
+                    break
+            else:
+                if not kwargs or not self._owned_in((), kwargs):
+                    return func(*args, **kwargs)
         return super().__torch_function__(func, types, args, kwargs)
 
     def decline(
