@@ -39,6 +39,8 @@ from dataclasses import dataclass
 
 import torch
 
+from . import _cpu_noise
+
 __all__ = [
     "NOISE_VERSION",
     "ParamNoise",
@@ -158,9 +160,7 @@ def _stream(
     ``reference``) the PyTorch operations of this module."""
     blocks = -(-entries // 4)
     if torch.device(device).type == "cpu" and not reference:
-        from ._cpu_noise import load
-
-        kernel = load()
+        kernel = _cpu_noise.load()
         if kernel is not None:
             out = torch.empty(draws, blocks * 4, dtype=torch.float32)
             params = torch.tensor([param_index & _MASK32], dtype=torch.int64)

@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from . import _cpu_noise
 from .noise import (
     STREAM_B,
     ParamNoise,
@@ -210,7 +211,7 @@ class NoiseBuffer:
         key: Any = seed_key(seed) if isinstance(seed, int) else seed
         gen: Any = generation & _MASK32 if isinstance(generation, int) else generation
         kernels = _triton_noise() if self.device.type == "cuda" else None
-        cpu = _cpu_noise() if self.device.type == "cpu" else None
+        cpu = _cpu_noise.load() if self.device.type == "cpu" else None
         if kernels is not None:
             for region in self._regions:
                 kernels.fill_region(self.buffer, region, key, gen)
@@ -299,13 +300,6 @@ class NoiseBuffer:
                     local[sl].view(1, 1, -1), k, params[sl].view(1, 1, -1), gen, key[0], key[1]
                 )
                 out[:, :, sl].copy_(block_normals(words))
-
-
-def _cpu_noise() -> Any:
-    """The compiled CPU noise kernel, or None (see :mod:`torcheggroll._cpu_noise`)."""
-    from . import _cpu_noise
-
-    return _cpu_noise.load()
 
 
 @functools.lru_cache(maxsize=1)

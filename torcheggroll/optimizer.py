@@ -415,8 +415,10 @@ class EggrollOptimizer(Optimizer):
             plan.fill(seed, generation)
 
         sigmas = tuple(float(group["sigma"]) for group in self.param_groups)
-        entries = plan.__dict__.get("_entries", (None, None))[1]
-        if plan.__dict__.get("_entries", (None,))[0] != sigmas:  # made again when a sigma changed
+        cached = plan.__dict__.get("_entries")  # (sigmas, entries), made again when a sigma changed
+        if cached is not None and cached[0] == sigmas:
+            entries = cached[1]
+        else:
             entries = [
                 PerturbedParam(
                     o.param,
