@@ -99,9 +99,9 @@ def decode(cfg: dict[str, Any], device: torch.device, trials: int) -> dict[str, 
     def plain() -> Any:
         return model.generate(batch, attention_mask=torch.ones_like(batch), **settings)
 
-    def rows() -> Any:
+    def rows(watch: str = "all") -> Any:
         population = opt.population()
-        with population.rows(model) as r:
+        with population.rows(model, watch=watch) as r:
             ids = r.repeat(prompts)
             return model.generate(ids, attention_mask=torch.ones_like(ids), **settings)
 
@@ -112,16 +112,10 @@ def decode(cfg: dict[str, Any], device: torch.device, trials: int) -> dict[str, 
             )
         )
 
-    def rows_owned() -> Any:
-        # The same with watch="owned": only operations that take an owned tensor are seen.
-        population = opt.population()
-        with population.rows(model, watch="owned") as r:
-            ids = r.repeat(prompts)
-            return model.generate(ids, attention_mask=torch.ones_like(ids), **settings)
-
     methods = {"plain": plain, "rows": rows}
     if cfg.get("compare_watch"):
-        methods["rows_owned"] = rows_owned
+        # watch="owned": only operations that take an owned tensor are seen.
+        methods["rows_owned"] = lambda: rows("owned")
     if cfg.get("sequential"):
         methods["sequential"] = sequential
     times: dict[str, list[float]] = {m: [] for m in methods}

@@ -79,41 +79,23 @@ SAMPLE_DATA = "examples/nano_egg/data/minipile_valid_1000.npy"
 # width-independent (its layers divide by 16 sqrt(fan_in)); its lr gives about the same step,
 # relative to the weights' spread, as the float mode's. Run with --time-limit: the number of
 # epochs is only a ceiling.
+_H200 = dict(  # what both modes share on one H200
+    hidden_dim=256,
+    n_layers=2,
+    pop_size=2048,
+    batch_size=16,
+    seq_len=64,
+    valid_windows=256,
+    epochs=100_000,
+    data=SAMPLE_DATA,
+    max_docs=1000,
+    log_every=25,
+    lr_schedule="cosine",
+)
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "h200": {
-        "float": dict(
-            hidden_dim=256,
-            n_layers=2,
-            pop_size=2048,
-            batch_size=16,
-            chunk=16,
-            seq_len=64,
-            lr=0.3,
-            sigma=0.01,
-            valid_windows=256,
-            epochs=100_000,
-            data=SAMPLE_DATA,
-            max_docs=1000,
-            log_every=25,
-            tf32=True,
-            lr_schedule="cosine",
-        ),
-        "int": dict(
-            hidden_dim=256,
-            n_layers=2,
-            pop_size=2048,
-            batch_size=16,
-            chunk=8,
-            seq_len=64,
-            lr=0.7,
-            sigma=2.0,
-            valid_windows=256,
-            epochs=100_000,
-            data=SAMPLE_DATA,
-            max_docs=1000,
-            log_every=25,
-            lr_schedule="cosine",
-        ),
+        "float": dict(_H200, chunk=16, lr=0.3, sigma=0.01, tf32=True),
+        "int": dict(_H200, chunk=8, lr=0.7, sigma=2.0),
     },
 }
 # The defaults of the flags a preset may set (argparse gets None, so that explicit flags win).
