@@ -43,7 +43,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from torcheggroll import EggrollOptimizer
+from torcheggroll import EggrollOptimizer, PopulationDecoder
 
 
 def llama(
@@ -60,7 +60,8 @@ def llama(
         num_key_value_heads=max(1, hidden // 64),
         max_position_embeddings=512,
     )
-    return LlamaForCausalLM(cfg).to(device, dtype).eval()
+    with torch.device(device):  # initialized where it runs (a GPU's init takes no CPU time)
+        return LlamaForCausalLM(cfg).to(dtype).eval()
 
 
 def timed(fn: Any, device: torch.device) -> float:
@@ -74,7 +75,7 @@ def timed(fn: Any, device: torch.device) -> float:
 
 
 def decode(cfg: dict[str, Any], device: torch.device, trials: int) -> dict[str, Any]:
-    """ms per ``generate`` of each method (median and all trials)."""
+    """ms per decode of each method (median and all trials), interleaved."""
     torch.manual_seed(0)
     dtype = getattr(torch, cfg["dtype"])
     model = llama(cfg["hidden"], cfg["layers"], cfg["intermediate"], cfg["vocab"], device, dtype)
@@ -95,6 +96,11 @@ def decode(cfg: dict[str, Any], device: torch.device, trials: int) -> dict[str, 
         use_cache=True,
     )
     batch = prompts.repeat(cfg["pop"], 1)
+    # The static-cache decoder (CUDA graphs on CUDA), the same for the plain model and the rows.
+    decoder = PopulationDecoder(model, cfg["new_tokens"], eos_token_id=[], pad_token_id=0)
+    owned = PopulationDecoder(
+        model, cfg["new_tokens"], eos_token_id=[], pad_token_id=0, watch="owned"
+    )
 
     def plain() -> Any:
         return model.generate(batch, attention_mask=torch.ones_like(batch), **settings)
@@ -112,17 +118,25 @@ def decode(cfg: dict[str, Any], device: torch.device, trials: int) -> dict[str, 
             )
         )
 
-    methods = {"plain": plain, "rows": rows}
+    methods: dict[str, Any] = {
+        "plain": plain,
+        "decoder_plain": lambda: decoder(batch),
+        "decoder_rows": lambda: decoder(prompts, population=opt.population()),
+    }
+    if cfg.get("hf_rows", True):
+        methods["rows"] = rows
     if cfg.get("compare_watch"):
         # watch="owned": only operations that take an owned tensor are seen.
-        methods["rows_owned"] = lambda: rows("owned")
+        if "rows" in methods:
+            methods["rows_owned"] = lambda: rows("owned")
+        if device.type == "cpu":  # on CUDA the graphs replay no Python: the same as "all"
+            methods["decoder_rows_owned"] = lambda: owned(prompts, population=opt.population())
     if cfg.get("sequential"):
         methods["sequential"] = sequential
     times: dict[str, list[float]] = {m: [] for m in methods}
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        for fn in methods.values():
-            fn()  # warm up
+        first = {m: timed(fn, device) for m, fn in methods.items()}  # warm-up (and captures)
         for _ in range(trials):
             for name, fn in methods.items():
                 times[name].append(timed(fn, device))
@@ -135,26 +149,41 @@ def decode(cfg: dict[str, Any], device: torch.device, trials: int) -> dict[str, 
         for p in model.parameters()
         if p.dim() == 2 and min(p.shape) > cfg["rank"]
     )
+    # A decode step of the static cache reads all of its slots (keys and values, every layer).
+    mc = model.config
+    kv_dim = mc.num_key_value_heads * (mc.hidden_size // mc.num_attention_heads)
+    slots = cfg["prompt_len"] + cfg["new_tokens"]
+    kv = rows_total * slots * mc.num_hidden_layers * 2 * kv_dim * torch.finfo(dtype).bits // 8
     res: dict[str, Any] = {
         "ms_trials": times,
-        "bytes_per_step": {"weights": weights, "factors": factors},
+        "ms_first_call": first,
+        "bytes_per_step": {"weights": weights, "factors": factors, "kv_cache": kv},
     }
+    tokens = rows_total * cfg["new_tokens"]
     for m in methods:
         res[m] = statistics.median(times[m])
-        tokens = rows_total * cfg["new_tokens"]
         res[f"{m}_tokens_per_s"] = tokens / (res[m] / 1e3)
-    res["rows_vs_plain"] = statistics.median(
-        p / r for p, r in zip(times["plain"], times["rows"], strict=True)
-    )
-    res["rows_vs_plain_worst"] = min(
-        p / r for p, r in zip(times["plain"], times["rows"], strict=True)
-    )
-    if "rows_owned" in methods:
-        res["rows_owned_vs_plain"] = statistics.median(
-            p / r for p, r in zip(times["plain"], times["rows_owned"], strict=True)
-        )
+
+    def ratio(num: str, den: str) -> tuple[float, float]:
+        rs = [a / b for a, b in zip(times[num], times[den], strict=True)]
+        return statistics.median(rs), min(rs)
+
+    # Throughput of the second over the first (time of the first over the second).
+    pairs = {"rows_vs_plain": ("plain", "rows"), "decoder_rows_vs_plain": ("plain", "decoder_rows")}
+    pairs["decoder_rows_vs_decoder_plain"] = ("decoder_plain", "decoder_rows")
+    pairs["decoder_plain_vs_plain"] = ("plain", "decoder_plain")
+    pairs["rows_owned_vs_plain"] = ("plain", "rows_owned")
+    pairs["decoder_rows_owned_vs_plain"] = ("plain", "decoder_rows_owned")
+    for key, (num, den) in pairs.items():
+        if num in times and den in times:
+            res[key], res[f"{key}_worst"] = ratio(num, den)
     if "sequential" in methods:
         res["speedup_over_sequential"] = res["sequential"] / res["rows"]
+        res["decoder_speedup_over_sequential"] = res["sequential"] / res["decoder_rows"]
+        if "decoder_rows_owned" in res:
+            res["decoder_owned_speedup_over_sequential"] = (
+                res["sequential"] / res["decoder_rows_owned"]
+            )
     return res
 
 
@@ -224,7 +253,41 @@ def forward_small(trials: int) -> list[dict[str, Any]]:
     return out
 
 
-def configs(preset: str) -> list[dict[str, Any]]:
+def summary(cfg: dict[str, Any], res: dict[str, Any]) -> str:
+    """One configuration's line: each method's time and throughput, then the ratios."""
+    cells = [
+        f"{m} {res[m]:.1f} ms ({res[f'{m}_tokens_per_s']:.0f} tok/s)" for m in res["ms_trials"]
+    ]
+    ratios = [
+        f"{k} {res[k]:.3f} (worst {res[k + '_worst']:.3f})"
+        for k in (
+            "decoder_rows_vs_decoder_plain",
+            "decoder_rows_vs_plain",
+            "decoder_plain_vs_plain",
+            "rows_vs_plain",
+            "rows_owned_vs_plain",
+            "decoder_rows_owned_vs_plain",
+        )
+        if k in res
+    ]
+    speedups = [
+        f"{k} {res[k]:.1f}x"
+        for k in (
+            "speedup_over_sequential",
+            "decoder_speedup_over_sequential",
+            "decoder_owned_speedup_over_sequential",
+        )
+        if k in res
+    ]
+    b = res["bytes_per_step"]
+    moved = (
+        f"bytes/step: weights {b['weights'] / 2**30:.2f} GiB, factors {b['factors'] / 2**30:.2f}"
+        f" GiB, KV cache (static, read whole) {b['kv_cache'] / 2**30:.2f} GiB"
+    )
+    return "\n  ".join([cfg["name"], "; ".join(cells), "; ".join(ratios + speedups), moved])
+
+
+def configs(preset: str, hf_rows: bool = False) -> list[dict[str, Any]]:
     if preset == "cpu-host":
         # Arithmetic too small to matter: what a decode step costs the host (Python and
         # dispatch), which is what bounds the GPU decode of a model with many layers.
@@ -271,10 +334,12 @@ def configs(preset: str) -> list[dict[str, Any]]:
         new_tokens=128,
         dtype="bfloat16",
     )
+    # generate inside the rows (host-bound: 0.31 of plain generate, results/
+    # population_generate_h200.txt) only with --hf-rows: it takes most of the call's time.
     return [
-        dict(big, name="256x1-r1", pop=256, prompts=1, rank=1, compare_watch=True),
-        dict(big, name="256x1-r4", pop=256, prompts=1, rank=4, compare_watch=True),
-        dict(big, name="64x4-r4", pop=64, prompts=4, rank=4, compare_watch=True),
+        dict(big, name="256x1-r1", pop=256, prompts=1, rank=1, hf_rows=hf_rows),
+        dict(big, name="256x1-r4", pop=256, prompts=1, rank=4, hf_rows=hf_rows),
+        dict(big, name="64x4-r4", pop=64, prompts=4, rank=4, hf_rows=hf_rows),
     ]
 
 
@@ -285,6 +350,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--preset", choices=["cpu", "cpu-host", "h200"], default="cpu")
     p.add_argument("--trials", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument(
+        "--hf-rows", action="store_true", help="h200: also time generate inside the rows"
+    )
+    p.add_argument("--configs", default=None, help="comma-separated names to run (default: all)")
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--plot", type=Path, default=None)
     args = p.parse_args(argv)
@@ -304,34 +373,12 @@ def main(argv: list[str] | None = None) -> None:
     }
     print(f"device: {name}; torch {torch.__version__}")
     results: dict[str, Any] = {"decode": [], "forward": []}
-    for cfg in configs(args.preset):
+    for cfg in configs(args.preset, args.hf_rows):
+        if args.configs and cfg["name"] not in args.configs.split(","):
+            continue
         res = dict(cfg, **decode(cfg, device, args.trials))
         results["decode"].append(res)
-        line = (
-            f"{cfg['name']:<14} plain {res['plain']:9.1f} ms "
-            f"({res['plain_tokens_per_s']:9.0f} tok/s)  "
-            f"rows {res['rows']:9.1f} ms ({res['rows_tokens_per_s']:9.0f} tok/s)  "
-            f"throughput vs plain {res['rows_vs_plain']:.3f} "
-            f"(worst {res['rows_vs_plain_worst']:.3f})"
-        )
-        if "rows_owned" in res:
-            step = {m: res[m] / cfg["new_tokens"] for m in ("plain", "rows", "rows_owned")}
-            line += (
-                f"  per decode step: plain {step['plain']:.2f} ms, rows {step['rows']:.2f} ms, "
-                f"rows with watch='owned' {step['rows_owned']:.2f} ms "
-                f"(throughput vs plain {res['rows_owned_vs_plain']:.3f})"
-            )
-        if "sequential" in res:
-            line += (
-                f"  sequential {res['sequential']:.0f} ms, "
-                f"rows {res['speedup_over_sequential']:.1f}x faster"
-            )
-        b = res["bytes_per_step"]
-        line += (
-            f"  bytes/step: weights {b['weights'] / 2**30:.2f} GiB, "
-            f"factors {b['factors'] / 2**30:.2f} GiB"
-        )
-        print(line, flush=True)
+        print(summary(cfg, res), flush=True)
     if args.preset == "cpu":
         results["forward"] = forward_small(args.trials)
         for row in results["forward"]:
@@ -352,21 +399,24 @@ def main(argv: list[str] | None = None) -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        fig, ax = plt.subplots(figsize=(6.5, 3.5), dpi=120)
+        fig, ax = plt.subplots(figsize=(7, 3.6), dpi=120)
         dec = results["decode"]
         names = [r["name"] for r in dec]
-        ax.bar(
-            [i - 0.2 for i in range(len(dec))],
-            [r["plain_tokens_per_s"] for r in dec],
-            0.4,
-            label="plain generate",
-        )
-        ax.bar(
-            [i + 0.2 for i in range(len(dec))],
-            [r["rows_tokens_per_s"] for r in dec],
-            0.4,
-            label="population (rows)",
-        )
+        labels = {
+            "plain": "plain generate",
+            "rows": "generate in the rows",
+            "decoder_plain": "PopulationDecoder, plain model",
+            "decoder_rows": "PopulationDecoder, population",
+        }
+        shown = [m for m in labels if all(f"{m}_tokens_per_s" in r for r in dec)]
+        width = 0.8 / len(shown)
+        for k, m in enumerate(shown):
+            ax.bar(
+                [i - 0.4 + width * (k + 0.5) for i in range(len(dec))],
+                [r[f"{m}_tokens_per_s"] for r in dec],
+                width,
+                label=labels[m],
+            )
         ax.set_xticks(range(len(dec)), names)
         ax.set_ylabel("generated tokens / s")
         ax.set_title(f"{name}, torch {torch.__version__}", fontsize=8)

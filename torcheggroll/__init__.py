@@ -7,6 +7,7 @@ from .compat import (
     generate_noise_for_shapes,
     generate_standard_noise,
 )
+from .decode import PopulationDecoder
 from .lowrank import LowRankFallbackError
 from .noise import ParamNoise, draw_noise
 from .optimizer import EggrollOptimizer
@@ -23,6 +24,7 @@ __all__ = [
     "NonFiniteLossWarning",
     "ParamNoise",
     "Population",
+    "PopulationDecoder",
     "TorchEggrollES",
     "__version__",
     "compute_es_gradient",

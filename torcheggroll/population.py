@@ -173,6 +173,36 @@ class Population:
         self._fill()
         self._filled = True
 
+    def capture_key(self) -> tuple[Any, ...] | None:
+        """What a CUDA graph captured with this population depends on, for populations whose
+        noise counters are device tensors (``capturable``), else None: equal keys mean a graph
+        captured with one replays the other's generation (the counters are read at replay)."""
+        if not self._device_counters or self._counters is None:
+            return None
+        return (
+            tuple(id(c) for c in self._counters),
+            self._range or tuple(self.members.tolist()),
+            self.antithetic,
+            self.pop_size,
+            tuple((id(p.param), p.sigma, id(p.noise.a), id(p.noise.dense)) for p in self._params),
+        )
+
+    def fresh(self) -> Population:
+        """The same members and noise counters, with nothing computed yet: for a capture, in
+        which the per-generation values (scaled factors, perturbed vectors, the noise fill)
+        must be computed inside the graph rather than read from an earlier call's cache."""
+        return Population(
+            self._params,
+            pop_size=self.pop_size,
+            members=self.members,
+            seed=self.seed,
+            generation=self.generation,
+            antithetic=self.antithetic,
+            fill=self._fill,
+            tables=self._tables,
+            counters=self._counters,
+        )
+
     def noise_source(self, param: torch.Tensor) -> tuple[Any, Any, int] | None:
         """``(key, generation, index)``: what the noise of ``param`` is a function of (ints, or
         device tensors under ``capturable``), for kernels that draw it where they use it; None

@@ -429,6 +429,16 @@ class Rows:
             for o in self._params:  # ... and reads the parameters' values again
                 o.cache.clear()
 
+    def held(self) -> list[Any]:
+        """The per-context values computed so far (factors, per-member values, derived
+        tensors): a caller that captured the context in a CUDA graph keeps them alive, as its
+        replays write and read their memory."""
+        out: list[Any] = []
+        for o in self.owned.values():
+            out.append(o)  # its tensor, and the values a derived tensor's closure holds
+            out.extend(o.cache.values())  # cleared when the context is left
+        return out
+
     def derived(self, key: Any, make: Callable[[], _Owned]) -> torch.Tensor:
         """The centre of the derived tensor ``key`` (made by ``make`` on first use in this
         context, and registered as owned), so that a model that derives the same tensor at
