@@ -3,7 +3,8 @@
 # Usage: bash benchmarks/run_h200.sh PART OUTDIR, PART one of:
 #   tests     the CUDA-only tests (pytest -m cuda)                            ~4 min
 #   step      benchmarks/step_graph.py --preset gpu (captured step vs inference)  ~3 min
-#   generate  benchmarks/population_generate.py --preset h200 (rows decode)       ~4 min
+#   generate  benchmarks/population_generate.py --preset h200 (PopulationDecoder's CUDA-graph
+#             decode against generate), after the decoder's CUDA tests          ~5 min
 #   nano-float, nano-int  examples/nano_egg/train.py --preset h200, one mode per call   ~9 min each
 set -uo pipefail
 part=${1:?usage: run_h200.sh PART OUTDIR}
@@ -16,8 +17,11 @@ case "$part" in
   tests) $py -m pytest -q -m cuda -p no:cacheprovider tests/ 2>&1 | tee "$out/cuda_tests_h200.txt" | tail -15 ;;
   step) timeout 560 $py benchmarks/step_graph.py --preset gpu --trials 3 \
           --json "$out/step_graph_h200.json" --plot "$out/step_graph_h200.png" 2>&1 | tee "$out/step_graph_h200.txt" ;;
-  generate) timeout 560 $py benchmarks/population_generate.py --preset h200 --trials 2 \
-          --json "$out/population_generate_h200.json" 2>&1 | tee "$out/population_generate_h200.txt" ;;
+  generate) TORCHEGGROLL_AUTOTUNE=0 timeout 150 $py -m pytest -q -m cuda -p no:cacheprovider \
+          tests/test_decode.py 2>&1 | tee "$out/cuda_tests_decode_h200.txt" | tail -25
+        TORCHEGGROLL_AUTOTUNE=0 timeout 400 $py benchmarks/population_generate.py --preset h200 \
+          --trials 3 --json "$out/population_generate_h200.json" \
+          --plot "$out/population_generate_h200.png" 2>&1 | tee "$out/population_generate_h200.txt" ;;
   nano-float) $py examples/nano_egg/train.py --preset h200 --device cuda --time-limit 555 \
           --json "$out/nano_egg_h200_float.json" --plot "$out/nano_egg_h200_float.png" > "$out/nano_egg_h200_float.log" 2>&1
         tail -2 "$out/nano_egg_h200_float.log" ;;
