@@ -673,10 +673,15 @@ def _affine(
     key = w or b
     assert key is not None
     y3 = rows.group(y, key, op)
-    if w is not None:
-        y3 = y3 * rows.member_values(w, y3.dim() - 1, trailing)
-    if b is not None:
-        y3 = y3 + rows.member_values(b, y3.dim() - 1, trailing)
+    nd = y3.dim() - 1
+    if w is not None and b is not None:  # y * w + b in one pass
+        y3 = torch.addcmul(
+            rows.member_values(b, nd, trailing), y3, rows.member_values(w, nd, trailing)
+        )
+    elif w is not None:
+        y3 = y3 * rows.member_values(w, nd, trailing)
+    elif b is not None:
+        y3 = y3 + rows.member_values(b, nd, trailing)
     return y3.reshape(y.shape)
 
 
