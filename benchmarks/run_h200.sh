@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The H200 measurements of the README and docs, in parts that each fit a 10-minute call.
-# Usage: bash benchmarks/run_h200.sh PART OUTDIR, PART one of:
+# Usage: bash benchmarks/run_h200.sh PART OUTDIR, PART one of (written for one H200; any sm90 card runs it):
 #   tests     the CUDA-only tests (pytest -m cuda)                            ~4 min
 #   step      benchmarks/step_graph.py --preset gpu (captured step vs inference)  ~3 min
 #   generate  benchmarks/population_generate.py --preset h200 (PopulationDecoder's CUDA-graph
@@ -13,20 +13,22 @@ mkdir -p "$out"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 py=python3
 $py -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__, torch.cuda.get_device_name())'
+# Output files are named for the card that ran them (an H100 may be lent for an H200 call).
+card=$($py -c 'import torch; n = torch.cuda.get_device_name(); print("h100" if "H100" in n else "h200" if "H200" in n else "gpu")')
 case "$part" in
-  tests) $py -m pytest -q -m cuda -p no:cacheprovider tests/ 2>&1 | tee "$out/cuda_tests_h200.txt" | tail -15 ;;
+  tests) $py -m pytest -q -m cuda -p no:cacheprovider tests/ 2>&1 | tee "$out/cuda_tests_${card}.txt" | tail -15 ;;
   step) timeout 560 $py benchmarks/step_graph.py --preset gpu --trials 3 \
-          --json "$out/step_graph_h200.json" --plot "$out/step_graph_h200.png" 2>&1 | tee "$out/step_graph_h200.txt" ;;
+          --json "$out/step_graph_${card}.json" --plot "$out/step_graph_${card}.png" 2>&1 | tee "$out/step_graph_${card}.txt" ;;
   generate) TORCHEGGROLL_AUTOTUNE=0 timeout 150 $py -m pytest -q -m cuda -p no:cacheprovider \
-          tests/test_decode.py 2>&1 | tee "$out/cuda_tests_decode_h200.txt" | tail -25
+          tests/test_decode.py 2>&1 | tee "$out/cuda_tests_decode_${card}.txt" | tail -25
         TORCHEGGROLL_AUTOTUNE=0 timeout 400 $py benchmarks/population_generate.py --preset h200 \
-          --trials 3 --json "$out/population_generate_h200.json" \
-          --plot "$out/population_generate_h200.png" 2>&1 | tee "$out/population_generate_h200.txt" ;;
+          --trials 3 --json "$out/population_generate_${card}.json" \
+          --plot "$out/population_generate_${card}.png" 2>&1 | tee "$out/population_generate_${card}.txt" ;;
   nano-float) $py examples/nano_egg/train.py --preset h200 --device cuda --time-limit 555 \
-          --json "$out/nano_egg_h200_float.json" --plot "$out/nano_egg_h200_float.png" > "$out/nano_egg_h200_float.log" 2>&1
-        tail -2 "$out/nano_egg_h200_float.log" ;;
+          --json "$out/nano_egg_${card}_float.json" --plot "$out/nano_egg_${card}_float.png" > "$out/nano_egg_${card}_float.log" 2>&1
+        tail -2 "$out/nano_egg_${card}_float.log" ;;
   nano-int) $py examples/nano_egg/train.py --preset h200 --mode int --device cuda --time-limit 540 \
-          --json "$out/nano_egg_h200_int.json" --plot "$out/nano_egg_h200_int.png" > "$out/nano_egg_h200_int.log" 2>&1
-        tail -2 "$out/nano_egg_h200_int.log" ;;
+          --json "$out/nano_egg_${card}_int.json" --plot "$out/nano_egg_${card}_int.png" > "$out/nano_egg_${card}_int.log" 2>&1
+        tail -2 "$out/nano_egg_${card}_int.log" ;;
   *) echo "unknown part: $part" >&2; exit 2 ;;
 esac
