@@ -4,7 +4,9 @@
 Every step, each member of the population answers every prompt, all of them in ONE batched
 ``generate`` (``population.rows(model)``: the population as rows of one batch, each member's
 rows decoding with its own perturbed weights); a verifier scores the answers and the scores are
-the fitness. No gradient flows anywhere in the ES phase.
+the fitness. No gradient flows anywhere in the ES phase. ``--decoder`` decodes with
+``PopulationDecoder`` instead (a static KV cache of the answer's length; on CUDA the prefill and
+the decode step are CUDA graphs replayed every generation): the same greedy tokens, faster.
 
 The task is addition: ``"a+b="`` -> ``"c"``; the reward of a member is the share of prompts it
 answers exactly (greedy decoding).
@@ -54,7 +56,7 @@ from _common import (
     trim_history,
 )
 
-from torcheggroll import EggrollOptimizer, Population
+from torcheggroll import EggrollOptimizer, Population, PopulationDecoder
 
 NEWLINE = 10
 
@@ -202,6 +204,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--sigma", type=float, default=0.02)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, ...")
+    p.add_argument(
+        "--decoder",
+        action="store_true",
+        help="decode with PopulationDecoder (a static KV cache, and on CUDA CUDA graphs replayed "
+        "every step) instead of generate inside population.rows: the same greedy tokens, "
+        "always the full answer length",
+    )
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument(
         "--threads", type=int, default=1, help="CPU threads for torch (0: torch's default)"
@@ -256,7 +265,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         seed=args.seed,
         maximize=True,
         shaping="centered_rank",
+        # Device counters let the decoder's CUDA graphs follow the generation.
+        capturable=args.decoder and device.type == "cuda",
     )
+
+    new_tokens = task.width if isinstance(task, ByteTask) else task.max_new_tokens
+    pad = 0 if isinstance(task, ByteTask) else task.tokenizer.pad_token_id
+    decoder = PopulationDecoder(model, new_tokens, pad_token_id=pad) if args.decoder else None
 
     def decode(model_rows: torch.Tensor, attention: torch.Tensor | None) -> torch.Tensor:
         if isinstance(task, ByteTask):
@@ -271,13 +286,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     def closure(population: Population) -> torch.Tensor:
         # The whole population answers every prompt in one batched decode.
+        if decoder is not None:
+            out = decoder(prompts, attention_mask=mask, population=population)  # (P, B, L + T)
+            return task.rewards(out.cpu()).to(device)  # (P,) the members' fitness
         with population.rows(model) as rows:
             out = decode(rows.repeat(prompts), None if mask is None else rows.repeat(mask))
-        return task.rewards(rows.split(out).cpu()).to(device)  # (P,) the members' fitness
+        return task.rewards(rows.split(out).cpu()).to(device)
 
     @torch.no_grad()
     def centre_reward() -> float:
-        return float(task.rewards(decode(prompts, mask)[None].cpu()))
+        out = decode(prompts, mask) if decoder is None else decoder(prompts, attention_mask=mask)
+        return float(task.rewards(out[None].cpu()))
 
     history: dict[str, list[float]] = {
         "step": [0],

@@ -37,7 +37,17 @@ def test_the_reward_rises(llm_reward, tmp_path):
     assert res["best_reward"] >= res["initial_reward"] + 0.1, res["history"]["reward"]
 
 
-def test_a_local_checkpoint_with_its_own_tokenizer(llm_reward, tmp_path):
+def test_the_decoder_gives_the_same_run_as_generate(llm_reward):
+    """--decoder (PopulationDecoder) decodes the same greedy tokens as generate in the rows, so
+    the seeded runs' rewards (the centre's and the population's, step by step) are equal."""
+    common = ["--steps", "4", "--pretrain-steps", "60", "--pop-size", "8", "--quiet"]
+    plain, fast = llm_reward.main(common), llm_reward.main([*common, "--decoder"])
+    assert fast["history"]["reward"] == plain["history"]["reward"]
+    assert fast["history"]["population_reward"][1:] == plain["history"]["population_reward"][1:]
+
+
+@pytest.mark.parametrize("decoder", [False, True], ids=["generate", "decoder"])
+def test_a_local_checkpoint_with_its_own_tokenizer(llm_reward, tmp_path, decoder):
     """--model loads through from_pretrained (a checkpoint written here: a tiny Llama and a
     word-level tokenizer, no download) and asks in words, through the text verifier."""
     from tokenizers import Tokenizer, models, pre_tokenizers
@@ -97,6 +107,7 @@ def test_a_local_checkpoint_with_its_own_tokenizer(llm_reward, tmp_path):
             "--prompts",
             "3",
             "--quiet",
+            *(["--decoder"] if decoder else []),
         ]
     )
     assert res["steps_done"] == 2
