@@ -267,7 +267,8 @@ def test_forward_uses_fused_and_matches_materialized(
         net = _Net().to(kernels_on, dtype)
         opt = EggrollOptimizer(net.parameters(), lr=0.1, sigma=0.1, rank=2, pop_size=6, seed=3)
         pop = opt.population()
-        t = torch.randint(0, 11, (6, 5) if per_member else (5,), device=kernels_on)
+        # 9 rows a member: a pair has more rows than the on-the-fly kernels take.
+        t = torch.randint(0, 11, (6, 9) if per_member else (9,), device=kernels_on)
         calls.clear()
         with torch.no_grad():
             fast = pop.forward(net, t, per_member=per_member)
@@ -297,16 +298,18 @@ def test_disabled_by_environment(kernels_on: torch.device, monkeypatch: pytest.M
     assert not fused_linear.fused_available(torch.zeros(2, device=kernels_on, dtype=torch.float16))
 
 
-# ---------------------------------------------------------------------------- one row per member
+# ---------------------------------------------------------------------------- a few rows per member
 @BOTH
 @pytest.mark.parametrize("rank", [1, 2, 4, 8])
 @pytest.mark.parametrize("paired", [True, False], ids=["pairs", "singles"])
 @pytest.mark.parametrize("bias", [None, "shared", "member"])
-def test_onthefly_rowwise_matches_the_noise_definition(
-    kernels_on: torch.device, rank: int, paired: bool, bias: str | None
+@pytest.mark.parametrize("rows", [1, 3, 4])
+def test_onthefly_matches_the_noise_definition(
+    kernels_on: torch.device, rank: int, paired: bool, bias: str | None, rows: int
 ) -> None:
     """The kernels that draw the factors themselves against the factors of
-    :func:`torcheggroll.noise.draw_noise` (an independent implementation of the definition)."""
+    :func:`torcheggroll.noise.draw_noise` (an independent implementation of the definition),
+    for one row per member and for several (3: a unit of rows that is not a power of two)."""
     from torcheggroll import _triton_onthefly as otf
     from torcheggroll.noise import draw_noise, seed_key
 
@@ -325,7 +328,7 @@ def test_onthefly_rowwise_matches_the_noise_definition(
     )
     # One dtype a device: each combination compiles two kernels on CUDA.
     for dtype in [torch.bfloat16 if kernels_on.type == "cuda" else torch.float16]:
-        x = torch.randn(P, n, generator=g).to(dtype)
+        x = torch.randn(P, rows, n, generator=g).to(dtype)
         w = (torch.randn(m, n, generator=g) / n**0.5).to(dtype)
         draw = torch.arange(P) // 2 if paired else torch.arange(P)
         coeff = torch.randn(P, generator=g)
@@ -335,8 +338,8 @@ def test_onthefly_rowwise_matches_the_noise_definition(
             else torch.randn(m if bias == "shared" else (P, m), generator=g).to(dtype)
         )
         got = (
-            otf.linear_rowwise(
-                x.to(kernels_on),
+            otf.linear_onthefly(
+                x.reshape(P * rows, n).to(kernels_on),
                 w.to(kernels_on),
                 None if b is None else b.to(kernels_on),
                 draw.to(kernels_on),
@@ -346,30 +349,34 @@ def test_onthefly_rowwise_matches_the_noise_definition(
                 index,
                 rank,
                 paired,
+                rows,
             )
             .float()
             .cpu()
+            .reshape(P, rows, m)
         )
         ref = x.float() @ w.float().T + torch.einsum(
-            "pn,pnr,pmr->pm", x.float(), noise.b[draw], noise.a[draw] * coeff.view(-1, 1, 1)
+            "pin,pnr,pmr->pim", x.float(), noise.b[draw], noise.a[draw] * coeff.view(-1, 1, 1)
         )
         if b is not None:
-            ref = ref + b.float()
+            ref = ref + (b.float() if b.dim() == 1 else b.float()[:, None])
         err = ((got - ref).abs().max() / ref.abs().max()).item()
         assert err < 2 * _tolerance(dtype), (dtype, err)
 
 
 @BOTH
-def test_one_row_per_member_never_fills_the_noise_buffer(
-    kernels_on: torch.device, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("rows", [1, 4, 9])
+def test_a_few_rows_per_member_never_fill_the_noise_buffer(
+    kernels_on: torch.device, monkeypatch: pytest.MonkeyPatch, rows: int
 ) -> None:
-    """A capturable forward with one row per member draws the factors in the kernels: the
-    noise buffer stays unfilled, and the outputs are the reference's."""
+    """A capturable forward with a few rows per member (a pair's rows at most
+    ``MAX_UNIT_ROWS``) draws the factors in the kernels: the noise buffer stays unfilled. More
+    rows read the filled buffer. Either way the outputs are the reference's."""
     from torcheggroll import _triton_onthefly as otf
 
     calls: list[int] = []
-    original = otf.linear_rowwise
-    monkeypatch.setattr(otf, "linear_rowwise", lambda *a: calls.append(1) or original(*a))
+    original = otf.linear_onthefly
+    monkeypatch.setattr(otf, "linear_onthefly", lambda *a: calls.append(1) or original(*a))
     for dtype in _dtypes(kernels_on):
         torch.manual_seed(0)
         net = nn.Sequential(nn.Linear(24, 40, bias=False), nn.ReLU(), nn.Linear(40, 8, bias=False))
@@ -377,14 +384,15 @@ def test_one_row_per_member_never_fills_the_noise_buffer(
         opt = EggrollOptimizer(
             net.parameters(), sigma=0.1, rank=4, pop_size=6, seed=3, capturable=True
         )
-        x = torch.randn(6, 1, 24, device=kernels_on, dtype=dtype)
+        x = torch.randn(6, rows, 24, device=kernels_on, dtype=dtype)
         pop = opt.population()
         calls.clear()
+        in_kernel = otf.unit_rows(rows, paired=True) <= otf.MAX_UNIT_ROWS
         with torch.no_grad():
             fast = pop.forward(net, x, per_member=True)
-            assert len(calls) == 2
+            assert len(calls) == (2 if in_kernel else 0)
             buffer = opt._plan_for_step().buffers[0].buffer
-            assert torch.count_nonzero(buffer) == 0  # never filled
+            assert (torch.count_nonzero(buffer) == 0) == in_kernel  # filled only when read
             slow = pop.forward(net, x, per_member=True, path="materialized")
         assert torch.count_nonzero(buffer) > 0  # the reference reads it: filled on first use
         err = ((fast.float() - slow.float()).abs().max() / slow.float().abs().max()).item()

@@ -1,18 +1,20 @@
-"""Triton kernels for a low-rank linear layer with one input row per member, generating each
+"""Triton kernels for a low-rank linear layer with a few input rows per member, generating each
 member's factors where they are used (never in global memory).
 
-With one row per member (RL observations, LM sampling) the correction ``c_p (x_p B_d) A_d^T`` of
-member ``p`` (draw ``d``) reads ``A_d`` and ``B_d`` once for a single row, so a pre-drawn noise
-buffer costs as much memory traffic as the GEMM itself at larger ranks. These kernels compute
-the factors from the noise definition (:mod:`torcheggroll.noise`; the Philox rounds and the
-float transform of :mod:`torcheggroll._triton_noise`) in registers:
+With one row per member (RL observations, LM sampling) or a few (a decode step of several
+prompts each) the correction ``c_p (x_i B_d) A_d^T`` of member ``p`` (draw ``d``) reads ``A_d``
+and ``B_d`` for a handful of rows, so a pre-drawn noise buffer costs as much memory traffic as
+the GEMM itself at larger ranks. These kernels compute the factors from the noise definition
+(:mod:`torcheggroll.noise`; the Philox rounds and the float transform of
+:mod:`torcheggroll._triton_noise`) in registers:
 
-* ``h[p] = coeff[p] * x[p] @ B_{draw[p]}`` (``(P, r)``, stream 1 of the parameter's noise);
-* ``y[p] += h[p] @ A_{draw[p]}^T (+ bias[p])`` in place on the shared GEMM's output
+* ``h[i] = coeff[p] * x[i] @ B_{draw[p]}`` (``(M, r)``, stream 1 of the parameter's noise);
+* ``y[i] += h[i] @ A_{draw[p]}^T (+ bias[p])`` in place on the shared GEMM's output
   (stream 0).
 
-With antithetic pairs (``PAIRED``: members ``2i, 2i + 1`` share a draw) each program draws a
-pair's factors once for both members. Entry ``e`` of a draw's stream is lane ``e % 4`` of Philox
+A *unit* is the ``G`` consecutive rows that share a draw: a member's rows, or with antithetic
+pairs (members ``2i, 2i + 1`` share a draw) both members' rows. Each program draws a unit's
+factors once for all of its rows. Entry ``e`` of a draw's stream is lane ``e % 4`` of Philox
 block ``e // 4``: a rank that is a multiple of 4 takes one block per row of the factor and lane
 ``q`` is rank index ``4 kc + q``; ranks 1 and 2 take one block for 4 or 2 rows.
 """
@@ -65,8 +67,26 @@ def _normals(j, draw, param, gen, k0, k1, STREAM: tl.constexpr):
 
 @triton.jit
 def _column(t, cols, idx):
-    """Column ``idx`` of ``t`` ``(D, RANK_P2)`` as ``(D,)``."""
-    return tl.sum(tl.where(cols[None, :] == idx, t, 0.0), axis=1)
+    """Column ``idx`` of ``t`` ``(D, G, RANK_P2)`` as ``(D, G)``."""
+    return tl.sum(tl.where(cols[None, None, :] == idx, t, 0.0), axis=2)
+
+
+@triton.jit
+def _dot_rows(x, z):
+    """``x`` ``(D, G, W)`` against one noise row per unit ``z`` ``(D, W)``: ``(D, G, 1)``."""
+    return tl.sum(x * z[:, None, :], axis=2)[:, :, None]
+
+
+@triton.jit
+def _unit_rows(P, ROWS, G: tl.constexpr, G_P2: tl.constexpr, BLOCK_D: tl.constexpr):
+    """This program's units (``G`` consecutive rows sharing a draw): the first row of each
+    ``(BLOCK_D,)``, every row ``(BLOCK_D, G_P2)`` and its mask."""
+    unit = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
+    first = unit * G
+    g = tl.arange(0, G_P2)
+    rows = first[:, None] + g[None, :]
+    rmask = (first < P)[:, None] & (g < G)[None, :]
+    return first, rows, rmask
 
 
 @triton.jit(do_not_specialize=["k0", "k1", "gen", "param"])
@@ -83,84 +103,53 @@ def _projection(
     param,
     P,
     K,
+    ROWS,
     stride_x,
     ON_DEVICE: tl.constexpr,
     RANK: tl.constexpr,
     RANK_P2: tl.constexpr,
-    PAIRED: tl.constexpr,
+    G: tl.constexpr,
+    G_P2: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr,
 ):
     k0, k1, gen = _key_and_generation(key_ptr, k0, k1, gen_ptr, gen, ON_DEVICE)
     param = param.to(tl.uint32)
-    G: tl.constexpr = 2 if PAIRED else 1
-    unit = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
-    first = unit * G
-    umask = first < P
-    draw = tl.load(draw_ptr + first, mask=umask, other=0)[:, None]
+    first, rows, rmask = _unit_rows(P, ROWS, G, G_P2, BLOCK_D)
+    draw = tl.load(draw_ptr + first // ROWS, mask=first < P, other=0)[:, None]
     cols = tl.arange(0, RANK_P2)
-    acc0 = tl.zeros((BLOCK_D, RANK_P2), dtype=tl.float32)
-    acc1 = tl.zeros((BLOCK_D, RANK_P2), dtype=tl.float32)
-    row0 = x_ptr + first[:, None].to(tl.int64) * stride_x
+    c3 = cols[None, None, :]
+    acc = tl.zeros((BLOCK_D, G_P2, RANK_P2), dtype=tl.float32)
+    row_ptr = x_ptr + rows[:, :, None].to(tl.int64) * stride_x
     for i0 in range(tl.program_id(1) * BLOCK_K, K, SPLIT_K * BLOCK_K):
         i = i0 + tl.arange(0, BLOCK_K)
-        m = umask[:, None] & (i < K)[None, :]
-        x0 = tl.load(row0 + i[None, :], mask=m, other=0.0).to(tl.float32)
-        x1 = x0
-        if PAIRED:
-            x1 = tl.load(row0 + stride_x + i[None, :], mask=m, other=0.0).to(tl.float32)
+        m = rmask[:, :, None] & (i < K)[None, None, :]
+        x = tl.load(row_ptr + i[None, None, :], mask=m, other=0.0).to(tl.float32)
         if RANK % 4 == 0:
             for kc in tl.static_range(RANK // 4):
                 j = i[None, :] * (RANK // 4) + kc
                 z0, z1, z2, z3 = _normals(j, draw, param, gen, k0, k1, 1)
-                acc0 += tl.where(cols[None, :] == 4 * kc + 0, tl.sum(x0 * z0, axis=1)[:, None], 0.0)
-                acc0 += tl.where(cols[None, :] == 4 * kc + 1, tl.sum(x0 * z1, axis=1)[:, None], 0.0)
-                acc0 += tl.where(cols[None, :] == 4 * kc + 2, tl.sum(x0 * z2, axis=1)[:, None], 0.0)
-                acc0 += tl.where(cols[None, :] == 4 * kc + 3, tl.sum(x0 * z3, axis=1)[:, None], 0.0)
-                if PAIRED:
-                    acc1 += tl.where(
-                        cols[None, :] == 4 * kc + 0, tl.sum(x1 * z0, axis=1)[:, None], 0.0
-                    )
-                    acc1 += tl.where(
-                        cols[None, :] == 4 * kc + 1, tl.sum(x1 * z1, axis=1)[:, None], 0.0
-                    )
-                    acc1 += tl.where(
-                        cols[None, :] == 4 * kc + 2, tl.sum(x1 * z2, axis=1)[:, None], 0.0
-                    )
-                    acc1 += tl.where(
-                        cols[None, :] == 4 * kc + 3, tl.sum(x1 * z3, axis=1)[:, None], 0.0
-                    )
+                acc += tl.where(c3 == 4 * kc + 0, _dot_rows(x, z0), 0.0)
+                acc += tl.where(c3 == 4 * kc + 1, _dot_rows(x, z1), 0.0)
+                acc += tl.where(c3 == 4 * kc + 2, _dot_rows(x, z2), 0.0)
+                acc += tl.where(c3 == 4 * kc + 3, _dot_rows(x, z3), 0.0)
         elif RANK == 1:
             j = i0 // 4 + tl.arange(0, BLOCK_K // 4)[None, :]
             z0, z1, z2, z3 = _normals(j, draw, param, gen, k0, k1, 1)
-            z = _interleave4(z0, z1, z2, z3)
-            acc0 += tl.sum(x0 * z, axis=1)[:, None]
-            if PAIRED:
-                acc1 += tl.sum(x1 * z, axis=1)[:, None]
+            acc += _dot_rows(x, _interleave4(z0, z1, z2, z3))
         else:  # RANK == 2: a block holds rows 2b (lanes 0, 1) and 2b + 1 (lanes 2, 3)
             j = i0 // 2 + tl.arange(0, BLOCK_K // 2)[None, :]
             z0, z1, z2, z3 = _normals(j, draw, param, gen, k0, k1, 1)
-            za = _interleave2(z0, z2)
-            zb = _interleave2(z1, z3)
-            acc0 += tl.where(cols[None, :] == 0, tl.sum(x0 * za, axis=1)[:, None], 0.0)
-            acc0 += tl.where(cols[None, :] == 1, tl.sum(x0 * zb, axis=1)[:, None], 0.0)
-            if PAIRED:
-                acc1 += tl.where(cols[None, :] == 0, tl.sum(x1 * za, axis=1)[:, None], 0.0)
-                acc1 += tl.where(cols[None, :] == 1, tl.sum(x1 * zb, axis=1)[:, None], 0.0)
-    smask = umask[:, None] & (cols < RANK)[None, :]
-    c0 = tl.load(coeff_ptr + first, mask=umask, other=0.0)[:, None]
-    out0 = h_ptr + first[:, None].to(tl.int64) * RANK + cols[None, :]
+            acc += tl.where(c3 == 0, _dot_rows(x, _interleave2(z0, z2)), 0.0)
+            acc += tl.where(c3 == 1, _dot_rows(x, _interleave2(z1, z3)), 0.0)
+    c = tl.load(coeff_ptr + rows // ROWS, mask=rmask, other=0.0)[:, :, None]
+    out = h_ptr + rows[:, :, None].to(tl.int64) * RANK + c3
+    smask = rmask[:, :, None] & (c3 < RANK)
     if SPLIT_K == 1:
-        tl.store(out0, acc0 * c0, mask=smask)
+        tl.store(out, acc * c, mask=smask)
     else:
-        tl.atomic_add(out0, acc0 * c0, mask=smask)
-    if PAIRED:
-        c1 = tl.load(coeff_ptr + first + 1, mask=umask, other=0.0)[:, None]
-        if SPLIT_K == 1:
-            tl.store(out0 + RANK, acc1 * c1, mask=smask)
-        else:
-            tl.atomic_add(out0 + RANK, acc1 * c1, mask=smask)
+        tl.atomic_add(out, acc * c, mask=smask)
 
 
 @triton.jit(do_not_specialize=["k0", "k1", "gen", "param"])
@@ -177,82 +166,61 @@ def _correction(
     param,
     P,
     N,
+    ROWS,
     stride_y,
     stride_bias,
     HAS_BIAS: tl.constexpr,
     ON_DEVICE: tl.constexpr,
     RANK: tl.constexpr,
     RANK_P2: tl.constexpr,
-    PAIRED: tl.constexpr,
+    G: tl.constexpr,
+    G_P2: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
     k0, k1, gen = _key_and_generation(key_ptr, k0, k1, gen_ptr, gen, ON_DEVICE)
     param = param.to(tl.uint32)
-    G: tl.constexpr = 2 if PAIRED else 1
-    unit = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
-    first = unit * G
-    umask = first < P
-    draw = tl.load(draw_ptr + first, mask=umask, other=0)[:, None]
+    first, rows, rmask = _unit_rows(P, ROWS, G, G_P2, BLOCK_D)
+    draw = tl.load(draw_ptr + first // ROWS, mask=first < P, other=0)[:, None]
     n0 = tl.program_id(1) * BLOCK_N
     n = n0 + tl.arange(0, BLOCK_N)
-    m = umask[:, None] & (n < N)[None, :]
+    m = rmask[:, :, None] & (n < N)[None, None, :]
     cols = tl.arange(0, RANK_P2)
-    hmask = umask[:, None] & (cols < RANK)[None, :]
-    h_rows = h_ptr + first[:, None].to(tl.int64) * RANK + cols[None, :]
-    h0 = tl.load(h_rows, mask=hmask, other=0.0)
-    h1 = h0
-    if PAIRED:
-        h1 = tl.load(h_rows + RANK, mask=hmask, other=0.0)
-    y_rows = y_ptr + first[:, None].to(tl.int64) * stride_y + n[None, :]
-    y0 = tl.load(y_rows, mask=m, other=0.0).to(tl.float32)
-    y1 = y0
-    if PAIRED:
-        y1 = tl.load(y_rows + stride_y, mask=m, other=0.0).to(tl.float32)
+    hmask = rmask[:, :, None] & (cols < RANK)[None, None, :]
+    h = tl.load(
+        h_ptr + rows[:, :, None].to(tl.int64) * RANK + cols[None, None, :], mask=hmask, other=0.0
+    )
+    y_rows = y_ptr + rows[:, :, None].to(tl.int64) * stride_y + n[None, None, :]
+    y = tl.load(y_rows, mask=m, other=0.0).to(tl.float32)
     if RANK % 4 == 0:
         for kc in tl.static_range(RANK // 4):
             j = n[None, :] * (RANK // 4) + kc
             z0, z1, z2, z3 = _normals(j, draw, param, gen, k0, k1, 0)
-            y0 += (
-                _column(h0, cols, 4 * kc)[:, None] * z0
-                + _column(h0, cols, 4 * kc + 1)[:, None] * z1
+            y += (
+                _column(h, cols, 4 * kc)[:, :, None] * z0[:, None, :]
+                + _column(h, cols, 4 * kc + 1)[:, :, None] * z1[:, None, :]
             )
-            y0 += (
-                _column(h0, cols, 4 * kc + 2)[:, None] * z2
-                + _column(h0, cols, 4 * kc + 3)[:, None] * z3
+            y += (
+                _column(h, cols, 4 * kc + 2)[:, :, None] * z2[:, None, :]
+                + _column(h, cols, 4 * kc + 3)[:, :, None] * z3[:, None, :]
             )
-            if PAIRED:
-                y1 += (
-                    _column(h1, cols, 4 * kc)[:, None] * z0
-                    + _column(h1, cols, 4 * kc + 1)[:, None] * z1
-                )
-                y1 += (
-                    _column(h1, cols, 4 * kc + 2)[:, None] * z2
-                    + _column(h1, cols, 4 * kc + 3)[:, None] * z3
-                )
     elif RANK == 1:
         j = n0 // 4 + tl.arange(0, BLOCK_N // 4)[None, :]
         z0, z1, z2, z3 = _normals(j, draw, param, gen, k0, k1, 0)
-        z = _interleave4(z0, z1, z2, z3)
-        y0 += _column(h0, cols, 0)[:, None] * z
-        if PAIRED:
-            y1 += _column(h1, cols, 0)[:, None] * z
+        y += _column(h, cols, 0)[:, :, None] * _interleave4(z0, z1, z2, z3)[:, None, :]
     else:
         j = n0 // 2 + tl.arange(0, BLOCK_N // 2)[None, :]
         z0, z1, z2, z3 = _normals(j, draw, param, gen, k0, k1, 0)
-        za = _interleave2(z0, z2)
-        zb = _interleave2(z1, z3)
-        y0 += _column(h0, cols, 0)[:, None] * za + _column(h0, cols, 1)[:, None] * zb
-        if PAIRED:
-            y1 += _column(h1, cols, 0)[:, None] * za + _column(h1, cols, 1)[:, None] * zb
+        y += (
+            _column(h, cols, 0)[:, :, None] * _interleave2(z0, z2)[:, None, :]
+            + _column(h, cols, 1)[:, :, None] * _interleave2(z1, z3)[:, None, :]
+        )
     if HAS_BIAS:
-        b_rows = bias_ptr + first[:, None].to(tl.int64) * stride_bias + n[None, :]
-        y0 += tl.load(b_rows, mask=m, other=0.0).to(tl.float32)
-        if PAIRED:
-            y1 += tl.load(b_rows + stride_bias, mask=m, other=0.0).to(tl.float32)
-    tl.store(y_rows, y0.to(y_ptr.dtype.element_ty), mask=m)
-    if PAIRED:
-        tl.store(y_rows + stride_y, y1.to(y_ptr.dtype.element_ty), mask=m)
+        member = (rows // ROWS)[:, :, None].to(tl.int64)
+        y += tl.load(bias_ptr + member * stride_bias + n[None, None, :], mask=m, other=0.0).to(
+            tl.float32
+        )
+    tl.store(y_rows, y.to(y_ptr.dtype.element_ty), mask=m)
 
 
 def _counters(key: Any, gen: Any, like: torch.Tensor) -> tuple[Any, ...]:
@@ -261,7 +229,18 @@ def _counters(key: Any, gen: Any, like: torch.Tensor) -> tuple[Any, ...]:
     return like, like, int(key[0]), int(key[1]), int(gen), False
 
 
-def linear_rowwise(
+# Rows that share a draw (a unit) that one program handles at most; more rows per member read
+# the filled noise buffer (their GEMM amortizes it) instead.
+MAX_UNIT_ROWS = 16
+
+
+def unit_rows(rows: int, paired: bool) -> int:
+    """Consecutive rows that share a draw: a member's ``rows``, twice that for antithetic pairs
+    (members ``2i, 2i + 1`` are adjacent in member-major order)."""
+    return rows * (2 if paired else 1)
+
+
+def linear_onthefly(
     x: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
@@ -272,35 +251,47 @@ def linear_rowwise(
     param_index: int,
     rank: int,
     paired: bool,
+    rows: int = 1,
 ) -> torch.Tensor:
-    """``y[p] = x[p] W^T + bias[p] + coeff[p] (x[p] B_d) A_d^T`` for one row per member.
+    """``y[i] = x[i] W^T + bias[p] + coeff[p] (x[i] B_d) A_d^T`` for row ``i`` of member
+    ``p = i // rows`` (draw ``d = draw[p]``).
 
     Args:
-        x: ``(P, n)``; weight ``(m, n)``; bias ``None``, ``(m,)`` or ``(P, m)``.
+        x: ``(P * rows, n)``, member-major; weight ``(m, n)``; bias ``None``, ``(m,)`` or
+            ``(P, m)``.
         draw, coeff: ``(P,)`` each member's draw and scale ``sigma * sign / sqrt(r)``.
         key, gen: the Philox key ``(k0, k1)`` and the generation, ints or device tensors.
         param_index: the parameter's index (the counter word ``c2``).
         paired: members ``2i, 2i + 1`` share a draw (antithetic pairs; ``P`` even).
+        rows: input rows per member; ``unit_rows(rows, paired)`` at most ``MAX_UNIT_ROWS``.
 
     Returns:
-        ``(P, m)`` in ``x.dtype``.
+        ``(P * rows, m)`` in ``x.dtype``.
     """
-    P, n = x.shape
+    M, n = x.shape
     m = weight.shape[0]
+    P = draw.shape[0]
+    G = unit_rows(rows, paired)
+    if P * rows != M or G > MAX_UNIT_ROWS or (paired and P % 2):
+        raise ValueError(
+            f"Invalid rows: x {tuple(x.shape)} for {P} members of {rows} rows (paired={paired})"
+        )
     shared = bias if bias is not None and bias.dim() == 1 else None
     y = torch.nn.functional.linear(x, weight, shared)
     per_member = bias if bias is not None and bias.dim() == 2 else None
     key_t, gen_t, k0, k1, g, on_device = _counters(key, gen, x)
-    units = P // 2 if paired else P
+    units = M // G
+    g_p2 = triton.next_power_of_2(G)
     rank_p2 = triton.next_power_of_2(rank)
-    block_d = 4 if _INTERPRET else 8
+    # About 16 rows a program (8 in the interpreter), at least one unit.
+    block_d = max(1, (4 if _INTERPRET else 8) * min(2, G) // g_p2)
     block_k = 64 if _INTERPRET else 128
     split_k = (
         1 if _INTERPRET else max(1, min(16, triton.cdiv(132 * 2, triton.cdiv(units, block_d))))
     )
     split_k = min(split_k, triton.cdiv(n, block_k))
     # (split over K, the programs add their parts into h)
-    h = (torch.zeros if split_k > 1 else torch.empty)(P, rank, device=x.device, dtype=torch.float32)
+    h = (torch.zeros if split_k > 1 else torch.empty)(M, rank, device=x.device, dtype=torch.float32)
     if coeff.dtype != torch.float32 or not coeff.is_contiguous():
         coeff = coeff.to(torch.float32).contiguous()
     if draw.dtype != torch.int64 or not draw.is_contiguous():
@@ -317,13 +308,15 @@ def linear_rowwise(
         k1,
         g,
         param_index,
-        P,
+        M,
         n,
+        rows,
         xs.stride(0),
         ON_DEVICE=on_device,
         RANK=rank,
         RANK_P2=rank_p2,
-        PAIRED=paired,
+        G=G,
+        G_P2=g_p2,
         BLOCK_D=block_d,
         BLOCK_K=block_k,
         SPLIT_K=split_k,
@@ -341,15 +334,17 @@ def linear_rowwise(
         k1,
         g,
         param_index,
-        P,
+        M,
         m,
+        rows,
         y.stride(0),
         b.stride(0) if per_member is not None else 0,
         HAS_BIAS=per_member is not None,
         ON_DEVICE=on_device,
         RANK=rank,
         RANK_P2=rank_p2,
-        PAIRED=paired,
+        G=G,
+        G_P2=g_p2,
         BLOCK_D=block_d,
         BLOCK_N=block_n,
     )

@@ -56,9 +56,9 @@ __all__ = [
 @dataclass(frozen=True)
 class OnTheFly:
     """What a layer's noise is a function of, for kernels that draw the factors where they use
-    them (one row per member, :mod:`torcheggroll._triton_onthefly`), and ``fill``, which fills
-    the noise buffers before any kernel reads them instead. ``key`` and ``generation`` are ints
-    or device tensors; without them only ``fill`` is known."""
+    them (a few rows per member, :mod:`torcheggroll._triton_onthefly`), and ``fill``, which
+    fills the noise buffers before any kernel reads them instead. ``key`` and ``generation`` are
+    ints or device tensors; without them only ``fill`` is known."""
 
     fill: Callable[[], None]
     key: Any = None
@@ -67,12 +67,16 @@ class OnTheFly:
     rank: int = 0
     paired: bool = False
 
-    def rowwise(self, x: torch.Tensor, rows: int) -> bool:
+    def in_kernel(self, x: torch.Tensor, rows: int) -> bool:
         """Whether the on-the-fly kernels take an input of ``rows`` rows per member like ``x``."""
-        if self.key is None or rows != 1 or not (x.is_cuda or _cpu_interpreted()):
+        if self.key is None or not (x.is_cuda or _cpu_interpreted()):
             return False
         kernels = _onthefly()
-        return kernels is not None and kernels.supported_rank(self.rank)
+        return (
+            kernels is not None
+            and kernels.supported_rank(self.rank)
+            and kernels.unit_rows(rows, self.paired) <= kernels.MAX_UNIT_ROWS
+        )
 
 
 @functools.lru_cache(maxsize=1)
@@ -330,26 +334,25 @@ def population_linear(
 ) -> torch.Tensor:
     """The whole population's layer in the fused kernels: ``x`` ``(P, R, n)`` member-major, a
     shared ``weight`` ``(m, n)``, ``bias`` ``None``, ``(m,)`` or ``(P, m)``, the generation's
-    draws ``a``, ``b`` and each member's ``draw`` and ``coeff`` ``(P,)``. With one row per member
-    and ``source`` the factors are drawn in the kernels, otherwise read from the filled draws.
-    Returns ``(P, R, m)``; both population forwards call this."""
-    if source is not None and source.rowwise(x, x.shape[1]):
-        return (
-            _onthefly()
-            .linear_rowwise(
-                x[:, 0],
-                weight,
-                bias,
-                draw,
-                coeff,
-                source.key,
-                source.generation,
-                source.index,
-                source.rank,
-                source.paired,
-            )
-            .unsqueeze(1)
+    draws ``a``, ``b`` and each member's ``draw`` and ``coeff`` ``(P,)``. With a few rows per
+    member and ``source`` the factors are drawn in the kernels, otherwise read from the filled
+    draws. Returns ``(P, R, m)``; both population forwards call this."""
+    P, R, _ = x.shape
+    if source is not None and source.in_kernel(x, R):
+        y = _onthefly().linear_onthefly(
+            _rows(x),
+            weight,
+            bias,
+            draw,
+            coeff,
+            source.key,
+            source.generation,
+            source.index,
+            source.rank,
+            source.paired,
+            R,
         )
+        return y.reshape(P, R, weight.shape[0])
     if source is not None:
         source.fill()
     return lowrank_linear_fused(x, weight, bias, a, b, draw, coeff)
