@@ -401,3 +401,47 @@ def test_an_owned_tensor_in_a_keyword_list_is_seen(watch: str) -> None:
         pytest.raises(RowsAttributionError, match=r"'b'.*cat"),
     ):
         model(torch.randn(POP, 3, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("path", ["rows", "lowrank", "materialized"])
+def test_groups_sharing_a_noise_bucket_keep_their_own_sigma(path: str) -> None:
+    """Two same-shape linears in groups of different sigma share one bucket of the noise
+    buffer, and the biases and the norm one dense region, which a population gathers once for
+    all of them: each member's outputs still equal a plain model holding
+    ``theta + sigma_g * sign * E`` with ``E`` from :func:`torcheggroll.noise.draw_noise`."""
+    from torcheggroll.noise import draw_noise
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 6), nn.LayerNorm(6)).double()
+    sigmas = {0: 0.05, 2: 0.3, 3: 0.3}
+    opt = EggrollOptimizer(
+        [{"params": model[i].parameters(), "sigma": s} for i, s in sigmas.items()],
+        rank=2,
+        pop_size=POP,
+        seed=11,
+    )
+    x = torch.randn(4, 6, dtype=torch.float64)
+    population = opt.population()
+    with torch.no_grad():
+        got = population.forward(model, x, path=path)
+    params = [(i, p) for i in sigmas for p in model[i].parameters()]
+    for j in range(POP):
+        member = copy.deepcopy(model)
+        sign = 1.0 if j % 2 == 0 else -1.0
+        with torch.no_grad():
+            for index, (i, p) in enumerate(params):
+                noise = draw_noise(
+                    p.shape, 2, POP // 2, seed=11, generation=0, param_index=index,
+                    device="cpu", dtype=torch.float64,
+                )  # fmt: skip
+                d = j // 2
+                if noise.dense is not None:
+                    e = noise.dense[d]
+                else:
+                    e = noise.a[d] @ noise.b[d].T / 2**0.5
+                target = dict(member.named_parameters())[
+                    next(n for n, q in model.named_parameters() if q is p)
+                ]
+                target.add_(sigmas[i] * sign * e)
+            ref = member(x)
+        torch.testing.assert_close(got[j], ref, rtol=1e-10, atol=1e-12)

@@ -21,7 +21,7 @@ from ._checks import (
 )
 from ._plan import Plan, signature
 from .noise import NOISE_VERSION, seed_key
-from .population import PerturbedParam, Population
+from .population import NoiseBatch, PerturbedParam, Population
 from .shaping import (
     IdenticalLossesWarning,
     NonFiniteLossWarning,
@@ -417,7 +417,7 @@ class EggrollOptimizer(Optimizer):
         sigmas = tuple(float(group["sigma"]) for group in self.param_groups)
         cached = plan.__dict__.get("_entries")  # (sigmas, entries), made again when a sigma changed
         if cached is not None and cached[0] == sigmas:
-            entries = cached[1]
+            entries, batches = cached[1], cached[2]
         else:
             entries = [
                 PerturbedParam(
@@ -429,7 +429,8 @@ class EggrollOptimizer(Optimizer):
                 )
                 for o in plan.owned
             ]
-            plan.__dict__["_entries"] = (sigmas, entries)
+            batches = _noise_batches(plan, entries)
+            plan.__dict__["_entries"] = (sigmas, entries, batches)
         if not entries:
             warnings.warn(
                 "no parameter of EggrollOptimizer requires grad: nothing is perturbed or updated",
@@ -448,6 +449,7 @@ class EggrollOptimizer(Optimizer):
             fill=fill,
             tables=plan.member_tables,
             counters=counters,
+            batches=batches,
         )
         for buffer in plan.buffers:  # made here, outside any closure that may be compiled
             population.member_table("signs", buffer.device, buffer.dtype)
@@ -666,3 +668,27 @@ def _warn_counts(counts: list[int], total: int) -> None:
             RuntimeWarning,
             stacklevel=3,
         )
+
+
+def _noise_batches(plan: Plan, entries: list[PerturbedParam]) -> dict[int, NoiseBatch]:
+    """Where each owned parameter's noise lives in its buffer's dense region or low-rank bucket,
+    with the sigmas of ``entries``, so that a population gathers each region once."""
+    batches: dict[int, NoiseBatch] = {}
+    for b, buffer in enumerate(plan.buffers):
+        owned = plan.entry_owned[b]
+        if buffer.dense is not None:
+            sigma = torch.zeros(buffer.dense.shape[1], dtype=torch.float64)
+            for e, (start, numel) in buffer.dense_columns.items():
+                sigma[start : start + numel] = entries[owned[e]].sigma
+            scale = sigma.to(buffer.device, buffer.dtype)
+            for e, (start, _) in buffer.dense_columns.items():
+                batches[id(entries[owned[e]].param)] = NoiseBatch(buffer.dense, scale, start)
+        for bucket in buffer.buckets:
+            params = [entries[owned[e]] for e in bucket.entries]
+            scale = torch.tensor(
+                [p.sigma * p.noise.factor_scale for p in params], dtype=torch.float64
+            ).to(buffer.device, buffer.dtype)
+            scale = scale.view(-1, 1, 1, 1)
+            for row, p in enumerate(params):
+                batches[id(p.param)] = NoiseBatch(bucket.a, scale, row, bucket.b)
+    return batches

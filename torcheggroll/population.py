@@ -13,7 +13,7 @@ from . import lowrank, materialized
 from .noise import ParamNoise, compute_dtype, member_pairs, member_signs
 from .rows import Rows
 
-__all__ = ["PerturbedParam", "Population"]
+__all__ = ["NoiseBatch", "PerturbedParam", "Population"]
 
 ForwardPath = Literal["auto", "lowrank", "materialized", "rows"]
 
@@ -28,6 +28,24 @@ class PerturbedParam:
     sigma: float
     noise: ParamNoise
     group: int = 0
+
+
+@dataclass(frozen=True)
+class NoiseBatch:
+    """Where a parameter's noise lives among noise that is gathered and scaled for all members
+    at once (one gather per buffer region instead of one per parameter; the values are the
+    same as the parameter's own gather).
+
+    Dense noise: ``source`` is the region ``(draws, T)`` of every dense parameter of a buffer,
+    ``scale`` ``(T,)`` each column's sigma, the parameter's entries at columns
+    ``[slot, slot + numel)``. Low-rank noise: ``source`` and ``other`` are a bucket's
+    ``(K, draws, m, r)`` and ``(K, draws, n, r)`` draws, ``scale`` ``(K, 1, 1, 1)`` each
+    parameter's ``sigma / sqrt(r)``, the parameter being row ``slot``."""
+
+    source: torch.Tensor
+    scale: torch.Tensor
+    slot: int
+    other: torch.Tensor | None = None
 
 
 def _member_table(
@@ -66,8 +84,10 @@ class Population:
         fill: Callable[[], None] | None = None,
         tables: dict[Any, torch.Tensor] | None = None,
         counters: tuple[Any, Any] | None = None,
+        batches: Mapping[int, NoiseBatch] | None = None,
     ) -> None:
         self.pop_size = pop_size
+        self._batches = batches or {}
         self._fill = fill
         self._filled = False
         self._device_counters = isinstance(generation, torch.Tensor)
@@ -201,6 +221,7 @@ class Population:
             fill=self._fill,
             tables=self._tables,
             counters=self._counters,
+            batches=self._batches,
         )
 
     def noise_source(self, param: torch.Tensor) -> tuple[Any, Any, int] | None:
@@ -253,7 +274,26 @@ class Population:
 
         Materialized: this builds one full tensor per member (the reference path).
         """
-        return self.local_noise(param).materialize(self.coefficients(param))
+        batch = self._batches.get(id(param))
+        if batch is None or batch.other is not None:  # materialized low-rank noise: per parameter
+            return self.local_noise(param).materialize(self.coefficients(param))
+        # The region's columns for every member at once: noise * (sign * sigma of the column).
+        region = self._gathered(batch, lambda: self._scaled(batch.source, 0, batch.scale[None]))
+        numel = param.numel()
+        return region[:, batch.slot : batch.slot + numel].reshape(self.size, *param.shape)
+
+    def _gathered(self, batch: NoiseBatch, build: Callable[[], Any]) -> Any:
+        key = ("batch", id(batch.source))
+        if key not in self._cache:
+            self.fill_noise()
+            self._cache[key] = build()
+        return self._cache[key]
+
+    def _scaled(self, draws: torch.Tensor, dim: int, scale: torch.Tensor) -> torch.Tensor:
+        """``draws`` gathered along ``dim`` for the local members, times ``sign * scale``."""
+        signs = self.member_table("signs", draws.device, draws.dtype)
+        picked = draws.index_select(dim, self.member_table("pairs", draws.device, torch.int64))
+        return picked * (signs.view(-1, *([1] * (draws.dim() - dim - 1))) * scale)
 
     def _cached(self, kind: str, param: torch.Tensor, build: Any) -> Any:
         # Per-generation cache for closures that call forward many times (an RL rollout, a
@@ -277,6 +317,18 @@ class Population:
         ``(size, m, r)`` already scaled by ``sigma * sign / sqrt(r)``, and ``b`` ``(size, n, r)``,
         so that member ``j``'s weight is ``param + (a[j] @ b[j].T).reshape(param.shape)``.
         Cached for the generation: treat them as read-only."""
+
+        batch = self._batches.get(id(param))
+        if batch is not None and batch.other is not None:
+            other = batch.other
+
+            def gather() -> tuple[torch.Tensor, torch.Tensor]:
+                pairs = self.member_table("pairs", other.device, torch.int64)
+                a = self._scaled(batch.source, 1, batch.scale).to(param.dtype)
+                return a, other.index_select(1, pairs).to(param.dtype)
+
+            a, b = self._gathered(batch, gather)
+            return a[batch.slot], b[batch.slot]
 
         def build() -> tuple[torch.Tensor, torch.Tensor]:
             noise = self.local_noise(param)
