@@ -445,3 +445,25 @@ def test_groups_sharing_a_noise_bucket_keep_their_own_sigma(path: str) -> None:
                 target.add_(sigmas[i] * sign * e)
             ref = member(x)
         torch.testing.assert_close(got[j], ref, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dense_values_of_a_region_equal_each_parameters_own(dtype: torch.dtype) -> None:
+    """``perturbed_many`` (one pass over the dense noise region) gives every parameter's
+    ``perturbed`` bitwise, for a subset in any order, and reads the centres at each call."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 7), nn.LayerNorm(7), nn.Linear(7, 3), nn.LayerNorm(3))
+    model = model.to(dtype)
+    opt = EggrollOptimizer(model.parameters(), sigma=0.1, rank=2, pop_size=POP, seed=2)
+    population = opt.population()
+    dense = [p for p in model.parameters() if p.dim() == 1]
+    for chosen in (dense, dense[::-1][:3]):
+        got = population.perturbed_many(chosen)
+        for p, g in zip(chosen, got, strict=True):
+            assert g.dtype == dtype and torch.equal(g, population.perturbed(p))
+    before = population.perturbed_many(dense)[1]
+    with torch.no_grad():
+        dense[1].add_(1.0)
+    moved = population.perturbed_many(dense)[1]
+    assert torch.equal(moved, population.perturbed(dense[1]))
+    assert not torch.equal(moved, before)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -277,10 +278,17 @@ class Population:
         batch = self._batches.get(id(param))
         if batch is None or batch.other is not None:  # materialized low-rank noise: per parameter
             return self.local_noise(param).materialize(self.coefficients(param))
-        # The region's columns for every member at once: noise * (sign * sigma of the column).
-        region = self._gathered(batch, lambda: self._scaled(batch.source, 0, batch.scale[None]))
+        region = self._dense_region(batch)
         numel = param.numel()
         return region[:, batch.slot : batch.slot + numel].reshape(self.size, *param.shape)
+
+    def _dense_region(self, batch: NoiseBatch) -> torch.Tensor:
+        """``(size, T)`` the perturbations of a whole dense region: noise * (sign * sigma of the
+        column), made once for the generation."""
+        region: torch.Tensor = self._gathered(
+            batch, functools.partial(self._scaled, batch.source, 0, batch.scale[None])
+        )
+        return region
 
     def _gathered(self, batch: NoiseBatch, build: Callable[[], Any]) -> Any:
         key = ("batch", id(batch.source))
@@ -311,6 +319,39 @@ class Population:
         delta = self._cached("perturbation", param, lambda: self.perturbation(param))
         centre = param.detach().to(compute_dtype(param.dtype))
         return (centre.unsqueeze(0) + delta).to(param.dtype)
+
+    def perturbed_many(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
+        """``[perturbed(p) for p in params]`` (the same values), with the dense parameters of one
+        noise region done together: their centres read in one ``cat`` and added to the region's
+        perturbations in one ``index_add``, instead of a few operations per parameter."""
+        out: dict[int, torch.Tensor] = {}
+        regions: dict[int, list[torch.Tensor]] = {}
+        for p in params:
+            batch = self._batches.get(id(p))
+            if batch is not None and batch.other is None:
+                regions.setdefault(id(batch.source), []).append(p)
+            else:
+                out[id(p)] = self.perturbed(p)
+        for ps in regions.values():
+            if len(ps) == 1:
+                out[id(ps[0])] = self.perturbed(ps[0])
+                continue
+            batch = self._batches[id(ps[0])]
+            delta = self._dense_region(batch)
+            spans = tuple((self._batches[id(p)].slot, p.numel()) for p in ps)
+            key = ("columns", id(batch.source), spans)
+            if key not in self._tables:
+                self._tables[key] = torch.tensor(
+                    [c for start, n in spans for c in range(start, start + n)],
+                    dtype=torch.int64,
+                    device=delta.device,
+                )
+            centres = torch.cat([p.detach().reshape(-1) for p in ps]).to(delta.dtype)
+            values = delta.index_add(1, self._tables[key], centres.expand(self.size, -1))
+            values = values.to(ps[0].dtype)
+            for p, (start, n) in zip(ps, spans, strict=True):
+                out[id(p)] = values[:, start : start + n].reshape(self.size, *p.shape)
+        return [out[id(p)] for p in params]
 
     def lowrank_factors(self, param: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Each local member's factors of a low-rank ``param`` in its dtype: ``a`` of shape

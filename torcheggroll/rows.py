@@ -322,10 +322,20 @@ class Rows:
                         source,
                     )
             else:
-                o = _Owned(name, t, False, get_values=functools.partial(population.perturbed, t))
+                o = _Owned(name, t, False, get_values=functools.partial(self._dense_values, t))
             self.owned[id(t)] = o
         # The owned parameters (self.owned also collects derived tensors while in use).
         self._params = list(self.owned.values())
+        self._values: dict[int, torch.Tensor] = {}  # the dense parameters' values, per context
+
+    def _dense_values(self, t: torch.Tensor) -> torch.Tensor:
+        """``(P, *shape)`` the members' values of the dense-noise parameter ``t``, made for all
+        of them at the first use in a context (one pass per noise region)."""
+        if id(t) not in self._values:
+            dense = [o.tensor for o in self._params if not o.low_rank]
+            values = self.population.perturbed_many(dense)
+            self._values = dict(zip(map(id, dense), values, strict=True))
+        return self._values[id(t)]
 
     # ------------------------------------------------------------------ batches
     def repeat(self, x: Any) -> Any:
@@ -428,6 +438,7 @@ class Rows:
             self._derived.clear()
             for o in self._params:  # ... and reads the parameters' values again
                 o.cache.clear()
+            self._values = {}
 
     def held(self) -> list[Any]:
         """The per-context values computed so far (factors, per-member values, derived
