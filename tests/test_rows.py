@@ -467,3 +467,36 @@ def test_dense_values_of_a_region_equal_each_parameters_own(dtype: torch.dtype) 
     moved = population.perturbed_many(dense)[1]
     assert torch.equal(moved, population.perturbed(dense[1]))
     assert not torch.equal(moved, before)
+
+
+class Norms(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 8)
+        self.ln = nn.LayerNorm(8)
+        self.gn = nn.GroupNorm(2, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.ln(self.lin(x))  # (N, 8)
+        return self.gn(h.unsqueeze(-1)).squeeze(-1)
+
+
+@pytest.mark.parametrize("owned", ["weight", "bias"])
+def test_norms_with_one_of_weight_and_bias_owned_match_each_member(owned: str) -> None:
+    # A group of norm weights without their biases (or the reverse): the unowned half is the
+    # centre's, applied after the normalization, never scaled by the member's weight.
+    torch.manual_seed(0)
+    model = Norms().double()
+    with torch.no_grad():
+        for m in (model.ln, model.gn):
+            m.weight.uniform_(0.5, 1.5)
+            m.bias.uniform_(-1.0, 1.0)
+    params = [model.lin.weight] + [getattr(m, owned) for m in (model.ln, model.gn)]
+    opt = EggrollOptimizer(params, sigma=0.2, rank=2, pop_size=POP, seed=3)
+    x = torch.randn(3, 4, dtype=torch.float64)
+    population = opt.population()
+    with torch.no_grad():
+        expected = _reference(population, model, x, False)
+        for path in ("rows", "lowrank"):
+            out = population.forward(model, x, path=path)
+            torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-12)

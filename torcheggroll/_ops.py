@@ -36,10 +36,16 @@ def _narrow_product(rows: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
 
 
 def linear_correction(
-    x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, base: torch.Tensor | None = None
+    x: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    base: torch.Tensor | None = None,
+    inplace: bool = False,
 ) -> torch.Tensor:
     """``(x b) a^T``: the rank-r part of ``x W^T`` (``nn.Linear``'s layout, ``W`` ``(m, n)``),
-    added to ``base`` (the shared product, same shape as the result) when given.
+    added to ``base`` (the shared product, same shape as the result) when given; with
+    ``inplace``, added into ``base`` itself (a fresh tensor the caller owns, never a view of an
+    input: it saves a pass over the result).
 
     ``x`` is ``(*G, ..., n)`` for factors ``a`` ``(*G, m, r)``, ``b`` ``(*G, n, r)``; returns
     ``(*G, ..., m)``.
@@ -55,25 +61,30 @@ def linear_correction(
     if base is None:
         out = h @ a_t
     elif g == 0:
-        out = torch.addmm(base if flat else base.reshape(-1, m), h, a_t)
+        base2 = base if flat else base.reshape(-1, m)
+        out = base2.addmm_(h, a_t) if inplace else torch.addmm(base2, h, a_t)
     elif g == 1:
-        out = torch.baddbmm(base if flat else base.reshape(*lead, -1, m), h, a_t)
+        base3 = base if flat else base.reshape(*lead, -1, m)
+        out = base3.baddbmm_(h, a_t) if inplace else torch.baddbmm(base3, h, a_t)
     else:
         return base + (h @ a_t).reshape(*x.shape[:-1], m)
     return out if flat else out.reshape(*x.shape[:-1], m)
 
 
-def right_correction(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def right_correction(
+    x: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    base: torch.Tensor | None = None,
+    inplace: bool = False,
+) -> torch.Tensor:
     """``(x a) b^T``: the rank-r part of ``x @ W`` for ``W`` stored ``(m, n)`` and used as the
-    right operand (``torch.addmm(bias, x, W)``, as Hugging Face's GPT-2 ``Conv1D`` does).
+    right operand (``torch.addmm(bias, x, W)``, as Hugging Face's GPT-2 ``Conv1D`` does), added
+    to ``base`` (in place with ``inplace``) as in :func:`linear_correction`.
 
     ``x`` is ``(*G, ..., m)``; returns ``(*G, ..., n)``.
     """
-    g = _groups(a)
-    lead, m = x.shape[:g], x.shape[-1]
-    rows = x.reshape(*lead, -1, m)
-    out = _narrow_product(rows, a.to(x.dtype)) @ b.to(x.dtype).transpose(-1, -2)
-    return out.reshape(*x.shape[:-1], b.shape[-2])
+    return linear_correction(x, b, a, base, inplace)
 
 
 def embedding_correction(ids: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
