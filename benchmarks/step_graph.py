@@ -155,11 +155,22 @@ def profile(cfg: dict[str, Any], device: torch.device, rows: int = 15) -> str:
         for _ in range(3):
             opt.step(closure)
         torch.cuda.synchronize()
-        with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+        with torch_profile(
+            activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True
+        ) as prof:
             for _ in range(5):
                 opt.step(closure)
             torch.cuda.synchronize()
-    return str(prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows))
+    events = prof.key_averages()
+    kernels = events.table(sort_by="self_cuda_time_total", row_limit=rows, max_name_column_width=60)
+    # The operators that launched them, with their inputs' shapes (5 steps: divide by 5).
+    ops = prof.key_averages(group_by_input_shape=True).table(
+        sort_by="self_cuda_time_total",
+        row_limit=2 * rows,
+        max_name_column_width=40,
+        max_shapes_column_width=80,
+    )
+    return kernels + "\n" + ops
 
 
 def time_ms(fn: Any) -> float:

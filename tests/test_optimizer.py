@@ -15,6 +15,7 @@ import io
 import math
 import pickle
 import re
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -852,6 +853,54 @@ def test_cuda_lockstep_through_a_cpu_checkpoint_and_sgd_equivalence():
     assert all(torch.isfinite(p).all() for p in m1.parameters())
 
 
+@pytest.mark.parametrize(
+    "device",
+    [
+        "cpu",
+        pytest.param(
+            "cuda",
+            marks=[
+                pytest.mark.cuda,
+                pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
+            ],
+        ),
+    ],
+)
+@pytest.mark.parametrize("rank", [1, 4])
+def test_epilogue_update_equals_the_general_update(monkeypatch, device, rank):
+    """A lone matrix's update in its product's epilogue (``addmm_`` with the sigma factor and
+    ``1/sqrt(rank)`` in ``alpha``) moves it as the general path does (the CPU, float64)."""
+    from torcheggroll import _update
+
+    def run(epilogue: bool, dev: str) -> torch.Tensor:
+        devices = (dev,) if epilogue else ()
+        monkeypatch.setattr(_update, "EPILOGUE_DEVICES", devices)
+        w = torch.nn.Parameter(torch.linspace(-1, 1, 64 * 48, dtype=torch.float64).view(64, 48))
+        w = torch.nn.Parameter(w.detach().to(dev))
+        opt = EggrollOptimizer(
+            [w], lr=0.05, sigma=0.1, rank=rank, pop_size=16, seed=3, sigma_scaling="fan_in"
+        )
+        calls = []
+        monkeypatch.setattr(_update, "_fusable", wrap(_update._fusable, calls))
+        opt.step(lambda pop: torch.arange(16.0, dtype=torch.float64, device=dev).sin())
+        assert any(calls) == epilogue
+        return w.detach().cpu() - torch.linspace(-1, 1, 64 * 48, dtype=torch.float64).view(64, 48)
+
+    def wrap(fn, calls):
+        def fusable(*args):
+            calls.append(fn(*args))
+            return calls[-1]
+
+        return fusable
+
+    general = run(False, "cpu")
+    monkeypatch.undo()
+    fused = run(True, device)
+    assert general.abs().max() > 1e-4  # the update is not vacuous
+    # float64 on both devices: the CPU and CUDA noise agree to the float transform's tolerance.
+    torch.testing.assert_close(fused, general, rtol=1e-5, atol=1e-9)
+
+
 def test_state_dict_snapshot_keeps_its_generation() -> None:
     """A state_dict taken earlier is not advanced by later steps (its ints are not shared)."""
     model = torch.nn.Linear(3, 2)
@@ -997,6 +1046,25 @@ def test_a_non_finite_update_is_never_applied(dtype: torch.dtype):
         opt.step(lambda pop: losses)
     assert torch.equal(w.detach(), before)
     assert opt.generation == 1
+
+
+def test_an_infinite_coefficient_is_never_applied():
+    # float64 losses whose pair difference overflows: the first draw's coefficient is +inf.
+    big = torch.finfo(torch.float64).max
+    w = torch.nn.Parameter(torch.ones(8, 8, dtype=torch.float64))
+    opt = EggrollOptimizer([w], lr=1e-3, sigma=1.0, pop_size=4, seed=0, shaping="raw")
+    with pytest.warns(RuntimeWarning, match="overflowed"):
+        opt.step(lambda pop: torch.tensor([big, -big, 0.0, 3.0], dtype=torch.float64))
+    assert torch.equal(w.detach(), torch.ones(8, 8, dtype=torch.float64))
+
+
+def test_lr_zero_changes_nothing_and_warns_nothing():
+    w = torch.nn.Parameter(torch.ones(8, 8))
+    opt = EggrollOptimizer([w], lr=0.0, sigma=0.1, pop_size=4, seed=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.step(lambda pop: torch.tensor([0.0, 1.0, 2.0, 3.0]))
+    assert torch.equal(w.detach(), torch.ones(8, 8)) and opt.generation == 1
 
 
 @pytest.mark.parametrize(

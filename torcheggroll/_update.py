@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from ._plan import Plan
-from .shaping import mask_nonfinite, shape_losses
+from .shaping import replace_nonfinite, shape_losses
 
 __all__ = ["NORMAL_BOUND", "Update", "apply", "directions", "grads"]
 
@@ -39,6 +39,9 @@ _HALF = (torch.float16, torch.bfloat16)
 NORMAL_BOUND = math.sqrt(-2.0 * math.log(2.0**-24))  # 5.768: the largest |normal| drawn
 # The updates allowed: far inside float32's range (3.4e38), so that adding them cannot overflow.
 _UPDATE_LIMIT = 1e30
+# The devices where a lone matrix takes its update in its product's epilogue (``p.addmm_``); the
+# CPU keeps the general path (tests add "cpu" here to check the epilogue's arithmetic there).
+EPILOGUE_DEVICES = ("cuda",)
 
 
 @dataclass
@@ -60,27 +63,41 @@ class Update:
     new_values: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
+def _finite(losses: torch.Tensor) -> torch.Tensor:
+    """``torch.isfinite(losses)`` of floating-point losses in two kernels (``isfinite`` takes
+    four): ``x * 0`` is 0 for finite ``x`` and NaN for NaN and ±inf."""
+    return (losses * 0) == 0
+
+
 def _coefficients(
-    losses: torch.Tensor, groups: Sequence[dict[str, Any]], antithetic: bool, pop_size: int
-) -> torch.Tensor:
-    """``(G, D)`` float64: ``sigma_g / sqrt(N) * c_gk`` for every group ``g`` and draw ``k``."""
+    losses: torch.Tensor,
+    finite: torch.Tensor,
+    groups: Sequence[dict[str, Any]],
+    antithetic: bool,
+    pop_size: int,
+) -> list[torch.Tensor]:
+    """``(D,)`` float64 ``sigma_g / sqrt(N) * c_gk`` of every group ``g`` (``finite``: the
+    losses' finite mask). Groups with the same ``maximize`` and ``shaping`` share the work."""
+    x = losses.to(torch.float64)
+    shaped: dict[tuple[bool, str], torch.Tensor] = {}
     rows = []
     for group in groups:
-        # Negate before replacing non-finite values, so that they become the worst member (the
-        # largest loss) also when the closure returns a fitness to maximize.
-        signed = -losses if group["maximize"] else losses
-        clean, _ = mask_nonfinite(signed)
-        s = shape_losses(clean.to(torch.float64), group["shaping"])
-        c = s.view(-1, 2)[:, 0] - s.view(-1, 2)[:, 1] if antithetic else s
-        rows.append(c * (float(group["sigma"]) / math.sqrt(pop_size)))
-    return torch.stack(rows)
+        key = (bool(group["maximize"]), group["shaping"])
+        if key not in shaped:
+            # Negate before replacing non-finite values, so that they become the worst member
+            # (the largest loss) also when the closure returns a fitness to maximize.
+            clean = replace_nonfinite(-x if key[0] else x, finite)
+            s = shape_losses(clean, key[1])
+            shaped[key] = s.view(-1, 2)[:, 0] - s.view(-1, 2)[:, 1] if antithetic else s
+        rows.append(shaped[key] * (float(group["sigma"]) / math.sqrt(pop_size)))
+    return rows
 
 
-def _identical(losses: torch.Tensor) -> torch.Tensor:
+def _identical(losses: torch.Tensor, finite: torch.Tensor) -> torch.Tensor:
     """0-d bool: every member's loss is the same finite value (more than one member)."""
     if losses.numel() < 2:
         return torch.zeros((), dtype=torch.bool, device=losses.device)
-    return (losses == losses[0]).all() & torch.isfinite(losses[0])
+    return (losses == losses[0]).all() & finite[0]
 
 
 class _Workspace:
@@ -136,29 +153,40 @@ def _by_group_and_device(plan: Plan, positions: Any) -> dict[tuple[int, torch.de
     return out
 
 
-def _operands(plan: Plan, b: int, k: int, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(P, m, D r)`` ``A * coef`` and ``(P, n, D r)`` ``B`` of bucket ``k`` of buffer ``b``, in
-    the product's dtype: the update of row ``p`` is ``lhs[p] @ rhs[p].T``."""
+def _draw_coefficients(plan: Plan, b: int, k: int, c: torch.Tensor) -> torch.Tensor:
+    """``(P, D)`` the coefficients of bucket ``k`` of buffer ``b``'s parameters: their groups'
+    rows of ``c`` ``(G, D)`` times each parameter's sigma factor over ``sqrt(rank)``."""
+    update = plan.bucket_updates[b][k]
+    factors = plan.__dict__.setdefault("_factors", {})
+    factor = factors.get((b, k, c.dtype))
+    if factor is None:
+        r = plan.buffers[b].buckets[k].a.shape[3]
+        factor = factors[b, k, c.dtype] = (update.scales / math.sqrt(r)).to(c.dtype)
+    return c.index_select(0, update.groups) * factor
+
+
+def _operands(plan: Plan, b: int, k: int, coef: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(P, m, D r)`` ``A * coef`` and ``(P, n, D r)`` ``B`` of bucket ``k`` of buffer ``b``
+    (``coef`` ``(P, D)``), in the product's dtype: the update of row ``p`` is
+    ``lhs[p] @ rhs[p].T``."""
     bucket = plan.buffers[b].buckets[k]
-    groups = plan.bucket_updates[b][k].groups
     rows, draws, m, r = bucket.a.shape
     n = bucket.b.shape[2]
-    coef = c.index_select(0, groups) * (plan.bucket_updates[b][k].scales.to(c.dtype) / math.sqrt(r))
     param_dtype = plan.owned[plan.bucket_updates[b][k].owned[0]].param.dtype
     # Half-precision parameters: the update is rounded to their dtype anyway, and a float32
     # product would cost more than the population's forward.
     dtype = param_dtype if param_dtype in _HALF else bucket.a.dtype
     if r == 1:
         # (m, D) and (n, D) are transposes of the draws: no copy besides the scaling and cast.
-        lhs = torch.empty(rows, draws, m, dtype=dtype, device=c.device)
+        lhs = torch.empty(rows, draws, m, dtype=dtype, device=coef.device)
         torch.mul(bucket.a[..., 0], coef[:, :, None], out=lhs)
         rhs = bucket.b[..., 0] if dtype == bucket.b.dtype else bucket.b[..., 0].to(dtype)
         return lhs.transpose(1, 2), rhs.transpose(1, 2)
     # The contraction runs over (factor, draw) in that order: (P, D, m * r) transposed to
     # (P, m * r, D) is one 2-D transpose per parameter, cheaper than moving runs of r entries.
-    lhs = torch.empty(rows, m * r, draws, dtype=dtype, device=c.device)
+    lhs = torch.empty(rows, m * r, draws, dtype=dtype, device=coef.device)
     torch.mul(bucket.a.reshape(rows, draws, m * r).transpose(1, 2), coef[:, None, :], out=lhs)
-    rhs = torch.empty(rows, n * r, draws, dtype=dtype, device=c.device)
+    rhs = torch.empty(rows, n * r, draws, dtype=dtype, device=coef.device)
     rhs.copy_(bucket.b.reshape(rows, draws, n * r).transpose(1, 2))
     return lhs.view(rows, m, r * draws), rhs.view(rows, n, r * draws)
 
@@ -170,15 +198,21 @@ def directions(
     and (float16 parameters) the values to apply. ``lrs`` are the groups' learning rates."""
     losses = losses.detach()
     device = losses.device
-    bad = (~torch.isfinite(losses)).sum()
-    coeffs = _coefficients(losses, groups, plan.antithetic, plan.pop_size)
-    # The largest change any product can make, per group (see the module doc).
-    within = []
-    for g, lr in enumerate(lrs):
+    finite = _finite(losses)
+    bad = losses.numel() - finite.sum()
+    any_finite = bad < losses.numel()
+    rows = _coefficients(losses, finite, groups, plan.antithetic, plan.pop_size)
+    # The largest change any product can make, per group (see the module doc). A NaN or an
+    # infinite coefficient makes its group's norm NaN or inf, which fails the comparison too.
+    ok = any_finite
+    for g, (lr, row) in enumerate(zip(lrs, rows, strict=True)):
         unit = math.sqrt(max(int(groups[g]["rank"]), 1)) * NORMAL_BOUND**2 * _number(lr, device)
-        within.append(coeffs[g].abs().sum() * unit < _UPDATE_LIMIT)
-    ok = (bad < losses.numel()) & torch.isfinite(coeffs).all() & torch.stack(within).all()
-    coeffs = torch.where(ok, coeffs, 0.0)
+        norm = torch.linalg.vector_norm(row, 1)
+        if isinstance(unit, torch.Tensor):
+            ok = ok & (norm * unit < _UPDATE_LIMIT)
+        else:
+            ok = ok & (norm < (_UPDATE_LIMIT / unit if unit > 0 else math.inf))
+    coeffs = torch.where(ok, torch.stack(rows) if len(rows) > 1 else rows[0][None], 0.0)
     found = Update(coeffs, ok, torch.empty(0))
     ws = _workspace(plan)
     if ws.float16:
@@ -192,8 +226,8 @@ def directions(
             found.new_values[o] = new
         found.ok = ok & torch.stack(stays).all()
         found.coeffs = torch.where(found.ok, coeffs, 0.0)
-    any_finite = bad < losses.numel()
-    found.flags = torch.stack([bad, _identical(losses).long(), (any_finite & ~found.ok).long()])
+    # found.ok implies any_finite, so their exclusive or is "withheld although some was finite".
+    found.flags = torch.stack([bad, _identical(losses, finite), any_finite ^ found.ok])
     return found
 
 
@@ -211,7 +245,7 @@ def grads(
         for k, update in enumerate(plan.bucket_updates[b]):
             prod = next(products)
             if wanted.intersection(update.owned):
-                lhs, rhs = _operands(plan, b, k, c)
+                lhs, rhs = _operands(plan, b, k, _draw_coefficients(plan, b, k, c))
                 torch.bmm(lhs, rhs.transpose(1, 2), out=prod)  # (P, m, n)
         if buffer.dense is not None:
             prod = next(products)
@@ -255,7 +289,7 @@ def _fusable(plan: Plan, b: int, k: int, groups: Sequence[dict[str, Any]]) -> bo
         return False
     p, group = plan.owned[owned[0]].param, groups[plan.owned[owned[0]].group]
     return (
-        p.is_cuda
+        p.device.type in EPILOGUE_DEVICES
         and p.is_contiguous()
         and p.dtype != torch.float16
         and group["weight_decay"] == 0
@@ -272,10 +306,16 @@ def apply(plan: Plan, groups: Sequence[dict[str, Any]], found: Update) -> None:
             if _fusable(plan, b, k, groups):
                 if c is None:
                     c = found.coeffs.to(buffer.device, buffer.dtype)
-                lhs, rhs = _operands(plan, b, k, c)
                 owned = plan.owned[update.owned[0]]
+                # The group's row as it is; the sigma factor and 1/sqrt(r) go into alpha.
+                lhs, rhs = _operands(plan, b, k, c[owned.group][None])
                 p2d = owned.param.detach().view(lhs.shape[1], rhs.shape[1])
-                p2d.addmm_(lhs[0], rhs[0].T, alpha=-groups[owned.group]["lr"])
+                alpha = (
+                    groups[owned.group]["lr"]
+                    * owned.scale
+                    / math.sqrt(buffer.buckets[k].a.shape[3])
+                )
+                p2d.addmm_(lhs[0], rhs[0].T, alpha=-alpha)
                 fused.add(update.owned[0])
     rest = [o for o in range(len(plan.owned)) if o not in fused and o not in found.new_values]
     if rest:

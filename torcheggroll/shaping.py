@@ -18,6 +18,7 @@ __all__ = [
     "centered_rank",
     "mask_nonfinite",
     "raw",
+    "replace_nonfinite",
     "shape_losses",
     "warn_identical",
     "warn_nonfinite",
@@ -44,11 +45,10 @@ def zscore(losses: torch.Tensor) -> torch.Tensor:
 
     This is the original torcheggroll's normalization (docs/algorithm.md, section 4).
     """
-    centred = losses - losses.mean()
     if losses.numel() < 2:
-        return centred
-    std = losses.std(unbiased=True)
-    return torch.where(std > _ZSCORE_EPS, centred / std.clamp_min(_ZSCORE_EPS), centred)
+        return losses - losses.mean()
+    std, mean = torch.std_mean(losses, correction=1)  # one reduction for both
+    return (losses - mean) / torch.where(std > _ZSCORE_EPS, std, 1.0)
 
 
 def centered_rank(losses: torch.Tensor) -> torch.Tensor:
@@ -82,16 +82,26 @@ def raw(losses: torch.Tensor) -> torch.Tensor:
 SHAPINGS = {"zscore": zscore, "centered_rank": centered_rank, "centered": centered, "raw": raw}
 
 
-def mask_nonfinite(losses: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def mask_nonfinite(
+    losses: torch.Tensor, finite: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Replace NaN and ±inf losses by the worst (largest) finite loss, without a host sync.
 
     Returns the cleaned losses and a 0-d int64 tensor counting the replaced ones. When no loss
-    is finite the cleaned losses are meaningless (the caller must skip the update).
+    is finite the cleaned losses are meaningless (the caller must skip the update). ``finite``:
+    ``torch.isfinite(losses)`` if the caller has it already.
     """
-    finite = torch.isfinite(losses)
+    if finite is None:
+        finite = torch.isfinite(losses)
+    return replace_nonfinite(losses, finite), (~finite).sum()
+
+
+def replace_nonfinite(losses: torch.Tensor, finite: torch.Tensor) -> torch.Tensor:
+    """``losses`` with the entries where ``finite`` is False replaced by the largest finite one
+    (the cleaned losses of :func:`mask_nonfinite`, without the count)."""
     lowest = torch.finfo(losses.dtype).min if losses.is_floating_point() else 0
     worst = torch.where(finite, losses, lowest).max()
-    return torch.where(finite, losses, worst), (~finite).sum()
+    return torch.where(finite, losses, worst)
 
 
 def shape_losses(losses: torch.Tensor, shaping: str) -> torch.Tensor:
