@@ -648,7 +648,9 @@ def _add_configs() -> list[triton.Config]:
 
 
 @triton.autotune(
-    configs=_add_configs(), key=["M", "N", "ROWS", "RANK", "HAS_BIAS"], restore_value=["y_ptr"]
+    configs=_add_configs(),
+    key=["M", "N", "ROWS", "RANK", "HAS_BIAS", "ACCUMULATE"],
+    restore_value=["y_ptr"],
 )
 @triton.heuristics(_epilogue_heuristics())
 @triton.jit
@@ -665,6 +667,7 @@ def _correction_add_kernel(
     stride_ym,
     stride_bias,
     HAS_BIAS: tl.constexpr,
+    ACCUMULATE: tl.constexpr,
     RANK: tl.constexpr,
     RANK_P2: tl.constexpr,
     MEMBERS: tl.constexpr,
@@ -678,7 +681,10 @@ def _correction_add_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     y_ptrs = y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :]
     mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
-    acc = tl.load(y_ptrs, mask=mask, other=0.0).to(tl.float32)
+    if ACCUMULATE:
+        acc = tl.load(y_ptrs, mask=mask, other=0.0).to(tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc = _epilogue(
         acc,
         pid_m,
@@ -710,9 +716,10 @@ def correction_add(
     a: torch.Tensor,
     draw: torch.Tensor,
     rows: int,
+    accumulate: bool = True,
 ) -> None:
     """In place ``y += bias[p] + h a[draw[p]]^T`` (row-wise member ``p = row // rows``);
-    ``y`` ``(M, N)``."""
+    ``y`` ``(M, N)``. ``accumulate=False``: ``y = bias[p] + h a[draw[p]]^T`` (``y`` not read)."""
     M, N = y.shape
     P, r = draw.shape[0], a.shape[-1]
 
@@ -733,6 +740,7 @@ def correction_add(
         y.stride(0),
         stride_bias,
         HAS_BIAS=bias is not None,
+        ACCUMULATE=accumulate,
         RANK=r,
         RANK_P2=triton.next_power_of_2(r),
     )

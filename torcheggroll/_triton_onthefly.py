@@ -170,6 +170,7 @@ def _correction(
     stride_y,
     stride_bias,
     HAS_BIAS: tl.constexpr,
+    ACCUMULATE: tl.constexpr,
     ON_DEVICE: tl.constexpr,
     RANK: tl.constexpr,
     RANK_P2: tl.constexpr,
@@ -191,7 +192,10 @@ def _correction(
         h_ptr + rows[:, :, None].to(tl.int64) * RANK + cols[None, None, :], mask=hmask, other=0.0
     )
     y_rows = y_ptr + rows[:, :, None].to(tl.int64) * stride_y + n[None, None, :]
-    y = tl.load(y_rows, mask=m, other=0.0).to(tl.float32)
+    if ACCUMULATE:
+        y = tl.load(y_rows, mask=m, other=0.0).to(tl.float32)
+    else:
+        y = tl.zeros((BLOCK_D, G_P2, BLOCK_N), dtype=tl.float32)
     if RANK % 4 == 0:
         for kc in tl.static_range(RANK // 4):
             j = n[None, :] * (RANK // 4) + kc
@@ -252,9 +256,14 @@ def linear_onthefly(
     rank: int,
     paired: bool,
     rows: int = 1,
+    write_first: bool = False,
 ) -> torch.Tensor:
     """``y[i] = x[i] W^T + bias[p] + coeff[p] (x[i] B_d) A_d^T`` for row ``i`` of member
     ``p = i // rows`` (draw ``d = draw[p]``).
+
+    The shared GEMM runs first and the correction kernel adds into its output, or with
+    ``write_first`` the kernel writes the correction and the biases and the GEMM adds into them
+    (``y.addmm_``: cuBLAS reads ``y`` in its epilogue instead of a second pass over it).
 
     Args:
         x: ``(P * rows, n)``, member-major; weight ``(m, n)``; bias ``None``, ``(m,)`` or
@@ -276,9 +285,13 @@ def linear_onthefly(
         raise ValueError(
             f"Invalid rows: x {tuple(x.shape)} for {P} members of {rows} rows (paired={paired})"
         )
-    shared = bias if bias is not None and bias.dim() == 1 else None
-    y = torch.nn.functional.linear(x, weight, shared)
-    per_member = bias if bias is not None and bias.dim() == 2 else None
+    if write_first:
+        y = torch.empty(M, m, device=x.device, dtype=x.dtype)
+        in_kernel = bias  # shared (m,) with row stride 0, or per member (P, m)
+    else:
+        shared = bias if bias is not None and bias.dim() == 1 else None
+        y = torch.nn.functional.linear(x, weight, shared)
+        in_kernel = bias if bias is not None and bias.dim() == 2 else None
     key_t, gen_t, k0, k1, g, on_device = _counters(key, gen, x)
     units = M // G
     g_p2 = triton.next_power_of_2(G)
@@ -322,7 +335,8 @@ def linear_onthefly(
         SPLIT_K=split_k,
     )
     block_n = 64 if _INTERPRET else 128
-    b = per_member.contiguous() if per_member is not None else y
+    b = in_kernel.contiguous() if in_kernel is not None else y
+    stride_b = b.stride(0) if in_kernel is not None and in_kernel.dim() == 2 else 0
     _correction[(triton.cdiv(units, block_d), triton.cdiv(m, block_n))](
         y,
         h,
@@ -338,8 +352,9 @@ def linear_onthefly(
         m,
         rows,
         y.stride(0),
-        b.stride(0) if per_member is not None else 0,
-        HAS_BIAS=per_member is not None,
+        stride_b,
+        HAS_BIAS=in_kernel is not None,
+        ACCUMULATE=not write_first,
         ON_DEVICE=on_device,
         RANK=rank,
         RANK_P2=rank_p2,
@@ -348,4 +363,6 @@ def linear_onthefly(
         BLOCK_D=block_d,
         BLOCK_N=block_n,
     )
+    if write_first:
+        y.addmm_(x, weight.T)
     return y

@@ -135,6 +135,14 @@ def lowrank_linear_reference(
 # of a few hundred rows, the persistent TMA grid leaves SMs idle while cuBLAS splits the work).
 GEMM_BACKENDS = ("tma", "triton", "cublas")
 GEMM_BACKEND = os.environ.get("TORCHEGGROLL_FUSED_GEMM", "auto")
+# Where cuBLAS computes the shared GEMM: whether the correction kernel writes the correction
+# first and the GEMM adds into it (``y.addmm_(x, W^T)``, one pass over ``y`` fewer), or the
+# kernel adds the correction into the GEMM's output ("0"). Read at every call.
+CORRECTION_FIRST_ENV = "TORCHEGGROLL_CORRECTION_FIRST"
+
+
+def _correction_first() -> bool:
+    return os.environ.get(CORRECTION_FIRST_ENV, "0") != "0"
 
 
 # ---------------------------------------------------------------------------- availability
@@ -261,7 +269,10 @@ def lowrank_linear_fused(
         backend = "tma" if _tma_ok(x2, w) and not _few_tiles(P * R, m, x.device) else "cublas"
     elif backend == "tma" and not _tma_ok(x2, w):
         backend = "triton"
-    if backend == "cublas":
+    if backend == "cublas" and _correction_first():
+        kernels.correction_add(y, bias, h, a, draw, R, accumulate=False)
+        y.addmm_(x2, w.T)
+    elif backend == "cublas":
         torch.mm(x2, w.T, out=y)
         kernels.correction_add(y, bias, h, a, draw, R)
     elif backend == "tma":
@@ -351,6 +362,7 @@ def population_linear(
             source.rank,
             source.paired,
             R,
+            _correction_first(),
         )
         return y.reshape(P, R, weight.shape[0])
     if source is not None:
