@@ -8,6 +8,7 @@ kernels' indexing, masks and tile bounds too.
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import os
 
 import pytest
@@ -115,14 +116,17 @@ def test_fused_matches_reference(
     kernels_on: torch.device, backend: str, case: tuple, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(fused_linear, "GEMM_BACKEND", backend)
-    for dtype in _dtypes(kernels_on):
+    # cuBLAS's GEMM and the correction kernel in either order (the others have one).
+    orders = ("1", "0") if backend == "cublas" else ("1",)
+    for order, dtype in itertools.product(orders, _dtypes(kernels_on)):
+        monkeypatch.setenv(fused_linear.CORRECTION_FIRST_ENV, order)
         args = _problem(*case, kernels_on, dtype)
         assert fused_linear.fused_available(args[0])
         y = fused_linear.lowrank_linear_fused(*args)
         assert y.dtype == dtype and y.shape == (case[0], case[1], case[3])
         ref = _reference(*args)
         err = ((y.float() - ref).abs().max() / ref.abs().max()).item()
-        assert err < _tolerance(dtype), (dtype, err)
+        assert err < _tolerance(dtype), (order, dtype, err)
 
 
 @BOTH
@@ -326,8 +330,10 @@ def test_onthefly_matches_the_noise_definition(
         device="cpu",
         dtype=torch.float32,
     )
-    # One dtype a device: each combination compiles two kernels on CUDA.
-    for dtype in [torch.bfloat16 if kernels_on.type == "cuda" else torch.float16]:
+    # One dtype a device: each combination compiles two kernels on CUDA. The correction is
+    # added to the GEMM's output, or written first and the GEMM added into it.
+    dtype = torch.bfloat16 if kernels_on.type == "cuda" else torch.float16
+    for write_first in (False, True):
         x = torch.randn(P, rows, n, generator=g).to(dtype)
         w = (torch.randn(m, n, generator=g) / n**0.5).to(dtype)
         draw = torch.arange(P) // 2 if paired else torch.arange(P)
@@ -350,6 +356,7 @@ def test_onthefly_matches_the_noise_definition(
                 rank,
                 paired,
                 rows,
+                write_first=write_first,
             )
             .float()
             .cpu()
@@ -361,7 +368,7 @@ def test_onthefly_matches_the_noise_definition(
         if b is not None:
             ref = ref + (b.float() if b.dim() == 1 else b.float()[:, None])
         err = ((got - ref).abs().max() / ref.abs().max()).item()
-        assert err < 2 * _tolerance(dtype), (dtype, err)
+        assert err < 2 * _tolerance(dtype), (write_first, err)
 
 
 @BOTH

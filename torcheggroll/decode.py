@@ -87,8 +87,10 @@ class PopulationDecoder:
             a ready-made 4-D attention mask; eager or sdpa attention).
         max_new_tokens: tokens to generate for every row (at least 1).
         do_sample: sample (True) or take the most likely token (False, the default).
-        temperature, top_k, top_p: the sampling distribution, as in ``generate``
-            (``top_k=0`` and ``top_p=1`` filter nothing).
+        temperature: the sampling temperature, as in ``generate``.
+        top_k: sample among the ``top_k`` most likely tokens (``0`` filters nothing).
+        top_p: sample among the most likely tokens of total probability ``top_p`` (``1``
+            filters nothing).
         eos_token_id: an int or a list of ints ending a row; None takes the model's
             ``generation_config`` (as ``generate`` does); ``[]`` ends no row.
         pad_token_id: the token of the rows that have ended; None takes the model's
