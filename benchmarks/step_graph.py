@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from torcheggroll import EggrollOptimizer, _cpu_noise
+from torcheggroll import EggrollOptimizer, _cpu_noise, _update
 
 METHODS = ("inference", "forward", "step", "forward-eager", "step-eager")
 
@@ -322,7 +322,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--plot", type=Path, default=None)
     p.add_argument("--configs", default=None, help="comma-separated names to run (default: all)")
     p.add_argument("--profile", default=None, help="print the kernels of this configuration's step")
+    p.add_argument(
+        "--decision",
+        choices=["kernel", "pytorch"],
+        default="kernel",
+        help="the step's decision in one Triton kernel (default) or in PyTorch operations (A/B)",
+    )
     args = p.parse_args(argv)
+    if args.decision == "pytorch":
+        _update.DECISION_DEVICES = ()
     if args.profile:
         cfg = next(c for c in gpu_configs("gpu") if c["name"] == args.profile)
         print(profile(cfg, torch.device("cuda")))
@@ -331,6 +339,7 @@ def main(argv: list[str] | None = None) -> None:
         "script": "benchmarks/step_graph.py",
         "argv": sys.argv[1:] if argv is None else argv,
         "torch": torch.__version__,
+        "decision": args.decision,
         "date": time.strftime("%Y-%m-%d"),
     }
     if args.preset == "cpu":

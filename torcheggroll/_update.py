@@ -23,7 +23,10 @@ nothing moves. float16 parameters, whose range is small, are checked element by 
 
 from __future__ import annotations
 
+import functools
+import importlib
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -42,6 +45,9 @@ _UPDATE_LIMIT = 1e30
 # The devices where a lone matrix takes its update in its product's epilogue (``p.addmm_``); the
 # CPU keeps the general path (tests add "cpu" here to check the epilogue's arithmetic there).
 EPILOGUE_DEVICES = ("cuda",)
+# The devices where the decision is one Triton kernel (:mod:`torcheggroll._triton_decision`);
+# tests add "cpu" here, with Triton's interpreter, to check it against the PyTorch path.
+DECISION_DEVICES = ("cuda",)
 
 
 @dataclass
@@ -191,6 +197,60 @@ def _operands(plan: Plan, b: int, k: int, coef: torch.Tensor) -> tuple[torch.Ten
     return lhs.view(rows, m, r * draws), rhs.view(rows, n, r * draws)
 
 
+@functools.lru_cache(maxsize=1)
+def _decision_kernel() -> Any:
+    """:mod:`torcheggroll._triton_decision`, or None (no Triton, or ``TORCHEGGROLL_FUSED=0``)."""
+    if os.environ.get("TORCHEGGROLL_FUSED", "1") == "0":
+        return None
+    try:
+        return importlib.import_module(f"{__package__}._triton_decision")
+    except ImportError:
+        return None
+
+
+def _decide_in_kernel(
+    plan: Plan, groups: Sequence[dict[str, Any]], losses: torch.Tensor, lrs: Sequence[Any]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """``(coeffs, ok, flags)`` from :mod:`torcheggroll._triton_decision`, or None where it does
+    not apply: another device, no Triton, groups differing in ``maximize`` or ``shaping``, a
+    shaping it lacks, a learning rate given as a tensor."""
+    if losses.device.type not in DECISION_DEVICES or not losses.is_floating_point():
+        return None
+    key = {(bool(g["maximize"]), g["shaping"]) for g in groups}
+    if len(key) != 1 or any(isinstance(lr, torch.Tensor) for lr in lrs):
+        return None
+    ((maximize, shaping),) = key
+    kernel = _decision_kernel()
+    if kernel is None or shaping not in kernel.SHAPINGS:
+        return None
+    sigmas = tuple(float(g["sigma"]) for g in groups)
+    cached = plan.__dict__.get("_decision_scales")
+    if cached is None or cached[0] != (sigmas, losses.device):
+        scales = torch.tensor(
+            [s / math.sqrt(plan.pop_size) for s in sigmas],
+            dtype=torch.float64,
+            device=losses.device,
+        )
+        cached = plan.__dict__["_decision_scales"] = ((sigmas, losses.device), scales)
+    # The bound of the module doc on sum_k |c_k| for every group at once; the kernel takes it
+    # as a float32 scalar, so it is capped below float32's largest value (a norm that large is
+    # refused rather than compared with infinity).
+    limit = math.inf
+    for g, lr in enumerate(lrs):
+        unit = (
+            math.sqrt(max(int(groups[g]["rank"]), 1))
+            * NORMAL_BOUND**2
+            * abs(float(lr))
+            * sigmas[g]
+            / math.sqrt(plan.pop_size)
+        )
+        if unit > 0:
+            limit = min(limit, _UPDATE_LIMIT / unit)
+    return kernel.decide(
+        losses.contiguous(), cached[1], shaping, maximize, plan.antithetic, min(limit, 3e38)
+    )
+
+
 def directions(
     plan: Plan, groups: Sequence[dict[str, Any]], losses: torch.Tensor, lrs: Sequence[Any]
 ) -> Update:
@@ -198,22 +258,28 @@ def directions(
     and (float16 parameters) the values to apply. ``lrs`` are the groups' learning rates."""
     losses = losses.detach()
     device = losses.device
-    finite = _finite(losses)
-    bad = losses.numel() - finite.sum()
-    any_finite = bad < losses.numel()
-    rows = _coefficients(losses, finite, groups, plan.antithetic, plan.pop_size)
-    # The largest change any product can make, per group (see the module doc). A NaN or an
-    # infinite coefficient makes its group's norm NaN or inf, which fails the comparison too.
-    ok = any_finite
-    for g, (lr, row) in enumerate(zip(lrs, rows, strict=True)):
-        unit = math.sqrt(max(int(groups[g]["rank"]), 1)) * NORMAL_BOUND**2 * _number(lr, device)
-        norm = torch.linalg.vector_norm(row, 1)
-        if isinstance(unit, torch.Tensor):
-            ok = ok & (norm * unit < _UPDATE_LIMIT)
-        else:
-            ok = ok & (norm < (_UPDATE_LIMIT / unit if unit > 0 else math.inf))
-    coeffs = torch.where(ok, torch.stack(rows) if len(rows) > 1 else rows[0][None], 0.0)
-    found = Update(coeffs, ok, torch.empty(0))
+    decided = _decide_in_kernel(plan, groups, losses, lrs)
+    if decided is not None:
+        found = Update(*decided)
+    else:
+        finite = _finite(losses)
+        bad = losses.numel() - finite.sum()
+        any_finite = bad < losses.numel()
+        rows = _coefficients(losses, finite, groups, plan.antithetic, plan.pop_size)
+        # The largest change any product can make, per group (see the module doc). A NaN or an
+        # infinite coefficient makes its group's norm NaN or inf, which fails the comparison.
+        ok = any_finite
+        for g, (lr, row) in enumerate(zip(lrs, rows, strict=True)):
+            unit = math.sqrt(max(int(groups[g]["rank"]), 1)) * NORMAL_BOUND**2 * _number(lr, device)
+            norm = torch.linalg.vector_norm(row, 1)
+            if isinstance(unit, torch.Tensor):
+                ok = ok & (norm * unit < _UPDATE_LIMIT)
+            else:
+                ok = ok & (norm < (_UPDATE_LIMIT / unit if unit > 0 else math.inf))
+        coeffs = torch.where(ok, torch.stack(rows) if len(rows) > 1 else rows[0][None], 0.0)
+        # ok implies any_finite, so their exclusive or is "withheld although some was finite".
+        flags = torch.stack([bad, _identical(losses, finite), any_finite ^ ok])
+        found = Update(coeffs, ok, flags)
     ws = _workspace(plan)
     if ws.float16:
         # float16 may overflow in p - lr * d itself: build the new values to check them.
@@ -224,10 +290,11 @@ def directions(
             new = p.detach().add(values[o], alpha=-_number(lrs[plan.owned[o].group]))
             stays.append((new.isfinite() | ~p.isfinite()).all().to(device))
             found.new_values[o] = new
-        found.ok = ok & torch.stack(stays).all()
-        found.coeffs = torch.where(found.ok, coeffs, 0.0)
-    # found.ok implies any_finite, so their exclusive or is "withheld although some was finite".
-    found.flags = torch.stack([bad, _identical(losses, finite), any_finite ^ found.ok])
+        ok = found.ok & torch.stack(stays).all()
+        withheld = (found.ok & ~ok).view(1).to(found.flags.dtype)
+        found.flags = torch.cat([found.flags[:2], found.flags[2:] | withheld])
+        found.ok = ok
+        found.coeffs = torch.where(ok, found.coeffs, 0.0)
     return found
 
 
