@@ -23,10 +23,7 @@ nothing moves. float16 parameters, whose range is small, are checked element by 
 
 from __future__ import annotations
 
-import functools
-import importlib
 import math
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,6 +31,7 @@ from typing import Any
 import torch
 
 from ._plan import Plan
+from ._triton_modules import fused_enabled, triton_module
 from .shaping import replace_nonfinite, shape_losses
 
 __all__ = ["NORMAL_BOUND", "Update", "apply", "directions", "grads"]
@@ -197,15 +195,10 @@ def _operands(plan: Plan, b: int, k: int, coef: torch.Tensor) -> tuple[torch.Ten
     return lhs.view(rows, m, r * draws), rhs.view(rows, n, r * draws)
 
 
-@functools.lru_cache(maxsize=1)
-def _decision_kernel() -> Any:
-    """:mod:`torcheggroll._triton_decision`, or None (no Triton, or ``TORCHEGGROLL_FUSED=0``)."""
-    if os.environ.get("TORCHEGGROLL_FUSED", "1") == "0":
-        return None
-    try:
-        return importlib.import_module(f"{__package__}._triton_decision")
-    except ImportError:
-        return None
+def _bound(group: dict[str, Any], lr: Any) -> Any:
+    """``lr`` times the largest entry ``|(A B^T)_ij / sqrt(r)|`` or ``|E_ij|`` a unit coefficient
+    can make in ``group`` (see the module doc)."""
+    return math.sqrt(max(int(group["rank"]), 1)) * NORMAL_BOUND**2 * lr
 
 
 def _decide_in_kernel(
@@ -220,7 +213,7 @@ def _decide_in_kernel(
     if len(key) != 1 or any(isinstance(lr, torch.Tensor) for lr in lrs):
         return None
     ((maximize, shaping),) = key
-    kernel = _decision_kernel()
+    kernel = triton_module("_triton_decision") if fused_enabled() else None
     if kernel is None or shaping not in kernel.SHAPINGS:
         return None
     sigmas = tuple(float(g["sigma"]) for g in groups)
@@ -237,13 +230,7 @@ def _decide_in_kernel(
     # refused rather than compared with infinity).
     limit = math.inf
     for g, lr in enumerate(lrs):
-        unit = (
-            math.sqrt(max(int(groups[g]["rank"]), 1))
-            * NORMAL_BOUND**2
-            * abs(float(lr))
-            * sigmas[g]
-            / math.sqrt(plan.pop_size)
-        )
+        unit = _bound(groups[g], abs(float(lr))) * sigmas[g] / math.sqrt(plan.pop_size)
         if unit > 0:
             limit = min(limit, _UPDATE_LIMIT / unit)
     return kernel.decide(
@@ -270,7 +257,7 @@ def directions(
         # infinite coefficient makes its group's norm NaN or inf, which fails the comparison.
         ok = any_finite
         for g, (lr, row) in enumerate(zip(lrs, rows, strict=True)):
-            unit = math.sqrt(max(int(groups[g]["rank"]), 1)) * NORMAL_BOUND**2 * _number(lr, device)
+            unit = _bound(groups[g], _number(lr, device))
             norm = torch.linalg.vector_norm(row, 1)
             if isinstance(unit, torch.Tensor):
                 ok = ok & (norm * unit < _UPDATE_LIMIT)

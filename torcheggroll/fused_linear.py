@@ -30,7 +30,6 @@ the readable PyTorch version they are tested against, and what runs everywhere e
 from __future__ import annotations
 
 import functools
-import importlib
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -38,6 +37,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+from ._triton_modules import fused_enabled, triton_module
 
 __all__ = [
     "OnTheFly",
@@ -79,12 +80,8 @@ class OnTheFly:
         )
 
 
-@functools.lru_cache(maxsize=1)
 def _onthefly() -> Any:
-    try:
-        return importlib.import_module(f"{__package__}._triton_onthefly")
-    except ImportError:
-        return None
+    return triton_module("_triton_onthefly")
 
 
 def member_factors(
@@ -148,8 +145,7 @@ def _correction_first() -> bool:
 
 
 # ---------------------------------------------------------------------------- availability
-def _triton_enabled() -> bool:
-    return os.environ.get("TORCHEGGROLL_FUSED", "1") != "0"
+_triton_enabled = fused_enabled
 
 
 def _cpu_interpreted() -> bool:
@@ -162,13 +158,10 @@ def _cpu_interpreted() -> bool:
     )
 
 
-@functools.lru_cache(maxsize=1)
 def _kernels() -> Any:
-    """Import and compile-register the Triton kernels once (None without Triton)."""
-    try:
-        return importlib.import_module(f"{__package__}._triton_kernels")
-    except ImportError:
-        return None
+    """The Triton kernels of the fused linear, imported (and registered) once; None without
+    Triton."""
+    return triton_module("_triton_kernels")
 
 
 def fused_available(x: torch.Tensor) -> bool:

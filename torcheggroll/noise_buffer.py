@@ -18,9 +18,6 @@ a matter of storage only and does not change any value.
 
 from __future__ import annotations
 
-import functools
-import importlib
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -28,6 +25,7 @@ from typing import Any
 import torch
 
 from . import _cpu_noise
+from ._triton_modules import fused_enabled, triton_module
 from .noise import (
     STREAM_B,
     ParamNoise,
@@ -210,7 +208,8 @@ class NoiseBuffer:
             _check_counters(generation, 0)
         key: Any = seed_key(seed) if isinstance(seed, int) else seed
         gen: Any = generation & _MASK32 if isinstance(generation, int) else generation
-        kernels = _triton_noise() if self.device.type == "cuda" else None
+        on_gpu = self.device.type == "cuda" and fused_enabled()
+        kernels = triton_module("_triton_noise") if on_gpu else None
         cpu = _cpu_noise.load() if self.device.type == "cpu" else None
         if kernels is not None:
             for region in self._regions:
@@ -300,14 +299,3 @@ class NoiseBuffer:
                     local[sl].view(1, 1, -1), k, params[sl].view(1, 1, -1), gen, key[0], key[1]
                 )
                 out[:, :, sl].copy_(block_normals(words))
-
-
-@functools.lru_cache(maxsize=1)
-def _triton_noise() -> Any:
-    """The Triton noise kernels, or None (no Triton, or ``TORCHEGGROLL_FUSED=0``)."""
-    if os.environ.get("TORCHEGGROLL_FUSED", "1") == "0":
-        return None
-    try:
-        return importlib.import_module(f"{__package__}._triton_noise")
-    except ImportError:
-        return None
