@@ -39,6 +39,8 @@ def _kernel_or_skip(device: str):  # type: ignore[no-untyped-def]
         pytest.skip("Triton is not installed")
     if device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("Triton's interpreter is off (TRITON_INTERPRET is not 1)")
+    if os.environ.get("TORCHEGGROLL_FUSED") == "0":
+        pytest.skip("the kernels are off (TORCHEGGROLL_FUSED=0)")
     from torcheggroll import _triton_decision
 
     return _triton_decision
@@ -222,3 +224,17 @@ def test_the_kernel_reports_identical_losses(monkeypatch, device) -> None:
         opt.step(lambda pop: torch.full((4,), 2.0, device=device))
         opt.check_warnings()
     assert torch.equal(p.detach().cpu(), torch.ones(3, 2))
+
+
+def test_fused_off_keeps_the_pytorch_decision(monkeypatch) -> None:
+    from torcheggroll import _update
+
+    _kernel_or_skip("cpu")
+    monkeypatch.setattr(_update, "DECISION_DEVICES", ("cpu",))
+    p = torch.nn.Parameter(torch.ones(3, 2))
+    opt = EggrollOptimizer([p], pop_size=4, seed=0)
+    plan = opt._plan_for_step()
+    groups, losses = opt.param_groups, torch.arange(4.0)
+    assert _update._decide_in_kernel(plan, groups, losses, [0.1]) is not None
+    monkeypatch.setenv("TORCHEGGROLL_FUSED", "0")
+    assert _update._decide_in_kernel(plan, groups, losses, [0.1]) is None
