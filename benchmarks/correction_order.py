@@ -34,6 +34,8 @@ from torcheggroll.noise import seed_key
 CONFIGS = (
     dict(name="paper-r1", pop=1024, rows=1, rank=1, kind="onthefly"),
     dict(name="paper-r4", pop=1024, rows=1, rank=4, kind="onthefly"),
+    dict(name="paper-r16", pop=1024, rows=1, rank=16, kind="onthefly"),
+    dict(name="decode-64x4-r4", pop=64, rows=4, rank=4, kind="onthefly"),
     dict(name="linear-256x16-r4", pop=256, rows=16, rank=4, kind="buffer"),
 )
 

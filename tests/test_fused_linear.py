@@ -307,7 +307,7 @@ def test_disabled_by_environment(kernels_on: torch.device, monkeypatch: pytest.M
 @pytest.mark.parametrize("rank", [1, 2, 4, 8])
 @pytest.mark.parametrize("paired", [True, False], ids=["pairs", "singles"])
 @pytest.mark.parametrize("bias", [None, "shared", "member"])
-@pytest.mark.parametrize("rows", [1, 3, 4])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4])
 def test_onthefly_matches_the_noise_definition(
     kernels_on: torch.device, rank: int, paired: bool, bias: str | None, rows: int
 ) -> None:
