@@ -167,6 +167,65 @@ def _fill_dense(
     _store_blocks(out_ptr, b, mask, z0, z1, z2, z3)
 
 
+@triton.jit(do_not_specialize=["k0", "k1", "gen", "param"])
+def _factor_operand(
+    out_ptr,
+    coef_ptr,
+    key_ptr,
+    gen_ptr,
+    k0,
+    k1,
+    gen,
+    param,
+    ENTRIES,
+    DRAWS,
+    STREAM_OFFSET,
+    stride_e,
+    stride_d,
+    HAS_COEF: tl.constexpr,
+    ENTRY_FAST: tl.constexpr,
+    ON_DEVICE: tl.constexpr,
+    BLOCK_J: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """``out[e, d] = coef[d] * (entry e of draw d of one parameter's stream)`` for a tile of
+    Philox blocks ``j`` (entries ``4 j .. 4 j + 3``) and draws ``d``; with ``ENTRY_FAST`` the
+    tile is ``(draws, entries)`` (``stride_e == 1``), else ``(blocks, draws)``, so that
+    neighbouring threads write neighbouring addresses."""
+    k0, k1, gen = _key_and_generation(key_ptr, k0, k1, gen_ptr, gen, ON_DEVICE)
+    param = param.to(tl.uint32)
+    j = tl.program_id(0) * BLOCK_J + tl.arange(0, BLOCK_J)
+    d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    if ENTRY_FAST:
+        jj = j[None, :]
+        dd = d[:, None]
+    else:
+        jj = j[:, None]
+        dd = d[None, :]
+    c0 = (jj + STREAM_OFFSET).to(tl.uint32) + tl.zeros_like(dd).to(tl.uint32)
+    c1 = dd.to(tl.uint32) + tl.zeros_like(c0)
+    c2 = tl.zeros_like(c0) + param
+    c3 = tl.zeros_like(c0) + gen
+    x0, x1, x2, x3 = tl.random.philox_impl(c0, c1, c2, c3, k0, k1, 10)
+    z0, z1, z2, z3 = block_normals(x0, x1, x2, x3)
+    if HAS_COEF:
+        c = tl.load(coef_ptr + dd, mask=dd < DRAWS, other=0.0)
+        z0, z1, z2, z3 = z0 * c, z1 * c, z2 * c, z3 * c
+    dty = out_ptr.dtype.element_ty
+    if ENTRY_FAST:  # (BLOCK_D, 4 BLOCK_J), entries 4 j0 .. contiguous along the rows
+        z = tl.reshape(tl.join(tl.join(z0, z2), tl.join(z1, z3)), (BLOCK_D, 4 * BLOCK_J))
+        e = tl.program_id(0) * 4 * BLOCK_J + tl.arange(0, 4 * BLOCK_J)[None, :]
+        mask = (e < ENTRIES) & (dd < DRAWS)
+        tl.store(out_ptr + e.to(tl.int64) + dd.to(tl.int64) * stride_d, z.to(dty), mask=mask)
+    else:
+        base = out_ptr + (4 * jj).to(tl.int64) * stride_e + dd.to(tl.int64) * stride_d
+        ok = dd < DRAWS
+        tl.store(base, z0.to(dty), mask=ok & (4 * jj < ENTRIES))
+        tl.store(base + stride_e, z1.to(dty), mask=ok & (4 * jj + 1 < ENTRIES))
+        tl.store(base + 2 * stride_e, z2.to(dty), mask=ok & (4 * jj + 2 < ENTRIES))
+        tl.store(base + 3 * stride_e, z3.to(dty), mask=ok & (4 * jj + 3 < ENTRIES))
+
+
 @triton.jit(do_not_specialize=["k0", "k1"])
 def _philox_words(c_ptr, out_ptr, N, k0, k1, BLOCK: tl.constexpr):
     """The raw words of counters ``c`` ``(4, N)`` (a test of the integer stream)."""
@@ -230,6 +289,48 @@ def fill_region(buffer: torch.Tensor, region: Any, key: Any, gen: Any) -> None:
             ON_DEVICE=on_device,
             BLOCK=_BLOCK,
         )
+
+
+def factor_operand(
+    out: torch.Tensor,
+    coef: torch.Tensor | None,
+    key: Any,
+    gen: Any,
+    param_index: int,
+    stream: int,
+) -> None:
+    """Write one parameter's factor of every draw into ``out`` ``(entries, draws)`` (any
+    strides): ``out[e, d]`` is entry ``e`` of stream ``stream`` (0: ``A``, 1: ``B``; entry
+    ``i * r + q`` is row ``i``, column ``q``) of draw ``d``, times ``coef[d]`` ``(draws,)``
+    float32 when given, rounded to ``out.dtype``; the update's operands made without a noise
+    buffer."""
+    entries, draws = out.shape
+    key_t, gen_t, k0, k1, g, on_device = _scalars(key, gen, out)
+    entry_fast = out.stride(0) == 1
+    block_j, block_d = (16, 32) if entry_fast else (32, 16)
+    if _INTERPRET:
+        block_j, block_d = 4, 8
+    grid = (triton.cdiv(triton.cdiv(entries, 4), block_j), triton.cdiv(draws, block_d))
+    _factor_operand[grid](
+        out,
+        out if coef is None else coef,
+        key_t,
+        gen_t,
+        k0,
+        k1,
+        g,
+        param_index,
+        entries,
+        draws,
+        stream * _STREAM_B,
+        out.stride(0),
+        out.stride(1),
+        HAS_COEF=coef is not None,
+        ENTRY_FAST=entry_fast,
+        ON_DEVICE=on_device,
+        BLOCK_J=block_j,
+        BLOCK_D=block_d,
+    )
 
 
 def philox_words(counters: torch.Tensor, k0: int, k1: int) -> torch.Tensor:

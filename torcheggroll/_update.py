@@ -34,7 +34,7 @@ from ._plan import Plan
 from ._triton_modules import fused_enabled, triton_module
 from .shaping import replace_nonfinite, shape_losses
 
-__all__ = ["NORMAL_BOUND", "Update", "apply", "directions", "grads"]
+__all__ = ["NORMAL_BOUND", "Update", "apply", "directions", "grads", "reads_buffers"]
 
 _HALF = (torch.float16, torch.bfloat16)
 NORMAL_BOUND = math.sqrt(-2.0 * math.log(2.0**-24))  # 5.768: the largest |normal| drawn
@@ -46,6 +46,11 @@ EPILOGUE_DEVICES = ("cuda",)
 # The devices where the decision is one Triton kernel (:mod:`torcheggroll._triton_decision`);
 # tests add "cpu" here, with Triton's interpreter, to check it against the PyTorch path.
 DECISION_DEVICES = ("cuda",)
+# The devices where a lone matrix's update operands ``A * c`` and ``B`` are drawn by a kernel from
+# the noise counters (:func:`torcheggroll._triton_noise.factor_operand`) in the product's dtype,
+# instead of read from the filled noise buffer, scaled and cast; tests add "cpu" here, with
+# Triton's interpreter.
+OPERAND_DEVICES = ("cuda",)
 
 
 @dataclass
@@ -193,6 +198,48 @@ def _operands(plan: Plan, b: int, k: int, coef: torch.Tensor) -> tuple[torch.Ten
     rhs = torch.empty(rows, n * r, draws, dtype=dtype, device=coef.device)
     rhs.copy_(bucket.b.reshape(rows, draws, n * r).transpose(1, 2))
     return lhs.view(rows, m, r * draws), rhs.view(rows, n, r * draws)
+
+
+def _operand_kernels(device: torch.device) -> Any:
+    """:mod:`torcheggroll._triton_noise` where it draws the update's operands on ``device``."""
+    if device.type not in OPERAND_DEVICES or not fused_enabled():
+        return None
+    return triton_module("_triton_noise")
+
+
+def _drawn_operands(
+    plan: Plan, b: int, k: int, coef: torch.Tensor, counters: tuple[Any, Any], kernels: Any
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_operands` of a bucket of one parameter, ``coef`` ``(D,)``, drawn from the noise
+    counters ``(key, generation)`` without reading the noise buffer: the same values (the same
+    definition, rounded once to the product's dtype)."""
+    bucket = plan.buffers[b].buckets[k]
+    _, draws, m, r = bucket.a.shape
+    n = bucket.b.shape[2]
+    owned = plan.owned[plan.bucket_updates[b][k].owned[0]]
+    dtype = owned.param.dtype if owned.param.dtype in _HALF else bucket.a.dtype
+    key, gen = counters
+    out = []
+    for stream, rows, scale in ((0, m, coef), (1, n, None)):
+        if r == 1:  # (D, rows) storage, as _operands: (rows, D) transposed views
+            t = torch.empty(draws, rows, dtype=dtype, device=coef.device).T
+        else:  # (rows * r, D): entry i * r + q of draw d at [i * r + q, d]
+            t = torch.empty(rows * r, draws, dtype=dtype, device=coef.device)
+        kernels.factor_operand(t, scale, key, gen, owned.index, stream)
+        out.append(t.reshape(1, rows, r * draws) if r > 1 else t[None])
+    return out[0], out[1]
+
+
+def reads_buffers(plan: Plan, groups: Sequence[dict[str, Any]]) -> bool:
+    """Whether :func:`apply` reads the noise buffers (else every parameter's operands are drawn
+    from the counters and the buffers need not be filled for the update)."""
+    for b, buffer in enumerate(plan.buffers):
+        if buffer.dense is not None or _operand_kernels(buffer.device) is None:
+            return True
+        for k in range(len(buffer.buckets)):
+            if not _fusable(plan, b, k, groups):
+                return True
+    return False
 
 
 def _bound(group: dict[str, Any], lr: Any) -> Any:
@@ -351,18 +398,33 @@ def _fusable(plan: Plan, b: int, k: int, groups: Sequence[dict[str, Any]]) -> bo
     )
 
 
-def apply(plan: Plan, groups: Sequence[dict[str, Any]], found: Update) -> None:
-    """``p -= lr * d_p`` for every perturbed parameter (nothing changes unless ``found.ok``)."""
+def apply(
+    plan: Plan,
+    groups: Sequence[dict[str, Any]],
+    found: Update,
+    counters: tuple[Any, Any] | None = None,
+) -> None:
+    """``p -= lr * d_p`` for every perturbed parameter (nothing changes unless ``found.ok``).
+
+    ``counters``: the generation's noise ``(key, generation)`` (ints or device tensors), with
+    which a lone matrix's operands are drawn in a kernel where one is available (see
+    :data:`OPERAND_DEVICES`); without them, or elsewhere, they are read from the noise buffers,
+    which must then hold the generation's noise."""
     fused: set[int] = set()
     for b, buffer in enumerate(plan.buffers):
         c = None
+        kernels = _operand_kernels(buffer.device) if counters is not None else None
         for k, update in enumerate(plan.bucket_updates[b]):
             if _fusable(plan, b, k, groups):
                 if c is None:
                     c = found.coeffs.to(buffer.device, buffer.dtype)
                 owned = plan.owned[update.owned[0]]
                 # The group's row as it is; the sigma factor and 1/sqrt(r) go into alpha.
-                lhs, rhs = _operands(plan, b, k, c[owned.group][None])
+                if kernels is not None:
+                    assert counters is not None
+                    lhs, rhs = _drawn_operands(plan, b, k, c[owned.group], counters, kernels)
+                else:
+                    lhs, rhs = _operands(plan, b, k, c[owned.group][None])
                 p2d = owned.param.detach().view(lhs.shape[1], rhs.shape[1])
                 alpha = (
                     groups[owned.group]["lr"]

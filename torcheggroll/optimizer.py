@@ -554,9 +554,11 @@ class EggrollOptimizer(Optimizer):
             The mean loss over the population (a 0-d tensor; NaN if some member's loss was NaN).
         """
         losses, population = self.evaluate(closure)
-        population.fill_noise()  # the update reads the noise buffers
+        plan = self._plan_for_step(check=False)
+        if _update.reads_buffers(plan, self.param_groups):
+            population.fill_noise()
         found = self._directions(losses)
-        _update.apply(self._plan_for_step(check=False), self.param_groups, found)
+        _update.apply(plan, self.param_groups, found, population.counters)
         return self._finish(losses, found.flags)
 
     @torch.no_grad()

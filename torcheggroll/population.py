@@ -225,6 +225,12 @@ class Population:
             batches=self._batches,
         )
 
+    @property
+    def counters(self) -> tuple[Any, Any] | None:
+        """``(key, generation)`` of this population's noise (ints, or device tensors under
+        ``capturable``); None for a population not made by an optimizer."""
+        return self._counters
+
     def noise_source(self, param: torch.Tensor) -> tuple[Any, Any, int] | None:
         """``(key, generation, index)``: what the noise of ``param`` is a function of (ints, or
         device tensors under ``capturable``), for kernels that draw it where they use it; None
