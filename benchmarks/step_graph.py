@@ -328,9 +328,18 @@ def main(argv: list[str] | None = None) -> None:
         default="kernel",
         help="the step's decision in one Triton kernel (default) or in PyTorch operations (A/B)",
     )
+    p.add_argument(
+        "--operands",
+        choices=["kernel", "buffer"],
+        default="kernel",
+        help="a lone matrix's update operands drawn from the counters (default) or read from "
+        "the filled noise buffer (A/B)",
+    )
     args = p.parse_args(argv)
     if args.decision == "pytorch":
         _update.DECISION_DEVICES = ()
+    if args.operands == "buffer":
+        _update.OPERAND_DEVICES = ()
     if args.profile:
         cfg = next(c for c in gpu_configs("gpu") if c["name"] == args.profile)
         print(profile(cfg, torch.device("cuda")))

@@ -29,7 +29,6 @@ the readable PyTorch version they are tested against, and what runs everywhere e
 
 from __future__ import annotations
 
-import functools
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -126,10 +125,11 @@ def lowrank_linear_reference(
 # How the shared GEMM is computed: "tma" (the correction in the epilogue of a Triton GEMM with
 # tensor-memory-accelerator loads and a persistent grid; sm90+ and 16-byte aligned rows),
 # "triton" (the same with ordinary loads), "cublas" (PyTorch's GEMM, then an in-place kernel
-# adds the correction), or "auto": "tma" where it applies and the output has at least one
-# 128 x 128 tile per SM, else "cublas" (measured on an H100 by benchmarks/correction_kernels.py:
-# the plain-load Triton GEMM is well behind cuBLAS; with fewer tiles than SMs, as in a decode step
-# of a few hundred rows, the persistent TMA grid leaves SMs idle while cuBLAS splits the work).
+# adds the correction), or "auto" (the default): "cublas". Measured by
+# benchmarks/correction_order.py and step_graph.py (2026-12-07): with the correction written
+# first, cuBLAS is ahead of the TMA kernel on both cards (256 members x 16 rows, rank 4, width
+# 8192: forward 0.87 of inference on an H100 and 0.91 on an H200, against 0.58 and 0.78); the
+# plain-load Triton GEMM is well behind both.
 GEMM_BACKENDS = ("tma", "triton", "cublas")
 GEMM_BACKEND = os.environ.get("TORCHEGGROLL_FUSED_GEMM", "auto")
 # Where cuBLAS computes the shared GEMM: whether the correction kernel writes the correction
@@ -186,17 +186,6 @@ def _tma_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
     return all(
         t.data_ptr() % 16 == 0 and (t.stride(0) * t.element_size()) % 16 == 0 for t in (x, w)
     )
-
-
-@functools.lru_cache(maxsize=8)
-def _sm_count(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
-def _few_tiles(rows: int, cols: int, device: torch.device) -> bool:
-    """Whether a ``(rows, cols)`` output has fewer 128 x 128 tiles than the device has SMs."""
-    tiles = ((rows + 127) // 128) * ((cols + 127) // 128)
-    return tiles < _sm_count(device)
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
@@ -261,7 +250,7 @@ def lowrank_linear_fused(
     a = a.contiguous()
     backend = GEMM_BACKEND
     if backend == "auto":
-        backend = "tma" if _tma_ok(x2, w) and not _few_tiles(P * R, m, x.device) else "cublas"
+        backend = "cublas"
     elif backend == "tma" and not _tma_ok(x2, w):
         backend = "triton"
     if backend == "cublas" and _correction_first():
