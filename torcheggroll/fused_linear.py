@@ -126,9 +126,9 @@ def lowrank_linear_reference(
 # tensor-memory-accelerator loads and a persistent grid; sm90+ and 16-byte aligned rows),
 # "triton" (the same with ordinary loads), "cublas" (PyTorch's GEMM, then an in-place kernel
 # adds the correction), or "auto" (the default): "cublas". Measured by
-# benchmarks/correction_order.py and step_graph.py (2026-12-07): with the correction written
-# first, cuBLAS is ahead of the TMA kernel on both cards (256 members x 16 rows, rank 4, width
-# 8192: forward 0.87 of inference on an H100 and 0.91 on an H200, against 0.58 and 0.78); the
+# benchmarks/step_graph.py: with the correction written first, cuBLAS is ahead of the TMA
+# kernel (256 members x 16 rows, rank 4, width 8192, forward over inference: 0.905 against 0.78
+# on an H200, autotuned; 0.74 against 0.64 on an H100 with TORCHEGGROLL_AUTOTUNE=0); the
 # plain-load Triton GEMM is well behind both.
 GEMM_BACKENDS = ("tma", "triton", "cublas")
 GEMM_BACKEND = os.environ.get("TORCHEGGROLL_FUSED_GEMM", "auto")
