@@ -335,7 +335,18 @@ def main(argv: list[str] | None = None) -> None:
         help="a lone matrix's update operands drawn from the counters (default) or read from "
         "the filled noise buffer (A/B)",
     )
+    p.add_argument(
+        "--max-unit-rows",
+        type=int,
+        default=None,
+        help="rows sharing a draw that the on-the-fly kernels take at most (A/B of the noise "
+        "buffer path, e.g. 32 sends 16 rows per antithetic member to them)",
+    )
     args = p.parse_args(argv)
+    if args.max_unit_rows is not None:
+        from torcheggroll import _triton_onthefly
+
+        _triton_onthefly.MAX_UNIT_ROWS = args.max_unit_rows
     if args.decision == "pytorch":
         _update.DECISION_DEVICES = ()
     if args.operands == "buffer":

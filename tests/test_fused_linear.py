@@ -372,6 +372,60 @@ def test_onthefly_matches_the_noise_definition(
 
 
 @BOTH
+def test_onthefly_takes_units_above_the_default_limit_when_raised(
+    kernels_on: torch.device, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``MAX_UNIT_ROWS`` (raised by ``benchmarks/step_graph.py --max-unit-rows``) only moves the
+    limit: a unit of 32 rows (16 rows per antithetic member) gives the reference's output."""
+    from torcheggroll import _triton_onthefly as otf
+    from torcheggroll.noise import draw_noise, seed_key
+
+    P, rows, n, m, rank = 4, 16, 40, 24, 4
+    seed, generation, index = 7, 2, 1
+    with pytest.raises(ValueError, match="Invalid rows"):
+        otf.linear_onthefly(
+            torch.zeros(P * rows, n, device=kernels_on, dtype=torch.float16),
+            torch.zeros(m, n, device=kernels_on, dtype=torch.float16),
+            None,
+            torch.arange(P, device=kernels_on) // 2,
+            torch.ones(P, device=kernels_on),
+            seed_key(seed),
+            generation,
+            index,
+            rank,
+            True,
+            rows,
+        )
+    monkeypatch.setattr(otf, "MAX_UNIT_ROWS", 32)
+    noise = draw_noise(
+        (m, n), rank, P // 2, seed=seed, generation=generation, param_index=index, device="cpu"
+    )
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(P, rows, n, generator=g).half()
+    w = (torch.randn(m, n, generator=g) / n**0.5).half()
+    draw, coeff = torch.arange(P) // 2, torch.randn(P, generator=g)
+    got = otf.linear_onthefly(
+        x.reshape(P * rows, n).to(kernels_on),
+        w.to(kernels_on),
+        None,
+        draw.to(kernels_on),
+        coeff.to(kernels_on),
+        seed_key(seed),
+        generation,
+        index,
+        rank,
+        True,
+        rows,
+        write_first=True,
+    )
+    ref = x.float() @ w.float().T + torch.einsum(
+        "pin,pnr,pmr->pim", x.float(), noise.b[draw], noise.a[draw] * coeff.view(-1, 1, 1)
+    )
+    err = ((got.float().cpu().reshape(P, rows, m) - ref).abs().max() / ref.abs().max()).item()
+    assert err < 2 * _tolerance(torch.float16), err
+
+
+@BOTH
 @pytest.mark.parametrize("rows", [1, 4, 9])
 def test_a_few_rows_per_member_never_fill_the_noise_buffer(
     kernels_on: torch.device, monkeypatch: pytest.MonkeyPatch, rows: int
