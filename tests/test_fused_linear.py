@@ -372,6 +372,61 @@ def test_onthefly_matches_the_noise_definition(
 
 
 @BOTH
+@pytest.mark.parametrize("rank", [1, 4])
+@pytest.mark.parametrize("rows", [1, 3])
+def test_onthefly_split_over_k_is_exact_and_deterministic(
+    kernels_on: torch.device, monkeypatch: pytest.MonkeyPatch, rank: int, rows: int
+) -> None:
+    """The projection split over K (each split's partial sums added by the correction kernel in
+    a fixed order): the reference's output, and the same bits on every call."""
+    from torcheggroll import _triton_onthefly as otf
+    from torcheggroll.noise import draw_noise, seed_key
+
+    default = otf.launch_tiles
+    splits: list[int] = []
+
+    def tiles(*args):  # type: ignore[no-untyped-def]
+        out = dict(default(*args), block_k=64, split_k=3)
+        splits.append(out["split_k"])
+        return out
+
+    monkeypatch.setattr(otf, "launch_tiles", tiles)
+    P, n, m = 6, 200, 24  # 4 blocks of 64 inputs over 3 splits: one split takes two
+    seed, generation, index = 11, 4, 2
+    noise = draw_noise(
+        (m, n), rank, P // 2, seed=seed, generation=generation, param_index=index, device="cpu"
+    )
+    g = torch.Generator().manual_seed(rank + rows)
+    x = torch.randn(P, rows, n, generator=g).half()
+    w = (torch.randn(m, n, generator=g) / n**0.5).half()
+    draw, coeff = torch.arange(P) // 2, torch.randn(P, generator=g)
+
+    def run() -> torch.Tensor:
+        return otf.linear_onthefly(
+            x.reshape(P * rows, n).to(kernels_on),
+            w.to(kernels_on),
+            None,
+            draw.to(kernels_on),
+            coeff.to(kernels_on),
+            seed_key(seed),
+            generation,
+            index,
+            rank,
+            True,
+            rows,
+        )
+
+    got = run()
+    assert splits and splits[0] == 3
+    assert torch.equal(run(), got)
+    ref = x.float() @ w.float().T + torch.einsum(
+        "pin,pnr,pmr->pim", x.float(), noise.b[draw], noise.a[draw] * coeff.view(-1, 1, 1)
+    )
+    err = ((got.float().cpu().reshape(P, rows, m) - ref).abs().max() / ref.abs().max()).item()
+    assert err < 2 * _tolerance(torch.float16), err
+
+
+@BOTH
 def test_onthefly_takes_units_above_the_default_limit_when_raised(
     kernels_on: torch.device, monkeypatch: pytest.MonkeyPatch
 ) -> None:

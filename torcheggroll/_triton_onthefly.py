@@ -177,18 +177,13 @@ def _projection_pair(
             if G == 2:
                 acc1 = _add2(acc1, x1, za, zb, cols)
     smask = umask[:, None] & (cols < RANK)[None, :]
-    out0 = h_ptr + first[:, None].to(tl.int64) * RANK + cols[None, :]
+    part = h_ptr + tl.program_id(1).to(tl.int64) * P * RANK  # this split's partial sums
+    out0 = part + first[:, None].to(tl.int64) * RANK + cols[None, :]
     c0 = tl.load(coeff_ptr + first // ROWS, mask=umask, other=0.0)[:, None]
-    if SPLIT_K == 1:
-        tl.store(out0, acc0 * c0, mask=smask)
-    else:
-        tl.atomic_add(out0, acc0 * c0, mask=smask)
+    tl.store(out0, acc0 * c0, mask=smask)
     if G == 2:
         c1 = tl.load(coeff_ptr + (first + 1) // ROWS, mask=umask, other=0.0)[:, None]
-        if SPLIT_K == 1:
-            tl.store(out0 + RANK, acc1 * c1, mask=smask)
-        else:
-            tl.atomic_add(out0 + RANK, acc1 * c1, mask=smask)
+        tl.store(out0 + RANK, acc1 * c1, mask=smask)
 
 
 @triton.jit(do_not_specialize=["k0", "k1", "gen", "param"])
@@ -213,6 +208,7 @@ def _correction_pair(
     ON_DEVICE: tl.constexpr,
     RANK: tl.constexpr,
     RANK_P2: tl.constexpr,
+    SPLITS: tl.constexpr,
     G: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -229,10 +225,13 @@ def _correction_pair(
     cols = tl.arange(0, RANK_P2)
     h_rows = h_ptr + first[:, None].to(tl.int64) * RANK + cols[None, :]
     hmask = umask[:, None] & (cols < RANK)[None, :]
-    h0 = tl.load(h_rows, mask=hmask, other=0.0)
+    h0 = tl.zeros((BLOCK_D, RANK_P2), dtype=tl.float32)
     h1 = h0
-    if G == 2:
-        h1 = tl.load(h_rows + RANK, mask=hmask, other=0.0)
+    for _ in tl.static_range(SPLITS):  # the projection's partial sums, in a fixed order
+        h0 += tl.load(h_rows, mask=hmask, other=0.0)
+        if G == 2:
+            h1 += tl.load(h_rows + RANK, mask=hmask, other=0.0)
+        h_rows += P * RANK  # (a pointer step: no product that could overflow)
     y_rows = y_ptr + first[:, None].to(tl.int64) * stride_y + n[None, :]
     if ACCUMULATE:
         y0 = tl.load(y_rows, mask=m, other=0.0).to(tl.float32)
@@ -341,12 +340,10 @@ def _projection(
             acc += tl.where(c3 == 0, _dot_rows(x, _interleave2(z0, z2)), 0.0)
             acc += tl.where(c3 == 1, _dot_rows(x, _interleave2(z1, z3)), 0.0)
     c = tl.load(coeff_ptr + rows // ROWS, mask=rmask, other=0.0)[:, :, None]
-    out = h_ptr + rows[:, :, None].to(tl.int64) * RANK + c3
+    part = h_ptr + tl.program_id(1).to(tl.int64) * P * RANK  # this split's partial sums
+    out = part + rows[:, :, None].to(tl.int64) * RANK + c3
     smask = rmask[:, :, None] & (c3 < RANK)
-    if SPLIT_K == 1:
-        tl.store(out, acc * c, mask=smask)
-    else:
-        tl.atomic_add(out, acc * c, mask=smask)
+    tl.store(out, acc * c, mask=smask)
 
 
 @triton.jit(do_not_specialize=["k0", "k1", "gen", "param"])
@@ -371,6 +368,7 @@ def _correction(
     ON_DEVICE: tl.constexpr,
     RANK: tl.constexpr,
     RANK_P2: tl.constexpr,
+    SPLITS: tl.constexpr,
     G: tl.constexpr,
     G_P2: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -385,9 +383,11 @@ def _correction(
     m = rmask[:, :, None] & (n < N)[None, None, :]
     cols = tl.arange(0, RANK_P2)
     hmask = rmask[:, :, None] & (cols < RANK)[None, None, :]
-    h = tl.load(
-        h_ptr + rows[:, :, None].to(tl.int64) * RANK + cols[None, None, :], mask=hmask, other=0.0
-    )
+    h_rows = h_ptr + rows[:, :, None].to(tl.int64) * RANK + cols[None, None, :]
+    h = tl.zeros((BLOCK_D, G_P2, RANK_P2), dtype=tl.float32)
+    for _ in tl.static_range(SPLITS):  # the projection's partial sums, in a fixed order
+        h += tl.load(h_rows, mask=hmask, other=0.0)
+        h_rows += P * RANK  # (a pointer step: no product that could overflow)
     y_rows = y_ptr + rows[:, :, None].to(tl.int64) * stride_y + n[None, None, :]
     if ACCUMULATE:
         y = tl.load(y_rows, mask=m, other=0.0).to(tl.float32)
@@ -527,8 +527,9 @@ def linear_onthefly(
     tiles = launch_tiles(units, n, G, rank)
     block_d, block_k = tiles["block_d"], tiles["block_k"]
     split_k = min(tiles["split_k"], triton.cdiv(n, block_k))
-    # (split over K, the programs add their parts into h)
-    h = (torch.zeros if split_k > 1 else torch.empty)(M, rank, device=x.device, dtype=torch.float32)
+    # Split over K, each split writes its partial sums (no atomics: the correction kernel adds
+    # them in a fixed order, so the output is the same bits on every call).
+    h = torch.empty(split_k, M, rank, device=x.device, dtype=torch.float32)
     if coeff.dtype != torch.float32 or not coeff.is_contiguous():
         coeff = coeff.to(torch.float32).contiguous()
     if draw.dtype != torch.int64 or not draw.is_contiguous():
@@ -586,6 +587,7 @@ def linear_onthefly(
         ON_DEVICE=on_device,
         RANK=rank,
         RANK_P2=rank_p2,
+        SPLITS=split_k,
         **shape,
         BLOCK_D=block_dc,
         BLOCK_N=block_n,
