@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import itertools
 import os
+from typing import Any
 
 import pytest
 import torch
@@ -303,6 +304,30 @@ def test_disabled_by_environment(kernels_on: torch.device, monkeypatch: pytest.M
 
 
 # ---------------------------------------------------------------------------- a few rows per member
+def _onthefly_reference(
+    x: torch.Tensor, w: torch.Tensor, noise: Any, draw: torch.Tensor, coeff: torch.Tensor
+) -> torch.Tensor:
+    """``(P, rows, m)`` float32 ``x W^T + coeff_p (x B_d) A_d^T`` from the factors of
+    :func:`torcheggroll.noise.draw_noise` (``x`` ``(P, rows, n)``, on the CPU)."""
+    return x.float() @ w.float().T + torch.einsum(
+        "pin,pnr,pmr->pim", x.float(), noise.b[draw], noise.a[draw] * coeff.view(-1, 1, 1)
+    )
+
+
+def _check_onthefly(
+    got: torch.Tensor,
+    x: torch.Tensor,
+    w: torch.Tensor,
+    noise: Any,
+    draw: torch.Tensor,
+    coeff: torch.Tensor,
+) -> None:
+    """``got`` ``(P * rows, m)`` float16 against :func:`_onthefly_reference`."""
+    ref = _onthefly_reference(x, w, noise, draw, coeff)
+    err = ((got.float().cpu().reshape(ref.shape) - ref).abs().max() / ref.abs().max()).item()
+    assert err < 2 * _tolerance(torch.float16), err
+
+
 @BOTH
 @pytest.mark.parametrize("rank", [1, 2, 4, 8])
 @pytest.mark.parametrize("paired", [True, False], ids=["pairs", "singles"])
@@ -362,9 +387,7 @@ def test_onthefly_matches_the_noise_definition(
             .cpu()
             .reshape(P, rows, m)
         )
-        ref = x.float() @ w.float().T + torch.einsum(
-            "pin,pnr,pmr->pim", x.float(), noise.b[draw], noise.a[draw] * coeff.view(-1, 1, 1)
-        )
+        ref = _onthefly_reference(x, w, noise, draw, coeff)
         if b is not None:
             ref = ref + (b.float() if b.dim() == 1 else b.float()[:, None])
         err = ((got - ref).abs().max() / ref.abs().max()).item()
@@ -419,11 +442,7 @@ def test_onthefly_split_over_k_is_exact_and_deterministic(
     got = run()
     assert splits and splits[0] == 3
     assert torch.equal(run(), got)
-    ref = x.float() @ w.float().T + torch.einsum(
-        "pin,pnr,pmr->pim", x.float(), noise.b[draw], noise.a[draw] * coeff.view(-1, 1, 1)
-    )
-    err = ((got.float().cpu().reshape(P, rows, m) - ref).abs().max() / ref.abs().max()).item()
-    assert err < 2 * _tolerance(torch.float16), err
+    _check_onthefly(got, x, w, noise, draw, coeff)
 
 
 @BOTH
@@ -473,11 +492,7 @@ def test_onthefly_takes_units_above_the_default_limit_when_raised(
         rows,
         write_first=True,
     )
-    ref = x.float() @ w.float().T + torch.einsum(
-        "pin,pnr,pmr->pim", x.float(), noise.b[draw], noise.a[draw] * coeff.view(-1, 1, 1)
-    )
-    err = ((got.float().cpu().reshape(P, rows, m) - ref).abs().max() / ref.abs().max()).item()
-    assert err < 2 * _tolerance(torch.float16), err
+    _check_onthefly(got, x, w, noise, draw, coeff)
 
 
 @BOTH
