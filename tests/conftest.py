@@ -34,3 +34,26 @@ def _one_thread() -> None:
     # The tests use tiny tensors, for which intra-op threads only add synchronization; on a
     # busy 2-core machine two spinning OpenMP threads made a step 30x slower than one thread.
     torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def triton_kernels():  # type: ignore[no-untyped-def]
+    """``load(name, device, needs_fused=False)``: the kernel module ``torcheggroll.<name>`` for
+    tests that call it on ``device``, or skip: no Triton, no CUDA for ``"cuda"``, Triton's
+    interpreter off for ``"cpu"``, or (``needs_fused``: tests that reach the kernels through the
+    optimizer) ``TORCHEGGROLL_FUSED=0``."""
+    import importlib
+    import importlib.util
+
+    def load(name: str, device: str, needs_fused: bool = False):  # type: ignore[no-untyped-def]
+        if importlib.util.find_spec("triton") is None:
+            pytest.skip("Triton is not installed")
+        if device == "cuda" and not torch.cuda.is_available():
+            pytest.skip("CUDA is not available")
+        if device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+            pytest.skip("Triton's interpreter is off (TRITON_INTERPRET is not 1)")
+        if needs_fused and os.environ.get("TORCHEGGROLL_FUSED") == "0":
+            pytest.skip("the kernels are off (TORCHEGGROLL_FUSED=0)")
+        return importlib.import_module(f"torcheggroll.{name}")
+
+    return load

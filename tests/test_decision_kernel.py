@@ -7,9 +7,7 @@ when there is no GPU); the CUDA cases run on a GPU.
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import os
 import warnings
 
 import pytest
@@ -32,18 +30,6 @@ DEVICES = [
         ],
     ),
 ]
-
-
-def _kernel_or_skip(device: str):  # type: ignore[no-untyped-def]
-    if importlib.util.find_spec("triton") is None:
-        pytest.skip("Triton is not installed")
-    if device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("Triton's interpreter is off (TRITON_INTERPRET is not 1)")
-    if os.environ.get("TORCHEGGROLL_FUSED") == "0":
-        pytest.skip("the kernels are off (TORCHEGGROLL_FUSED=0)")
-    from torcheggroll import _triton_decision
-
-    return _triton_decision
 
 
 def reference(losses: list[float], shaping: str, maximize: bool, antithetic: bool) -> dict:
@@ -107,9 +93,9 @@ any_losses = st.one_of(finite_losses, st.sampled_from([math.nan, math.inf, -math
     antithetic=st.booleans(),
 )
 def test_kernel_decision_equals_the_definition(
-    device, pairs, data, shaping, maximize, antithetic
+    triton_kernels, device, pairs, data, shaping, maximize, antithetic
 ) -> None:
-    kernel = _kernel_or_skip(device)
+    kernel = triton_kernels("_triton_decision", device, needs_fused=True)
     n = 2 * pairs if antithetic else data.draw(st.integers(1, 600))
     losses = data.draw(st.lists(any_losses, min_size=n, max_size=n))
     scales = [0.01, 0.5][: data.draw(st.integers(1, 2))]
@@ -130,8 +116,8 @@ def test_kernel_decision_equals_the_definition(
     ids=["identical", "all-nan", "mixed", "outlier", "one"],
 )
 @pytest.mark.parametrize("shaping", ["raw", "centered", "zscore"])
-def test_kernel_decision_edge_cases(device, losses, shaping) -> None:
-    kernel = _kernel_or_skip(device)
+def test_kernel_decision_edge_cases(triton_kernels, device, losses, shaping) -> None:
+    kernel = triton_kernels("_triton_decision", device, needs_fused=True)
     for maximize in (False, True):
         for antithetic in (False, True) if len(losses) % 2 == 0 else (False,):
             got = _decide(kernel, losses, shaping, maximize, antithetic, [0.1], 3e38, device)
@@ -139,8 +125,8 @@ def test_kernel_decision_edge_cases(device, losses, shaping) -> None:
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_kernel_withholds_an_update_beyond_the_limit(device) -> None:
-    kernel = _kernel_or_skip(device)
+def test_kernel_withholds_an_update_beyond_the_limit(triton_kernels, device) -> None:
+    kernel = triton_kernels("_triton_decision", device, needs_fused=True)
     losses = [0.0, 10.0, 0.0, 10.0]  # raw pair differences -10, -10: norm 20
     for limit, ok in ((20.5, True), (19.5, False)):
         got = _decide(kernel, losses, "raw", False, True, [1.0], limit, device)
@@ -201,8 +187,10 @@ def _step_params(monkeypatch, device: str, in_kernel: bool, **kw) -> tuple:  # t
     ],
     ids=["zscore", "maximize-centered", "raw-plain", "lr0"],
 )
-def test_steps_with_the_kernel_equal_the_pytorch_decision(monkeypatch, device, options) -> None:
-    _kernel_or_skip(device)
+def test_steps_with_the_kernel_equal_the_pytorch_decision(
+    triton_kernels, monkeypatch, device, options
+) -> None:
+    triton_kernels("_triton_decision", device, needs_fused=True)
     general, warned = _step_params(monkeypatch, device, False, **dict(options))
     monkeypatch.undo()
     fused, warned_fused = _step_params(monkeypatch, device, True, **dict(options))
@@ -213,10 +201,10 @@ def test_steps_with_the_kernel_equal_the_pytorch_decision(monkeypatch, device, o
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_the_kernel_reports_identical_losses(monkeypatch, device) -> None:
+def test_the_kernel_reports_identical_losses(triton_kernels, monkeypatch, device) -> None:
     from torcheggroll import _update
 
-    _kernel_or_skip(device)
+    triton_kernels("_triton_decision", device, needs_fused=True)
     monkeypatch.setattr(_update, "DECISION_DEVICES", (device,))
     p = torch.nn.Parameter(torch.ones(3, 2, device=device))
     opt = EggrollOptimizer([p], pop_size=4, seed=0)
@@ -226,10 +214,10 @@ def test_the_kernel_reports_identical_losses(monkeypatch, device) -> None:
     assert torch.equal(p.detach().cpu(), torch.ones(3, 2))
 
 
-def test_fused_off_keeps_the_pytorch_decision(monkeypatch) -> None:
+def test_fused_off_keeps_the_pytorch_decision(triton_kernels, monkeypatch) -> None:
     from torcheggroll import _update
 
-    _kernel_or_skip("cpu")
+    triton_kernels("_triton_decision", "cpu", needs_fused=True)
     monkeypatch.setattr(_update, "DECISION_DEVICES", ("cpu",))
     p = torch.nn.Parameter(torch.ones(3, 2))
     opt = EggrollOptimizer([p], pop_size=4, seed=0)

@@ -439,28 +439,12 @@ def test_noise_dtype_follows_compute_dtype():
 FLOAT_TOLERANCE = 1e-5
 
 
-def _kernels_or_skip(device: str):  # type: ignore[no-untyped-def]
-    import importlib.util
-    import os
-
-    if importlib.util.find_spec("triton") is None:
-        pytest.skip("Triton is not installed")
-    if device == "cuda":
-        if not torch.cuda.is_available():
-            pytest.skip("CUDA is not available")
-    elif os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("Triton's interpreter is off (TRITON_INTERPRET is not 1)")
-    from torcheggroll import _triton_noise
-
-    return _triton_noise
-
-
 NOISE_DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
 
 
 @pytest.mark.parametrize("device", NOISE_DEVICES)
-def test_kernel_words_equal_the_reference_bitwise(device):
-    kernels = _kernels_or_skip(device)
+def test_kernel_words_equal_the_reference_bitwise(triton_kernels, device):
+    kernels = triton_kernels("_triton_noise", device)
     g = torch.Generator().manual_seed(0)
     counters = torch.randint(0, 2**32, (4, 1000), generator=g, dtype=torch.int64)
     counters[:, 0] = torch.tensor([0, 0, 0, 0])
@@ -486,10 +470,10 @@ def _buffer_entries():  # type: ignore[no-untyped-def]
 
 @pytest.mark.parametrize("device", NOISE_DEVICES)
 @pytest.mark.parametrize("on_device", [False, True], ids=["host-counters", "device-counters"])
-def test_kernel_fill_equals_the_reference(device, on_device):
+def test_kernel_fill_equals_the_reference(triton_kernels, device, on_device):
     from torcheggroll.noise_buffer import NoiseBuffer
 
-    kernels = _kernels_or_skip(device)
+    kernels = triton_kernels("_triton_noise", device)
     seed, generation = 2**40 + 7, 5
     ref = NoiseBuffer(_buffer_entries(), 3, torch.device("cpu"), torch.float32)
     ref.fill(seed, generation)

@@ -9,9 +9,6 @@ when there is no GPU); the CUDA cases run on a GPU.
 
 from __future__ import annotations
 
-import importlib.util
-import os
-
 import pytest
 import torch
 
@@ -33,23 +30,11 @@ DEVICES = [
 FLOAT_TOLERANCE = 1e-5
 
 
-def _kernels_or_skip(device: str):  # type: ignore[no-untyped-def]
-    if importlib.util.find_spec("triton") is None:
-        pytest.skip("Triton is not installed")
-    if device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("Triton's interpreter is off (TRITON_INTERPRET is not 1)")
-    if os.environ.get("TORCHEGGROLL_FUSED") == "0":
-        pytest.skip("the kernels are off (TORCHEGGROLL_FUSED=0)")
-    from torcheggroll import _triton_noise
-
-    return _triton_noise
-
-
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("rank", [1, 3, 4])
 @pytest.mark.parametrize("layout", ["entries-draws", "draws-entries"])
-def test_factor_operand_matches_the_noise_definition(device, rank, layout) -> None:
-    kernels = _kernels_or_skip(device)
+def test_factor_operand_matches_the_noise_definition(triton_kernels, device, rank, layout) -> None:
+    kernels = triton_kernels("_triton_noise", device, needs_fused=True)
     m, n, draws = 10, 7, 37  # entries not a multiple of 4, draws not a multiple of a tile
     seed, generation, index = 2**40 + 9, 5, 3
     ref = draw_noise(
@@ -104,9 +89,9 @@ def _steps(monkeypatch, device: str, drawn: bool, capturable: bool, rank: int): 
 @pytest.mark.parametrize("capturable", [False, True], ids=["ints", "capturable"])
 @pytest.mark.parametrize("rank", [1, 2])
 def test_steps_with_drawn_operands_equal_the_buffered_update(
-    monkeypatch, device, capturable, rank
+    triton_kernels, monkeypatch, device, capturable, rank
 ) -> None:
-    _kernels_or_skip(device)
+    triton_kernels("_triton_noise", device, needs_fused=True)
     start = [p.detach().cpu() for p in _fresh(device)]
     buffered, filled = _steps(monkeypatch, device, False, capturable, rank)
     assert filled
@@ -128,10 +113,10 @@ def _fresh(device: str) -> list[torch.Tensor]:
     return list(model.to(device).parameters())
 
 
-def test_a_dense_parameter_still_reads_the_buffers(monkeypatch) -> None:
+def test_a_dense_parameter_still_reads_the_buffers(triton_kernels, monkeypatch) -> None:
     from torcheggroll import _update
 
-    _kernels_or_skip("cpu")
+    triton_kernels("_triton_noise", "cpu", needs_fused=True)
     monkeypatch.setattr(_update, "EPILOGUE_DEVICES", ("cpu",))
     monkeypatch.setattr(_update, "OPERAND_DEVICES", ("cpu",))
     lone = EggrollOptimizer(torch.nn.Linear(16, 12, bias=False).parameters(), pop_size=4)
