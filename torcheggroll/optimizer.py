@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -555,10 +556,20 @@ class EggrollOptimizer(Optimizer):
         """
         losses, population = self.evaluate(closure)
         plan = self._plan_for_step(check=False)
-        if _update.reads_buffers(plan, self.param_groups):
-            population.fill_noise()
+        counters = population.counters
+        drawn = self.capturable and counters is not None
+        drawn = drawn and not _update.reads_buffers(plan, self.param_groups)
+        if drawn:
+            # The update draws its operands from the counters and the buffers stay unfilled; the
+            # population keeps a copy of its generation, so that its noise, if asked for after
+            # the generation has advanced, is still its own.
+            assert counters is not None
+            held = counters[1].clone()
+            population._keep_generation(held, functools.partial(plan.fill, counters[0], held))
+        else:
+            population.fill_noise()  # (with Python-int counters, filled when it was made)
         found = self._directions(losses)
-        _update.apply(plan, self.param_groups, found, population.counters)
+        _update.apply(plan, self.param_groups, found, population.counters if drawn else None)
         return self._finish(losses, found.flags)
 
     @torch.no_grad()

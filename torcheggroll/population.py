@@ -194,6 +194,15 @@ class Population:
         self._fill()
         self._filled = True
 
+    def _keep_generation(self, generation: torch.Tensor, fill: Callable[[], None]) -> None:
+        """Keep this generation's noise available after the optimizer's device generation moves
+        on: ``generation`` is a copy of it and ``fill`` fills the buffers for that copy (for a
+        step that never filled them: its kernels drew the noise they used)."""
+        if self._counters is not None:
+            self._counters = (self._counters[0], generation)
+        self.generation = generation
+        self._fill = fill
+
     def capture_key(self) -> tuple[Any, ...] | None:
         """What a CUDA graph captured with this population depends on, for populations whose
         noise counters are device tensors (``capturable``), else None: equal keys mean a graph
