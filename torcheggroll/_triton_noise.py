@@ -2,7 +2,8 @@
 
 Imported only where Triton is. Each Philox block's counter is computed from its position in a
 region of :class:`~torcheggroll.noise_buffer.NoiseBuffer` (no per-block tables are read for
-low-rank regions); the seed and the generation are scalars or device tensors (then nothing is
+low-rank regions), or, for the update's operands (:func:`factor_operand`), from its entry and
+draw; the seed and the generation are scalars or device tensors (then nothing is
 read on the host, and the launch can be captured in a CUDA graph). The Philox rounds are
 Triton's own ``tl.random.philox_impl`` (Philox-4x32-10, the same function as the PyTorch
 reference, bit for bit); the float transform repeats :func:`torcheggroll.noise.block_normals`.
@@ -302,9 +303,16 @@ def factor_operand(
     """Write one parameter's factor of every draw into ``out`` ``(entries, draws)`` (any
     strides): ``out[e, d]`` is entry ``e`` of stream ``stream`` (0: ``A``, 1: ``B``; entry
     ``i * r + q`` is row ``i``, column ``q``) of draw ``d``, times ``coef[d]`` ``(draws,)``
-    float32 when given, rounded to ``out.dtype``; the update's operands made without a noise
-    buffer."""
+    (the noise buffer's dtype, on ``out``'s device) when given, rounded to ``out.dtype``; the
+    update's operands made without a noise buffer."""
     entries, draws = out.shape
+    if coef is not None:
+        if coef.shape != (draws,) or coef.device != out.device:
+            raise ValueError(
+                f"Invalid coef: shape {tuple(coef.shape)} on {coef.device}, expected "
+                f"({draws},) on {out.device}"
+            )
+        coef = coef.contiguous()
     key_t, gen_t, k0, k1, g, on_device = _scalars(key, gen, out)
     entry_fast = out.stride(0) == 1
     block_j, block_d = (16, 32) if entry_fast else (32, 16)

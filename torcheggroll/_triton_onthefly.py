@@ -443,7 +443,8 @@ def unit_rows(rows: int, paired: bool) -> int:
 
 def launch_tiles(units: int, n: int, G: int, rank: int) -> dict[str, int]:
     """Tile sizes of the two kernels for ``units`` units of ``G`` rows and ``n`` inputs:
-    about 16 rows a program (8 in the interpreter), at least one unit; the projection split
+    8 units a program for units of one or two rows, about 16 rows for larger units (half that
+    in the interpreter), at least one unit; the projection split
     over K so that a few programs run per SM. Units of one or two rows take longer tiles
     along K and N (measured on an H100 by benchmarks/onthefly_tiles.py: 2-12 % faster layers
     at ranks 1, 4 and 16 than 128-wide tiles, in every configuration)."""

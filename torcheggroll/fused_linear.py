@@ -1,14 +1,16 @@
-"""The fused low-rank population linear: one Triton GEMM with the rank-r correction in its epilogue.
+"""The fused low-rank population linear: the shared GEMM plus a rank-r correction per member.
 
 For ``P`` members with ``R`` rows each, stacked into ``M = P * R`` rows (member of row ``m`` is
 ``p(m) = m // R``), member ``p`` using noise draw ``d_p`` with scale ``c_p = sigma * sign_p /
-sqrt(r)``, this computes in one kernel
+sqrt(r)``, this computes
 
     y[m] = x[m] W^T + bias[p(m)] + h[m] A[d_p(m)]^T      with h = c_p x_p B[d_p]  (an (M, r) tensor)
 
-The shared GEMM ``x W^T`` is an ordinary tiled matrix product. Its output tile covers
-``BLOCK_M`` rows, which belong to a handful of consecutive members; the correction for the tile
-is one more small matrix product added to the accumulator before it is written:
+By default (``GEMM_BACKEND``, below) a Triton kernel writes the bias and the correction and
+cuBLAS adds the shared GEMM ``x W^T`` into them. The Triton GEMM backends instead add the
+correction in the GEMM's epilogue: the GEMM is an ordinary tiled matrix product whose output
+tile covers ``BLOCK_M`` rows, which belong to a handful of consecutive members; the correction
+for the tile is one more small matrix product added to the accumulator before it is written:
 
     acc += H_bd (BLOCK_M, MEMBERS * r) @ A_slab (MEMBERS * r, BLOCK_N)
 
@@ -214,8 +216,9 @@ def lowrank_linear_fused(
     draw: torch.Tensor,
     coeff: torch.Tensor,
 ) -> torch.Tensor:
-    """:func:`lowrank_linear_reference` on :func:`member_factors` ``(a, b, draw, coeff)``, in two
-    Triton kernels that read the draws directly (see the module doc).
+    """:func:`lowrank_linear_reference` on :func:`member_factors` ``(a, b, draw, coeff)``: the
+    projection ``h`` and the correction in Triton kernels that read the draws directly, and the
+    shared GEMM by the backend of ``GEMM_BACKEND`` (see the module doc).
 
     Args:
         x: ``(P, R, n)``; weight: ``(m, n)``; bias: ``None``, ``(m,)`` or ``(P, m)``.
