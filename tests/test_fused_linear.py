@@ -394,6 +394,52 @@ def test_onthefly_matches_the_noise_definition(
         assert err < 2 * _tolerance(dtype), (write_first, err)
 
 
+def _onthefly_problem(P: int, rows: int, n: int, m: int, rank: int, seed: int) -> dict[str, Any]:
+    """A paired problem for ``linear_onthefly`` in float16 on the CPU, with the factors of
+    :func:`torcheggroll.noise.draw_noise` for its reference (generation 2, parameter 1)."""
+    from torcheggroll.noise import draw_noise
+
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(P, rows, n, generator=g).half()
+    w = (torch.randn(m, n, generator=g) / n**0.5).half()
+    noise = draw_noise((m, n), rank, P // 2, seed=seed, generation=2, param_index=1, device="cpu")
+    return dict(
+        x=x,
+        w=w,
+        draw=torch.arange(P) // 2,
+        coeff=torch.randn(P, generator=g),
+        noise=noise,
+        rank=rank,
+        seed=seed,
+    )
+
+
+def _run_onthefly(prob: dict[str, Any], device: torch.device, **kw: Any) -> torch.Tensor:
+    from torcheggroll import _triton_onthefly as otf
+    from torcheggroll.noise import seed_key
+
+    x = prob["x"]
+    P, rows, n = x.shape
+    return otf.linear_onthefly(
+        x.reshape(P * rows, n).to(device),
+        prob["w"].to(device),
+        None,
+        prob["draw"].to(device),
+        prob["coeff"].to(device),
+        seed_key(prob["seed"]),
+        2,
+        1,
+        prob["rank"],
+        True,
+        rows,
+        **kw,
+    )
+
+
+def _check_problem(got: torch.Tensor, prob: dict[str, Any]) -> None:
+    _check_onthefly(got, prob["x"], prob["w"], prob["noise"], prob["draw"], prob["coeff"])
+
+
 @BOTH
 @pytest.mark.parametrize("rank", [1, 4])
 @pytest.mark.parametrize("rows", [1, 3])
@@ -403,7 +449,6 @@ def test_onthefly_split_over_k_is_exact_and_deterministic(
     """The projection split over K (each split's partial sums added by the correction kernel in
     a fixed order): the reference's output, and the same bits on every call."""
     from torcheggroll import _triton_onthefly as otf
-    from torcheggroll.noise import draw_noise, seed_key
 
     default = otf.launch_tiles
     splits: list[int] = []
@@ -414,35 +459,12 @@ def test_onthefly_split_over_k_is_exact_and_deterministic(
         return out
 
     monkeypatch.setattr(otf, "launch_tiles", tiles)
-    P, n, m = 6, 200, 24  # 4 blocks of 64 inputs over 3 splits: one split takes two
-    seed, generation, index = 11, 4, 2
-    noise = draw_noise(
-        (m, n), rank, P // 2, seed=seed, generation=generation, param_index=index, device="cpu"
-    )
-    g = torch.Generator().manual_seed(rank + rows)
-    x = torch.randn(P, rows, n, generator=g).half()
-    w = (torch.randn(m, n, generator=g) / n**0.5).half()
-    draw, coeff = torch.arange(P) // 2, torch.randn(P, generator=g)
-
-    def run() -> torch.Tensor:
-        return otf.linear_onthefly(
-            x.reshape(P * rows, n).to(kernels_on),
-            w.to(kernels_on),
-            None,
-            draw.to(kernels_on),
-            coeff.to(kernels_on),
-            seed_key(seed),
-            generation,
-            index,
-            rank,
-            True,
-            rows,
-        )
-
-    got = run()
+    # 200 inputs: 4 blocks of 64 over 3 splits, so one split takes two.
+    prob = _onthefly_problem(6, rows, 200, 24, rank, seed=10 + rank + rows)
+    got = _run_onthefly(prob, kernels_on)
     assert splits and splits[0] == 3
-    assert torch.equal(run(), got)
-    _check_onthefly(got, x, w, noise, draw, coeff)
+    assert torch.equal(_run_onthefly(prob, kernels_on), got)
+    _check_problem(got, prob)
 
 
 @BOTH
@@ -452,47 +474,12 @@ def test_onthefly_takes_units_above_the_default_limit_when_raised(
     """``MAX_UNIT_ROWS`` (raised by ``benchmarks/step_graph.py --max-unit-rows``) only moves the
     limit: a unit of 32 rows (16 rows per antithetic member) gives the reference's output."""
     from torcheggroll import _triton_onthefly as otf
-    from torcheggroll.noise import draw_noise, seed_key
 
-    P, rows, n, m, rank = 4, 16, 40, 24, 4
-    seed, generation, index = 7, 2, 1
+    prob = _onthefly_problem(4, 16, 40, 24, 4, seed=7)
     with pytest.raises(ValueError, match="Invalid rows"):
-        otf.linear_onthefly(
-            torch.zeros(P * rows, n, device=kernels_on, dtype=torch.float16),
-            torch.zeros(m, n, device=kernels_on, dtype=torch.float16),
-            None,
-            torch.arange(P, device=kernels_on) // 2,
-            torch.ones(P, device=kernels_on),
-            seed_key(seed),
-            generation,
-            index,
-            rank,
-            True,
-            rows,
-        )
+        _run_onthefly(prob, kernels_on)
     monkeypatch.setattr(otf, "MAX_UNIT_ROWS", 32)
-    noise = draw_noise(
-        (m, n), rank, P // 2, seed=seed, generation=generation, param_index=index, device="cpu"
-    )
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(P, rows, n, generator=g).half()
-    w = (torch.randn(m, n, generator=g) / n**0.5).half()
-    draw, coeff = torch.arange(P) // 2, torch.randn(P, generator=g)
-    got = otf.linear_onthefly(
-        x.reshape(P * rows, n).to(kernels_on),
-        w.to(kernels_on),
-        None,
-        draw.to(kernels_on),
-        coeff.to(kernels_on),
-        seed_key(seed),
-        generation,
-        index,
-        rank,
-        True,
-        rows,
-        write_first=True,
-    )
-    _check_onthefly(got, x, w, noise, draw, coeff)
+    _check_problem(_run_onthefly(prob, kernels_on, write_first=True), prob)
 
 
 @BOTH
