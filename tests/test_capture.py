@@ -107,6 +107,21 @@ def test_a_state_dict_of_the_old_noise_is_refused() -> None:
     opt.load_state_dict(sd)  # the current version loads
 
 
+def test_capturable_refuses_parameters_on_several_devices_before_any_change() -> None:
+    """One set of device counters serves a capturable optimizer: parameters on two devices are
+    refused at construction and in add_param_group, which then leaves the optimizer as it was."""
+    here = nn.Parameter(torch.zeros(3, 2))
+    there = nn.Parameter(torch.zeros(3, 2, device="meta"))
+    with pytest.raises(ValueError, match=r"capturable=True needs every parameter on one device"):
+        EggrollOptimizer([here, there], pop_size=4, seed=0, capturable=True)
+    EggrollOptimizer([here, there], pop_size=4, seed=0)  # without capture: allowed
+    opt = EggrollOptimizer([here], pop_size=4, seed=0, capturable=True)
+    before = copy.deepcopy(opt.state_dict())
+    with pytest.raises(ValueError, match=r"got cpu, meta"):
+        opt.add_param_group({"params": [there]})
+    assert opt.state_dict() == before and len(opt.param_groups) == 1
+
+
 def test_capturable_warnings_are_counted_and_reported_on_request() -> None:
     model = mlp()
     opt = EggrollOptimizer(model.parameters(), pop_size=4, seed=0, capturable=True)
@@ -138,6 +153,33 @@ def test_a_compiled_closure_traces_population_forward_in_one_graph() -> None:
 
 
 # ---------------------------------------------------------------------------- CUDA graphs
+@pytest.mark.cuda
+def test_capturable_counters_follow_the_model_to_another_device() -> None:
+    """Steps on the CPU, then the model moves to CUDA: the device counters move with it and the
+    steps go on with the generation and noise an optimizer made on CUDA from the start has."""
+    if not torch.cuda.is_available():
+        pytest.skip("CUDA is not available")
+    dev = torch.device("cuda")
+    x, y = data()
+    moved, fresh = mlp(), mlp()
+    kw = dict(lr=0.1, sigma=0.05, pop_size=8, seed=5, capturable=True)
+    opt = EggrollOptimizer(moved.parameters(), **kw)
+    for _ in range(2):
+        opt.step(closure_for(moved, x, y))
+    moved.to(dev)  # the parameters move in place: the optimizer keeps them
+    reference = EggrollOptimizer(fresh.to(dev).parameters(), **kw)
+    fresh.load_state_dict(moved.state_dict())
+    reference.load_state_dict(opt.state_dict())
+    xd, yd = x.to(dev), y.to(dev)
+    for _ in range(2):
+        opt.step(closure_for(moved, xd, yd))
+        reference.step(closure_for(fresh, xd, yd))
+    assert opt._counters is not None and opt._counters[1].device.type == "cuda"
+    assert opt.generation == reference.generation == 4
+    for a, b in zip(params(moved), params(fresh), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_a_captured_step_replays_generations_like_eager_steps(dtype: torch.dtype) -> None:

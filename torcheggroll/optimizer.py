@@ -35,6 +35,20 @@ __all__ = ["EggrollOptimizer"]
 Closure = Callable[..., Any]
 
 _GLOBAL_KEYS = ("pop_size", "antithetic", "capturable")
+
+
+def _check_one_device(params: list[Any]) -> torch.device:
+    """The one device of ``params``; a ``capturable`` optimizer keeps one set of device counters
+    (seed and generation), so parameters on several devices are refused."""
+    devices = list(dict.fromkeys(p.device for p in params if isinstance(p, torch.Tensor)))
+    if len(devices) > 1:
+        raise ValueError(
+            f"Invalid params: capturable=True needs every parameter on one device, got "
+            f"{', '.join(str(d) for d in devices)} (use one optimizer per device)"
+        )
+    return devices[0] if devices else torch.device("cpu")
+
+
 _SET_ERROR = (
     "Invalid params: a set has no stable order, and a parameter's noise depends on its position; "
     "pass a list"
@@ -105,7 +119,8 @@ class EggrollOptimizer(Optimizer):
             on the host in :meth:`step`, so that a whole step (closure included) can be captured
             in a CUDA graph and replayed, each replay with the next generation's noise (as
             ``capturable`` in ``torch.optim``; see the README's recipe). ``lr`` and ``sigma``
-            are fixed at capture unless ``lr`` is a device tensor updated in place.
+            are fixed at capture unless ``lr`` is a device tensor updated in place. Every
+            parameter must be on one device (the counters follow it when the model moves).
 
     The closure (required) is called once per step, in one of two forms, told apart by its
     signature (one required positional parameter or ``*args``: the population form; none: the
@@ -237,6 +252,9 @@ class EggrollOptimizer(Optimizer):
         if len({id(t) for t in tensors}) != len(tensors):
             # torch only warns; here each copy would get its own noise and its own update.
             raise ValueError("Invalid params: a parameter appears more than once in the group")
+        if merged["capturable"]:
+            existing = [q for group in self.param_groups for q in group["params"]]
+            _check_one_device([*existing, *tensors])
         param_group = {**param_group, "params": listed}
         if "lr" not in param_group and isinstance(self.defaults["lr"], torch.Tensor):
             # Each group gets its own tensor lr: a scheduler's in-place update of one group's lr
@@ -383,6 +401,11 @@ class EggrollOptimizer(Optimizer):
         """The plan of the current configuration (rebuilt when it changed; ``check=False``
         reuses the one the step's population was drawn with)."""
         if self._plan is None or (check and self._plan.signature != signature(self.param_groups)):
+            if self.capturable:
+                # The parameters may have moved (model.to) since the counters were made.
+                device = _check_one_device([p for g in self.param_groups for p in g["params"]])
+                if self._counters is not None and self._counters[0].device != device:
+                    self._counters = (self._counters[0].to(device), self._counters[1].to(device))
             self._plan = Plan(self.param_groups)
         return self._plan
 
