@@ -68,6 +68,32 @@ def test_classifier_learns_and_plots(classifier, tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_classifier_refuses_a_cuda_graph_off_cuda(classifier, capsys):
+    with pytest.raises(SystemExit):
+        classifier.parse_args(["--cuda-graph", "--device", "cpu"])
+    assert "--cuda-graph needs a CUDA device, got --device cpu" in capsys.readouterr().err
+
+
+@pytest.mark.cuda
+def test_classifier_with_a_captured_step_trains_like_eager_steps(classifier):
+    """--cuda-graph: two eager steps, then one CUDA graph replayed for the other ten; the same
+    seed without it gives the same losses (the noise does not depend on capture; float32
+    kernels in the same order, so a few ulps at most)."""
+    if not torch.cuda.is_available():
+        pytest.skip("CUDA is not available")
+    base = ["--steps", "12", "--pop-size", "32", "--n-per-class", "10", "--quiet"]
+    eager = classifier.main([*base, "--device", "cuda"])
+    graph = classifier.main([*base, "--device", "cuda", "--cuda-graph"])
+    assert graph["steps_done"] == eager["steps_done"] == 12
+    torch.testing.assert_close(
+        torch.tensor(graph["history"]["loss"]),
+        torch.tensor(eager["history"]["loss"]),
+        rtol=1e-4,
+        atol=1e-5,
+    )
+    assert graph["final_loss"] < graph["initial_loss"] - 0.3
+
+
 # ------------------------------------------------------------------ nano_egg
 # A larger step than the default suits these few tiny generations.
 TINY_LM = [
