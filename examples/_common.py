@@ -150,31 +150,36 @@ class CapturedStep:
     stream, as CUDA-graph capture asks), then captured once in a CUDA graph and replayed by every
     later call, each replay with the next generation's noise.
 
-    ``opt`` must be ``capturable`` and the closure must read its inputs from tensors that stay in
-    place (copy new data into them between calls). The capture itself runs nothing, so every call
-    is one step. ``loss`` is the last step's mean loss (a device tensor).
+    ``opt`` must be ``capturable`` with its parameters on the CUDA ``device``, and the closure
+    must read its inputs from tensors that stay in place (copy new data into them between
+    calls). The capture itself runs nothing, so every call is one step. ``loss`` is the last
+    step's mean loss (a device tensor).
     """
 
-    def __init__(self, opt: Any, closure: Any, warmup: int = 2) -> None:
+    def __init__(self, opt: Any, closure: Any, device: torch.device | str, warmup: int = 2) -> None:
         if not opt.capturable:
             raise ValueError("Invalid opt: CapturedStep needs EggrollOptimizer(capturable=True)")
+        if warmup < 1:
+            raise ValueError(f"Invalid warmup: {warmup} (capture needs at least one eager step)")
         self.opt, self.closure, self.warmup = opt, closure, warmup
-        self.stream = torch.cuda.Stream()
+        self.device = torch.device(device)
+        self.stream = torch.cuda.Stream(device=self.device)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.loss: torch.Tensor | None = None
         self.calls = 0
 
     @torch.no_grad()
     def __call__(self) -> None:
-        if self.graph is not None:
-            self.graph.replay()
-            return
-        self.stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(self.stream):
-            self.loss = self.opt.step(self.closure)
-        torch.cuda.current_stream().wait_stream(self.stream)
-        self.calls += 1
-        if self.calls == self.warmup:
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
+        with torch.cuda.device(self.device):
+            if self.graph is not None:
+                self.graph.replay()
+                return
+            self.stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(self.stream):
                 self.loss = self.opt.step(self.closure)
+            torch.cuda.current_stream().wait_stream(self.stream)
+            self.calls += 1
+            if self.calls == self.warmup:
+                self.graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(self.graph):
+                    self.loss = self.opt.step(self.closure)

@@ -177,7 +177,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         logp = population.forward(model, rgb, comp, path=path)  # (pop, n, 10)
         return -logp.gather(-1, labels.expand(logp.shape[0], -1).unsqueeze(-1)).squeeze(-1).mean(-1)
 
-    step_once = CapturedStep(opt, closure) if args.cuda_graph else lambda: opt.step(closure)
+    step_once = CapturedStep(opt, closure, device) if args.cuda_graph else lambda: opt.step(closure)
 
     history: dict[str, list[float]] = {"step": [0], "loss": [], "train_acc": [], "test_acc": []}
     history["train_acc"].append(accuracy(model, rgb, comp, labels))

@@ -175,6 +175,7 @@ def test_capturable_counters_follow_the_model_to_another_device() -> None:
         opt.step(closure_for(moved, xd, yd))
         reference.step(closure_for(fresh, xd, yd))
     assert opt._counters is not None and opt._counters[1].device.type == "cuda"
+    assert opt.last_losses is not None and opt.last_losses.device.type == "cuda"
     assert opt.generation == reference.generation == 4
     for a, b in zip(params(moved), params(fresh), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -549,6 +549,7 @@ class EggrollOptimizer(Optimizer):
             self.capturable
             and self._last_losses is not None
             and self._last_losses.shape == losses.shape
+            and self._last_losses.device == losses.device
         ):
             self._last_losses.copy_(losses)
         else:
@@ -638,6 +639,8 @@ class EggrollOptimizer(Optimizer):
             # Replays of a captured step run no Python: keep counts on the device.
             if not self._pending:
                 self._pending.append((torch.zeros_like(flags), None, total))
+            elif self._pending[0][0].device != flags.device:  # the model moved: so do the counts
+                self._pending[0] = (self._pending[0][0].to(flags.device), None, total)
             self._pending[0][0].add_(flags)
             return
         host = torch.empty(flags.shape, dtype=flags.dtype, pin_memory=True)
