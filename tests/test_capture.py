@@ -120,6 +120,22 @@ def test_capturable_refuses_parameters_on_several_devices_before_any_change() ->
     with pytest.raises(ValueError, match=r"got cpu, meta"):
         opt.add_param_group({"params": [there]})
     assert opt.state_dict() == before and len(opt.param_groups) == 1
+    # Parameters that end up on two devices another way (a group edited in place) are refused
+    # at the next step, before it draws, evaluates or updates anything.
+    model = mlp()
+    opt = EggrollOptimizer(model.parameters(), pop_size=4, seed=0, capturable=True)
+    x, y = data()
+    opt.step(closure_for(model, x, y))
+    before, weights = copy.deepcopy(opt.state_dict()), params(model)
+    opt.param_groups[0]["params"].append(there)
+    calls = []
+    with pytest.raises(ValueError, match=r"got cpu, meta"):
+        opt.step(lambda population: calls.append(1))
+    assert not calls and opt.generation == 1
+    for a, b in zip(params(model), weights, strict=True):
+        assert torch.equal(a, b)
+    opt.param_groups[0]["params"].pop()
+    assert opt.state_dict() == before
 
 
 def test_capturable_warnings_are_counted_and_reported_on_request() -> None:
