@@ -74,6 +74,19 @@ def test_classifier_refuses_a_cuda_graph_off_cuda(classifier, capsys):
     assert "--cuda-graph needs a CUDA device, got --device cpu" in capsys.readouterr().err
 
 
+def test_captured_step_refuses_what_it_cannot_capture(classifier):
+    from _common import CapturedStep  # the examples' folder is on sys.path once one is loaded
+
+    from torcheggroll import EggrollOptimizer
+
+    w = torch.nn.Parameter(torch.zeros(3, 2))
+    with pytest.raises(ValueError, match=r"Invalid opt: CapturedStep needs .*capturable=True"):
+        CapturedStep(EggrollOptimizer([w], pop_size=4, seed=0), lambda p: None, "cuda")
+    opt = EggrollOptimizer([w], pop_size=4, seed=0, capturable=True)
+    with pytest.raises(ValueError, match=r"Invalid warmup: 0"):
+        CapturedStep(opt, lambda p: None, "cuda", warmup=0)
+
+
 @pytest.mark.cuda
 def test_classifier_with_a_captured_step_trains_like_eager_steps(classifier):
     """--cuda-graph: two eager steps, then one CUDA graph replayed for the other ten; the same
