@@ -12,6 +12,7 @@ import warnings
 
 import pytest
 import torch
+from _devices import CPU_AND_CUDA
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -20,16 +21,7 @@ from torcheggroll import EggrollOptimizer, IdenticalLossesWarning, NonFiniteLoss
 # The interpreter (numpy) warns on the NaN arithmetic the non-finite cases exercise.
 pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
 
-DEVICES = [
-    "cpu",
-    pytest.param(
-        "cuda",
-        marks=[
-            pytest.mark.cuda,
-            pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
-        ],
-    ),
-]
+DEVICES = CPU_AND_CUDA
 
 
 def reference(losses: list[float], shaping: str, maximize: bool, antithetic: bool) -> dict:

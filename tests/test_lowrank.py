@@ -8,13 +8,14 @@ from typing import Any
 
 import pytest
 import torch
+from _devices import CPU_AND_CUDA
 from torch import nn
 from torch.utils import _pytree as pytree
 
 from torcheggroll import EggrollOptimizer, LowRankFallbackError
 
 POP = 6
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
+DEVICES = CPU_AND_CUDA
 
 
 def _device(name: str) -> torch.device:

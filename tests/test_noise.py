@@ -10,6 +10,7 @@ import math
 
 import pytest
 import torch
+from _devices import CPU_AND_CUDA
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -439,7 +440,7 @@ def test_noise_dtype_follows_compute_dtype():
 FLOAT_TOLERANCE = 1e-5
 
 
-NOISE_DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
+NOISE_DEVICES = CPU_AND_CUDA
 
 
 @pytest.mark.parametrize("device", NOISE_DEVICES)

@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 import torch
+from _devices import CPU_AND_CUDA
 from torch import nn
 from torch.optim.lr_scheduler import CosineAnnealingLR, LambdaLR, ReduceLROnPlateau, StepLR
 
@@ -853,19 +854,7 @@ def test_cuda_lockstep_through_a_cpu_checkpoint_and_sgd_equivalence():
     assert all(torch.isfinite(p).all() for p in m1.parameters())
 
 
-@pytest.mark.parametrize(
-    "device",
-    [
-        "cpu",
-        pytest.param(
-            "cuda",
-            marks=[
-                pytest.mark.cuda,
-                pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
-            ],
-        ),
-    ],
-)
+@pytest.mark.parametrize("device", CPU_AND_CUDA)
 @pytest.mark.parametrize("rank", [1, 4])
 def test_epilogue_update_equals_the_general_update(monkeypatch, device, rank):
     """A lone matrix's update in its product's epilogue (``addmm_`` with the sigma factor and

@@ -11,20 +11,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _devices import CPU_AND_CUDA
 
 from torcheggroll import EggrollOptimizer
 from torcheggroll.noise import draw_noise, seed_key
 
-DEVICES = [
-    "cpu",
-    pytest.param(
-        "cuda",
-        marks=[
-            pytest.mark.cuda,
-            pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
-        ],
-    ),
-]
+DEVICES = CPU_AND_CUDA
 # The float transform of two implementations of the noise definition agrees to this (see
 # tests/test_noise.py, FLOAT_TOLERANCE).
 FLOAT_TOLERANCE = 1e-5
