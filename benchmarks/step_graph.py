@@ -282,6 +282,32 @@ def device_name(device: torch.device) -> str:
     return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} thread(s)"
 
 
+FOOTER = "ratio = plain inference ms / method ms, median over trials (worst trial)"
+
+
+def print_header(meta: dict[str, Any]) -> None:
+    print(f"device: {meta['device']}; torch {meta['torch']}; triton {meta['triton']}")
+    print(f"{'config':<16}{'inference ms':>13}" + "".join(f"{m:>22}" for m in METHODS[1:]))
+
+
+def print_row(row: dict[str, Any]) -> None:
+    cells = "".join(
+        f"{row[m]['ratio']:>12.3f} (>={row[m]['worst_ratio']:.3f})" for m in METHODS[1:]
+    )
+    print(f"{row['name']:<16}{row['inference']['ms']:>13.4f}{cells}", flush=True)
+
+
+def print_table(meta: dict[str, Any], results: list[dict[str, Any]]) -> None:
+    print_header(meta)
+    for row in results:
+        print_row(row)
+    print(FOOTER)
+
+
+def plot_title(meta: dict[str, Any]) -> str:
+    return f"{meta['device']}, torch {meta['torch']}, triton {meta.get('triton', '?')}"
+
+
 def plot(results: list[dict[str, Any]], path: Path, title: str) -> None:
     import matplotlib
 
@@ -320,6 +346,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--repeats", type=int, default=30, help="CPU: timed calls per measurement")
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--plot", type=Path, default=None)
+    p.add_argument(
+        "--replot",
+        type=Path,
+        default=None,
+        help="print the table of this GPU JSON again and draw --plot from it; run nothing",
+    )
     p.add_argument("--configs", default=None, help="comma-separated names to run (default: all)")
     p.add_argument("--profile", default=None, help="print the kernels of this configuration's step")
     p.add_argument(
@@ -343,6 +375,12 @@ def main(argv: list[str] | None = None) -> None:
         "buffer path, e.g. 32 sends 16 rows per antithetic member to them)",
     )
     args = p.parse_args(argv)
+    if args.replot:
+        saved = json.loads(args.replot.read_text())
+        print_table(saved["meta"], saved["results"])
+        if args.plot:
+            plot(saved["results"], args.plot, plot_title(saved["meta"]))
+        return
     if args.max_unit_rows is not None:
         from torcheggroll import _triton_onthefly
 
@@ -382,8 +420,7 @@ def main(argv: list[str] | None = None) -> None:
             triton=triton.__version__,
             timing="CUDA graphs, triton.testing.do_bench median per trial",
         )
-        print(f"device: {meta['device']}; torch {torch.__version__}; triton {triton.__version__}")
-        print(f"{'config':<16}{'inference ms':>13}" + "".join(f"{m:>22}" for m in METHODS[1:]))
+        print_header(meta)
         results = []
         for cfg in gpu_configs(args.preset):
             if args.configs and cfg["name"] not in args.configs.split(","):
@@ -395,13 +432,10 @@ def main(argv: list[str] | None = None) -> None:
                 torch.cuda.synchronize()
                 continue
             results.append(row)
-            cells = "".join(
-                f"{row[m]['ratio']:>12.3f} (>={row[m]['worst_ratio']:.3f})" for m in METHODS[1:]
-            )
-            print(f"{cfg['name']:<16}{row['inference']['ms']:>13.4f}{cells}", flush=True)
-        print("ratio = plain inference ms / method ms, median over trials (worst trial)")
+            print_row(row)
+        print(FOOTER)
         if args.plot:
-            plot(results, args.plot, f"{meta['device']}, torch {meta['torch']}")
+            plot(results, args.plot, plot_title(meta))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"meta": meta, "results": results}, indent=1))
