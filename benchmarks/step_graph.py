@@ -286,7 +286,7 @@ FOOTER = "ratio = plain inference ms / method ms, median over trials (worst tria
 
 
 def print_header(meta: dict[str, Any]) -> None:
-    print(f"device: {meta['device']}; torch {meta['torch']}; triton {meta['triton']}")
+    print(f"device: {meta['device']}; torch {meta['torch']}; triton {meta.get('triton', '?')}")
     print(f"{'config':<16}{'inference ms':>13}" + "".join(f"{m:>22}" for m in METHODS[1:]))
 
 
@@ -377,6 +377,8 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if args.replot:
         saved = json.loads(args.replot.read_text())
+        if not isinstance(saved.get("results"), list):
+            raise ValueError(f"Invalid --replot: {args.replot} holds no GPU results (a list)")
         print_table(saved["meta"], saved["results"])
         if args.plot:
             plot(saved["results"], args.plot, plot_title(saved["meta"]))

@@ -36,3 +36,10 @@ def test_replot_prints_each_saved_configuration(tmp_path: Path, capsys: pytest.C
     assert set(rows) == {"paper-r1", "mlp-shared"}
     # inference ms, then (ratio, worst) for forward, step, forward-eager, step-eager
     assert rows["paper-r1"][1:4] == ["0.1837", "0.600", "(>=0.400)"]
+
+
+def test_replot_refuses_a_json_without_gpu_results(tmp_path: Path):
+    path = tmp_path / "cpu.json"
+    path.write_text(json.dumps({"meta": {}, "results": {"step_ms": 1.0}}))  # a --preset cpu file
+    with pytest.raises(ValueError, match=r"Invalid --replot: .*cpu\.json"):
+        _script().main(["--replot", str(path)])
