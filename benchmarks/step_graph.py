@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -368,6 +369,13 @@ def main(argv: list[str] | None = None) -> None:
         "the filled noise buffer (A/B)",
     )
     p.add_argument(
+        "--update-gemm",
+        choices=["cublas", "triton"],
+        default=None,
+        help="the product taking a lone bf16 matrix's update: addmm_ or the Triton kernel "
+        "(sets TORCHEGGROLL_UPDATE_GEMM; default: as the environment says)",
+    )
+    p.add_argument(
         "--max-unit-rows",
         type=int,
         default=None,
@@ -391,6 +399,8 @@ def main(argv: list[str] | None = None) -> None:
         _update.DECISION_DEVICES = ()
     if args.operands == "buffer":
         _update.OPERAND_DEVICES = ()
+    if args.update_gemm is not None:
+        os.environ[_update.UPDATE_GEMM_ENV] = args.update_gemm
     if args.profile:
         cfg = next(c for c in gpu_configs("gpu") if c["name"] == args.profile)
         print(profile(cfg, torch.device("cuda")))
@@ -400,6 +410,7 @@ def main(argv: list[str] | None = None) -> None:
         "argv": sys.argv[1:] if argv is None else argv,
         "torch": torch.__version__,
         "decision": args.decision,
+        "update_gemm": os.environ.get(_update.UPDATE_GEMM_ENV, "cublas"),
         "date": time.strftime("%Y-%m-%d"),
     }
     if args.preset == "cpu":

@@ -60,11 +60,29 @@ def methods(width: int, draws: int, rank: int, pop: int, dtype: torch.dtype) -> 
             torch.mm(lhs_t, rhs_t.T, out=scratch),
             w.add_(scratch, alpha=-1e-3),
         ),
+        **_triton_methods(w, lhs_t, rhs_t, lhs_c, rhs_c),
         "operands: scale+cast A, cast B": lambda: (
             torch.mul(a2, coef[:, None], out=lhs_buf),
             rhs_buf.copy_(b2),
         ),
     }
+
+
+def _triton_methods(w: torch.Tensor, *operands: torch.Tensor) -> dict[str, Any]:
+    """The Triton update kernel (torcheggroll._triton_update) in the layouts it supports."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    try:
+        from torcheggroll import _triton_update
+    except ImportError:
+        return {}
+    lhs_t, rhs_t, lhs_c, rhs_c = operands
+    out = {}
+    for name, lhs, rhs in (("views of draws", lhs_t, rhs_t), ("inner contiguous", lhs_c, rhs_c)):
+        if _triton_update.supported(w, lhs, rhs):
+            out[f"update triton ({name})"] = lambda lhs=lhs, rhs=rhs: _triton_update.outer_add_(
+                w, lhs, rhs, -1e-3
+            )
+    return out
 
 
 def main() -> None:

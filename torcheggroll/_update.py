@@ -24,6 +24,7 @@ nothing moves. float16 parameters, whose range is small, are checked element by 
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -51,6 +52,11 @@ DECISION_DEVICES = ("cuda",)
 # instead of read from the filled noise buffer, scaled and cast; tests add "cpu" here, with
 # Triton's interpreter.
 OPERAND_DEVICES = ("cuda",)
+# Which product takes a lone half-precision matrix's update on sm90+: "cublas" (``addmm_``, the
+# default) or "triton" (:func:`torcheggroll._triton_update.outer_add_`, which reads the weight's
+# tile while its main loop runs). Read at every step; benchmarks/update_gemm.py and
+# ``benchmarks/step_graph.py --update-gemm`` compare them.
+UPDATE_GEMM_ENV = "TORCHEGGROLL_UPDATE_GEMM"
 
 
 @dataclass
@@ -398,6 +404,16 @@ def _fusable(plan: Plan, b: int, k: int, groups: Sequence[dict[str, Any]]) -> bo
     )
 
 
+def _add_product(w: torch.Tensor, lhs: torch.Tensor, rhs: torch.Tensor, alpha: float) -> None:
+    """``w += alpha * lhs @ rhs.T`` by the product :data:`UPDATE_GEMM_ENV` names."""
+    if os.environ.get(UPDATE_GEMM_ENV, "cublas") == "triton" and fused_enabled():
+        kernels = triton_module("_triton_update")
+        if kernels is not None and kernels.supported(w, lhs, rhs):
+            kernels.outer_add_(w, lhs, rhs, alpha)
+            return
+    w.addmm_(lhs, rhs.T, alpha=alpha)
+
+
 def apply(
     plan: Plan,
     groups: Sequence[dict[str, Any]],
@@ -431,7 +447,7 @@ def apply(
                     * owned.scale
                     / math.sqrt(buffer.buckets[k].a.shape[3])
                 )
-                p2d.addmm_(lhs[0], rhs[0].T, alpha=-alpha)
+                _add_product(p2d, lhs[0], rhs[0], -alpha)
                 fused.add(update.owned[0])
     rest = [o for o in range(len(plan.owned)) if o not in fused and o not in found.new_values]
     if rest:

@@ -1,0 +1,134 @@
+"""The Triton update of a lone half-precision matrix (:mod:`torcheggroll._triton_update`):
+``W += alpha * L R^T`` against the product in float64, rounded once, and a step through it
+against the step through ``addmm_``.
+
+The kernel needs sm90+ (tensor descriptors), so the products run on a GPU only (``-m cuda``);
+what it refuses is checked on the CPU too.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+from torcheggroll import EggrollOptimizer
+
+HAVE_TRITON = importlib.util.find_spec("triton") is not None
+needs_triton = pytest.mark.skipif(not HAVE_TRITON, reason="Triton is not installed")
+
+
+def _sm90() -> bool:
+    return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9
+
+
+sm90 = pytest.mark.skipif(not _sm90(), reason="needs an sm90+ GPU")
+
+
+def _operand(rows: int, k: int, kmajor: bool, dtype: torch.dtype, seed: int) -> torch.Tensor:
+    """``(rows, k)`` with ``k`` contiguous, or the transposed view of ``(k, rows)`` storage."""
+    g = torch.Generator().manual_seed(seed)
+    t = torch.randn(rows, k, generator=g) if kmajor else torch.randn(k, rows, generator=g).T
+    return t.to("cuda", dtype)
+
+
+def _ulp(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The spacing of ``dtype`` at ``|x|`` (float64), subnormals aside."""
+    mant = torch.finfo(dtype).eps
+    return torch.exp2(torch.floor(torch.log2(x.abs().clamp_min(1e-30)))) * mant
+
+
+@needs_triton
+@sm90
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("l_kmajor", [True, False])
+@pytest.mark.parametrize("r_kmajor", [True, False])
+@pytest.mark.parametrize(
+    "m, n, k", [(200, 136, 48), (64, 520, 512), (384, 256, 8)], ids=lambda v: str(v)
+)
+def test_outer_add_matches_the_rounded_float64_product(dtype, l_kmajor, r_kmajor, m, n, k) -> None:
+    from torcheggroll import _triton_update
+
+    w0 = torch.randn(m, n, generator=torch.Generator().manual_seed(0)).to("cuda", dtype)
+    lhs = _operand(m, k, l_kmajor, dtype, 1)
+    rhs = _operand(n, k, r_kmajor, dtype, 2)
+    alpha = -0.0371
+    assert _triton_update.supported(w0, lhs, rhs)
+    w = w0.clone()
+    _triton_update.outer_add_(w, lhs, rhs, alpha)
+    ref = w0.double() + alpha * (lhs.double() @ rhs.double().T)
+    # float32 accumulation of k products of half-precision numbers, then one rounding: within
+    # one unit in the last place of the result, plus the accumulation's own error.
+    acc_err = k * torch.finfo(torch.float32).eps * (lhs.double().abs() @ rhs.double().abs().T)
+    bound = _ulp(ref, dtype) + abs(alpha) * acc_err
+    err = (w.double() - ref).abs()
+    assert (err <= bound).all(), (err / bound).max().item()
+    # The update is not vacuous: the product moved most entries by more than a rounding.
+    assert ((w.double() - w0.double()).abs() > _ulp(w0.double(), dtype)).float().mean() > 0.5
+
+
+@needs_triton
+def test_supported_refuses_what_it_cannot_take() -> None:
+    from torcheggroll import _triton_update
+
+    w = torch.zeros(16, 16, dtype=torch.bfloat16)
+    lhs = torch.zeros(16, 8, dtype=torch.bfloat16)
+    assert not _triton_update.supported(w, lhs, lhs)  # not a CUDA tensor
+    with pytest.raises(ValueError, match=r"Invalid operands: w \(16, 16\)"):
+        _triton_update.outer_add_(w, lhs, lhs, 1.0)
+
+
+@needs_triton
+@sm90
+@pytest.mark.cuda
+def test_supported_refuses_layouts_and_dtypes_on_the_gpu() -> None:
+    from torcheggroll import _triton_update
+
+    w = torch.zeros(64, 48, device="cuda", dtype=torch.bfloat16)
+    lhs = torch.zeros(64, 16, device="cuda", dtype=torch.bfloat16)
+    rhs = torch.zeros(48, 16, device="cuda", dtype=torch.bfloat16)
+    assert _triton_update.supported(w, lhs, rhs)
+    assert not _triton_update.supported(w.float(), lhs.float(), rhs.float())  # float32
+    assert not _triton_update.supported(w, lhs.float(), rhs)  # mixed dtypes
+    assert not _triton_update.supported(w, lhs[:, ::2], rhs[:, ::2])  # neither side contiguous
+    assert not _triton_update.supported(w[:, :47], lhs, rhs[:47])  # rows not 16-byte aligned
+    assert not _triton_update.supported(w, lhs[:, :8], rhs)  # inner sizes differ
+
+
+@needs_triton
+@sm90
+@pytest.mark.cuda
+@pytest.mark.parametrize("rank", [1, 4])
+def test_step_through_the_kernel_equals_the_step_through_addmm(monkeypatch, rank) -> None:
+    """A step of a lone bf16 matrix: the Triton update and ``addmm_`` round the same float32
+    product (the same coefficients, from the same forward) once each, so the parameters agree
+    within a unit in the last place."""
+    from torcheggroll import _triton_update, _update
+
+    def run(backend: str) -> tuple[torch.Tensor, torch.Tensor, int]:
+        monkeypatch.setenv(_update.UPDATE_GEMM_ENV, backend)
+        calls = []
+        real = _triton_update.outer_add_
+
+        def counting(*args, **kwargs):  # type: ignore[no-untyped-def]
+            calls.append(1)
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(_triton_update, "outer_add_", counting)
+        torch.manual_seed(0)
+        lin = torch.nn.Linear(256, 192, bias=False).to("cuda", torch.bfloat16)
+        w0 = lin.weight.detach().double()
+        x = torch.randn(32, 4, 256, device="cuda", dtype=torch.bfloat16)
+        opt = EggrollOptimizer(lin.parameters(), lr=0.5, sigma=0.05, rank=rank, pop_size=32)
+        opt.step(lambda pop: pop.forward(lin, x, per_member=True).float().square().mean((1, 2)))
+        return w0, lin.weight.detach().double(), len(calls)
+
+    w0, via_addmm, kernel_calls = run("cublas")
+    assert kernel_calls == 0
+    assert ((via_addmm - w0).abs() > _ulp(w0, torch.bfloat16)).float().mean() > 0.5  # it moved
+    _, via_kernel, kernel_calls = run("triton")
+    assert kernel_calls == 1
+    diff = (via_kernel - via_addmm).abs()
+    assert (diff <= _ulp(via_addmm, torch.bfloat16) * 1.01).all(), diff.max().item()
