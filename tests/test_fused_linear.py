@@ -132,12 +132,28 @@ def test_fused_matches_reference(
 
 @BOTH
 @pytest.mark.parametrize("P, R, r", [(6, 5, 3), (20, 1, 16)], ids=["block-diagonal", "row-wise"])
-def test_projection_matches_reference(kernels_on: torch.device, P: int, R: int, r: int) -> None:
+@pytest.mark.parametrize("splits", ["1", "2", "5", "auto"])
+def test_projection_matches_reference(
+    kernels_on: torch.device, P: int, R: int, r: int, splits: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Whole or split over K (each part's partial sums added after; with 5 parts of a 48-wide K
+    some parts have no tile and must add nothing)."""
+    monkeypatch.setenv(fused_linear.PROJECTION_SPLITS_ENV, splits)
     x, _, _, _, b, draw, coeff = _problem(P, R, 48, 8, r, None, kernels_on, torch.float16)
     h = fused_linear.member_projection_fused(x, b, draw, coeff).float()
     _, b_p = fused_linear.member_factors(b, b, draw, coeff, torch.float32)
     ref = (torch.bmm(x.float(), b_p) * coeff.view(-1, 1, 1)).reshape(P * R, r)
     assert ((h - ref).abs().max() / ref.abs().max()).item() < _tolerance(torch.float16)
+
+
+@BOTH
+def test_projection_refuses_a_bad_split_count(
+    kernels_on: torch.device, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    x, _, _, _, b, draw, coeff = _problem(4, 2, 16, 8, 2, None, kernels_on, torch.float16)
+    monkeypatch.setenv(fused_linear.PROJECTION_SPLITS_ENV, "0")
+    with pytest.raises(ValueError, match="Invalid TORCHEGGROLL_PROJECTION_SPLITS: 0"):
+        fused_linear.member_projection_fused(x, b, draw, coeff)
 
 
 @pytest.mark.parametrize(

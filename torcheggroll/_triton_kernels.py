@@ -173,7 +173,7 @@ def _projection_configs() -> list[triton.Config]:
     )
 
 
-@triton.autotune(configs=_projection_configs(), key=["M", "K", "ROWS", "RANK"])
+@triton.autotune(configs=_projection_configs(), key=["M", "K", "ROWS", "RANK", "SPLIT_K"])
 @triton.heuristics(_heuristics())
 @triton.jit
 def _projection_kernel(
@@ -192,11 +192,17 @@ def _projection_kernel(
     MEMBERS: tl.constexpr,
     BLOCK_DIAG: tl.constexpr,
     EVEN_K: tl.constexpr,
+    SPLIT_K: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
     pid = tl.program_id(0)
     offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    # Split s of SPLIT_K takes a run of whole BLOCK_K tiles of K and writes its partial sums to
+    # h[s] (the caller adds them); some trailing splits may get no tile and write zeros.
+    per_split = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K
+    k_start = tl.program_id(1) * per_split
+    k_stop = tl.minimum(K, k_start + per_split)
     if BLOCK_DIAG:
         h = _projection_block_diag(
             x_ptr,
@@ -206,6 +212,8 @@ def _projection_kernel(
             offs_m,
             M,
             K,
+            k_start,
+            k_stop,
             P,
             ROWS,
             stride_xm,
@@ -218,11 +226,25 @@ def _projection_kernel(
         )
     else:
         h = _projection_rowwise(
-            x_ptr, b_ptr, draw_ptr, offs_m, M, K, ROWS, stride_xm, RANK, RANK_P2, BLOCK_M, BLOCK_K
+            x_ptr,
+            b_ptr,
+            draw_ptr,
+            offs_m,
+            M,
+            K,
+            k_start,
+            k_stop,
+            ROWS,
+            stride_xm,
+            RANK,
+            RANK_P2,
+            BLOCK_M,
+            BLOCK_K,
         )
     h *= tl.load(coeff_ptr + offs_m // ROWS, mask=offs_m < M, other=0.0)[:, None]
     kk = tl.arange(0, RANK_P2)
-    out = h_ptr + offs_m[:, None].to(tl.int64) * RANK + kk[None, :]
+    out = h_ptr + tl.program_id(1).to(tl.int64) * M * RANK
+    out += offs_m[:, None].to(tl.int64) * RANK + kk[None, :]
     tl.store(out, h.to(h_ptr.dtype.element_ty), mask=(offs_m < M)[:, None] & (kk < RANK)[None, :])
 
 
@@ -235,6 +257,8 @@ def _projection_block_diag(
     offs_m,
     M,
     K,
+    k_start,
+    k_stop,
     P,
     ROWS,
     stride_xm,
@@ -245,23 +269,24 @@ def _projection_block_diag(
     BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """(BLOCK_M, RANK_P2) x_row b[draw]: one product against the tile's members' factors side
-    by side, of which each row keeps its own member's columns."""
+    """(BLOCK_M, RANK_P2) x_row b[draw] over ``k_start <= k < k_stop`` (``k_start`` a multiple
+    of BLOCK_K): one product against the tile's members' factors side by side, of which each row
+    keeps its own member's columns."""
     c = tl.arange(0, MEMBERS * RANK_P2)
     member = (pid * BLOCK_M) // ROWS + c // RANK_P2
     k = c % RANK_P2
     col_ok = (member < P) & (k < RANK)
     draw = tl.load(draw_ptr + member, mask=col_ok, other=0)
-    offs_k = tl.arange(0, BLOCK_K)
+    offs_k = k_start + tl.arange(0, BLOCK_K)
     x_ptrs = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :]
     b_ptrs = b_ptr + draw[None, :].to(tl.int64) * K * RANK + offs_k[:, None] * RANK + k[None, :]
     acc = tl.zeros((BLOCK_M, MEMBERS * RANK_P2), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(k_start, k_stop, BLOCK_K):
         if EVEN_K:
             xt = tl.load(x_ptrs, mask=(offs_m < M)[:, None], other=0.0)
             bt = tl.load(b_ptrs, mask=col_ok[None, :], other=0.0)
         else:
-            k_ok = offs_k < K - k0
+            k_ok = offs_k < K - k0 + k_start
             xt = tl.load(x_ptrs, mask=(offs_m < M)[:, None] & k_ok[None, :], other=0.0)
             bt = tl.load(b_ptrs, mask=col_ok[None, :] & k_ok[:, None], other=0.0)
         acc = tl.dot(xt, bt.to(xt.dtype), acc)
@@ -280,6 +305,8 @@ def _projection_rowwise(
     offs_m,
     M,
     K,
+    k_start,
+    k_stop,
     ROWS,
     stride_xm,
     RANK: tl.constexpr,
@@ -287,17 +314,17 @@ def _projection_rowwise(
     BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """(BLOCK_M, RANK_P2) x_row b[draw]: each row against its own member's factor, one rank
-    index at a time."""
+    """(BLOCK_M, RANK_P2) x_row b[draw] over ``k_start <= k < k_stop``: each row against its
+    own member's factor, one rank index at a time."""
     row_ok = offs_m < M
     draw = tl.load(draw_ptr + offs_m // ROWS, mask=row_ok, other=0)
-    offs_k = tl.arange(0, BLOCK_K)
+    offs_k = k_start + tl.arange(0, BLOCK_K)
     kk = tl.arange(0, RANK_P2)
     x_ptrs = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :]
     b_ptrs = b_ptr + draw[:, None].to(tl.int64) * K * RANK + offs_k[None, :] * RANK
     h = tl.zeros((BLOCK_M, RANK_P2), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        mask = row_ok[:, None] & (offs_k < K - k0)[None, :]
+    for k0 in range(k_start, k_stop, BLOCK_K):
+        mask = row_ok[:, None] & (offs_k < K - k0 + k_start)[None, :]
         xt = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)
         for k in tl.static_range(RANK):
             bk = tl.load(b_ptrs + k, mask=mask, other=0.0).to(tl.float32)
@@ -307,6 +334,16 @@ def _projection_rowwise(
     return h
 
 
+def projection_splits(M: int, K: int, device: torch.device) -> int:
+    """How many parts of K the projection of ``M`` rows is split into: enough programs for
+    about four per SM at 32 rows each (a 4096-row layer makes only 128 otherwise, too few to
+    stream ``x`` at the memory's speed), at most one per 256 columns; 1 off CUDA."""
+    if device.type != "cuda":
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(triton.cdiv(K, 256), triton.cdiv(4 * sms, triton.cdiv(M, 32))))
+
+
 def member_projection(
     x: torch.Tensor,
     b: torch.Tensor,
@@ -314,19 +351,37 @@ def member_projection(
     coeff: torch.Tensor,
     h: torch.Tensor,
     rows: int,
+    splits: int = 1,
 ) -> None:
     """Write ``h[p * rows + i] = coeff[p] * x[p * rows + i] @ b[draw[p]]``; ``x`` (M, K),
-    ``b`` (D, K, r), ``draw`` and ``coeff`` (P,)."""
+    ``b`` (D, K, r), ``draw`` and ``coeff`` (P,). ``splits > 1``: K in that many parts, each
+    written to its own float32 partial sums, which are then added in a fixed order (no
+    atomics: the result does not depend on scheduling)."""
     M, K = x.shape
     P = draw.shape[0]
     r = b.shape[-1]
 
-    def grid(meta: dict[str, Any]) -> tuple[int]:
-        return (triton.cdiv(M, meta["BLOCK_M"]),)
+    def grid(meta: dict[str, Any]) -> tuple[int, int]:
+        return (triton.cdiv(M, meta["BLOCK_M"]), splits)
 
+    out = h if splits == 1 else torch.empty(splits, M, r, device=h.device, dtype=torch.float32)
     _projection_kernel[grid](
-        x, b, draw, coeff, h, M, K, P, rows, x.stride(0), RANK=r, RANK_P2=triton.next_power_of_2(r)
+        x,
+        b,
+        draw,
+        coeff,
+        out,
+        M,
+        K,
+        P,
+        rows,
+        x.stride(0),
+        RANK=r,
+        RANK_P2=triton.next_power_of_2(r),
+        SPLIT_K=splits,
     )
+    if splits > 1:
+        h.copy_(out.sum(0))
 
 
 # ---------------------------------------------------------------------------- y = x w^T + ...

@@ -140,6 +140,10 @@ GEMM_BACKEND = os.environ.get("TORCHEGGROLL_FUSED_GEMM", "auto")
 # Measured on an H100 by benchmarks/correction_order.py: writing first is 1-2.5 % faster in every
 # configuration (the paper's linear at ranks 1 and 4, 256 members x 16 rows), worst trials too.
 CORRECTION_FIRST_ENV = "TORCHEGGROLL_CORRECTION_FIRST"
+# In how many parts the projection ``h = x B`` splits its inner dimension: "1" (the default: one
+# program per block of rows), "auto" (about four programs per SM,
+# :func:`torcheggroll._triton_kernels.projection_splits`) or a number. Read at every call.
+PROJECTION_SPLITS_ENV = "TORCHEGGROLL_PROJECTION_SPLITS"
 
 
 def _correction_first() -> bool:
@@ -201,9 +205,17 @@ def member_projection_fused(
 ) -> torch.Tensor:
     """``h = coeff_p * x_p B_{draw_p}`` as ``(P * R, r)`` in ``x.dtype``: ``x`` is ``(P, R, n)``,
     ``b`` the draws ``(D, n, r)``, ``draw`` and ``coeff`` ``(P,)``."""
-    P, R, _ = x.shape
+    P, R, n = x.shape
     h = torch.empty(P * R, b.shape[-1], device=x.device, dtype=x.dtype)
-    _kernels().member_projection(_rows(x), b.contiguous(), draw, coeff.float(), h, R)
+    kernels = _kernels()
+    splits = os.environ.get(PROJECTION_SPLITS_ENV, "1")
+    if splits == "auto":
+        parts = kernels.projection_splits(P * R, n, x.device)
+    else:
+        parts = int(splits)
+        if parts < 1:
+            raise ValueError(f"Invalid {PROJECTION_SPLITS_ENV}: {splits}")
+    kernels.member_projection(_rows(x), b.contiguous(), draw, coeff.float(), h, R, parts)
     return h
 
 
