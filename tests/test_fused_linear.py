@@ -151,9 +151,10 @@ def test_projection_refuses_a_bad_split_count(
     kernels_on: torch.device, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     x, _, _, _, b, draw, coeff = _problem(4, 2, 16, 8, 2, None, kernels_on, torch.float16)
-    monkeypatch.setenv(fused_linear.PROJECTION_SPLITS_ENV, "0")
-    with pytest.raises(ValueError, match="Invalid TORCHEGGROLL_PROJECTION_SPLITS: 0"):
-        fused_linear.member_projection_fused(x, b, draw, coeff)
+    for bad in ("0", "-2", "two"):
+        monkeypatch.setenv(fused_linear.PROJECTION_SPLITS_ENV, bad)
+        with pytest.raises(ValueError, match=f"Invalid TORCHEGGROLL_PROJECTION_SPLITS: {bad}"):
+            fused_linear.member_projection_fused(x, b, draw, coeff)
 
 
 @pytest.mark.parametrize(

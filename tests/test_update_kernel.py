@@ -132,3 +132,17 @@ def test_step_through_the_kernel_equals_the_step_through_addmm(monkeypatch, rank
     assert kernel_calls == 1
     diff = (via_kernel - via_addmm).abs()
     assert (diff <= _ulp(via_addmm, torch.bfloat16) * 1.01).all(), diff.max().item()
+
+
+def test_an_unknown_update_gemm_is_refused_before_anything_moves(monkeypatch) -> None:
+    from torcheggroll import _update
+
+    lin = torch.nn.Linear(8, 6, bias=False)
+    w0 = lin.weight.detach().clone()
+    opt = EggrollOptimizer(lin.parameters(), lr=0.5, sigma=0.05, rank=1, pop_size=8, seed=0)
+    state = str(opt.state_dict())
+    monkeypatch.setenv(_update.UPDATE_GEMM_ENV, "tritn")
+    with pytest.raises(ValueError, match="Invalid TORCHEGGROLL_UPDATE_GEMM: 'tritn'"):
+        opt.step(lambda pop: torch.arange(8.0))
+    assert torch.equal(lin.weight.detach(), w0)
+    assert str(opt.state_dict()) == state  # the generation did not advance

@@ -404,9 +404,20 @@ def _fusable(plan: Plan, b: int, k: int, groups: Sequence[dict[str, Any]]) -> bo
     )
 
 
-def _add_product(w: torch.Tensor, lhs: torch.Tensor, rhs: torch.Tensor, alpha: float) -> None:
-    """``w += alpha * lhs @ rhs.T`` by the product :data:`UPDATE_GEMM_ENV` names."""
-    if os.environ.get(UPDATE_GEMM_ENV, "cublas") == "triton" and fused_enabled():
+def _update_gemm() -> str:
+    """The product :data:`UPDATE_GEMM_ENV` names; anything but ``cublas``/``triton`` is refused."""
+    choice = os.environ.get(UPDATE_GEMM_ENV, "cublas")
+    if choice not in ("cublas", "triton"):
+        raise ValueError(f"Invalid {UPDATE_GEMM_ENV}: {choice!r} (expected 'cublas' or 'triton')")
+    return choice
+
+
+def _add_product(
+    w: torch.Tensor, lhs: torch.Tensor, rhs: torch.Tensor, alpha: float, gemm: str
+) -> None:
+    """``w += alpha * lhs @ rhs.T`` by ``gemm`` (see :func:`_update_gemm`); the Triton kernel
+    where it takes the operands, else ``addmm_``."""
+    if gemm == "triton" and fused_enabled():
         kernels = triton_module("_triton_update")
         if kernels is not None and kernels.supported(w, lhs, rhs):
             kernels.outer_add_(w, lhs, rhs, alpha)
@@ -426,6 +437,7 @@ def apply(
     which a lone matrix's operands are drawn in a kernel where one is available (see
     :data:`OPERAND_DEVICES`); without them, or elsewhere, they are read from the noise buffers,
     which must then hold the generation's noise."""
+    gemm = _update_gemm()  # refused before any parameter moves
     fused: set[int] = set()
     for b, buffer in enumerate(plan.buffers):
         c = None
@@ -447,7 +459,7 @@ def apply(
                     * owned.scale
                     / math.sqrt(buffer.buckets[k].a.shape[3])
                 )
-                _add_product(p2d, lhs[0], rhs[0], -alpha)
+                _add_product(p2d, lhs[0], rhs[0], -alpha, gemm)
                 fused.add(update.owned[0])
     rest = [o for o in range(len(plan.owned)) if o not in fused and o not in found.new_values]
     if rest:

@@ -206,15 +206,15 @@ def member_projection_fused(
     """``h = coeff_p * x_p B_{draw_p}`` as ``(P * R, r)`` in ``x.dtype``: ``x`` is ``(P, R, n)``,
     ``b`` the draws ``(D, n, r)``, ``draw`` and ``coeff`` ``(P,)``."""
     P, R, n = x.shape
-    h = torch.empty(P * R, b.shape[-1], device=x.device, dtype=x.dtype)
     kernels = _kernels()
     splits = os.environ.get(PROJECTION_SPLITS_ENV, "1")
     if splits == "auto":
         parts = kernels.projection_splits(P * R, n, x.device)
-    else:
+    elif splits.isdigit() and int(splits) >= 1:
         parts = int(splits)
-        if parts < 1:
-            raise ValueError(f"Invalid {PROJECTION_SPLITS_ENV}: {splits}")
+    else:
+        raise ValueError(f"Invalid {PROJECTION_SPLITS_ENV}: {splits}")
+    h = torch.empty(P * R, b.shape[-1], device=x.device, dtype=x.dtype)
     kernels.member_projection(_rows(x), b.contiguous(), draw, coeff.float(), h, R, parts)
     return h
 
