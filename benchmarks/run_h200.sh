@@ -6,6 +6,9 @@
 #   generate  benchmarks/population_generate.py --preset h200 (PopulationDecoder's CUDA-graph
 #             decode against generate), after the decoder's CUDA tests          ~5 min
 #   nano-float, nano-int  examples/nano_egg/train.py --preset h200, one mode per call   ~9 min each
+#   switches  the Triton update kernel and the projection's split (both off by default): their
+#             CUDA tests, update_gemm.py, and step_graph.py on paper-r1 and linear-256x16 with
+#             and without them, in the same process order and on the same card      ~7 min
 set -uo pipefail
 part=${1:?usage: run_h200.sh PART OUTDIR}
 out=${2:?usage: run_h200.sh PART OUTDIR}
@@ -30,5 +33,15 @@ case "$part" in
   nano-int) $py examples/nano_egg/train.py --preset h200 --mode int --device cuda --time-limit 540 \
           --json "$out/nano_egg_${card}_int.json" --plot "$out/nano_egg_${card}_int.png" > "$out/nano_egg_${card}_int.log" 2>&1
         tail -2 "$out/nano_egg_${card}_int.log" ;;
+  switches) TORCHEGGROLL_AUTOTUNE=0 timeout 150 $py -m pytest -q -m cuda -p no:cacheprovider \
+          tests/test_update_kernel.py tests/test_fused_linear.py -k "update or outer or supported or projection" \
+          2>&1 | tee "$out/cuda_tests_switches_${card}.txt" | tail -12
+        timeout 120 $py benchmarks/update_gemm.py --trials 3 --json "$out/update_gemm_${card}.json" \
+          2>&1 | tee "$out/update_gemm_${card}.txt"
+        timeout 100 $py benchmarks/step_graph.py --configs paper-r1,linear-256x16 --trials 3 \
+          --json "$out/step_switches_off_${card}.json" 2>&1 | tee "$out/step_switches_off_${card}.txt" | tail -12
+        TORCHEGGROLL_PROJECTION_SPLITS=auto timeout 100 $py benchmarks/step_graph.py \
+          --configs paper-r1,linear-256x16 --trials 3 --update-gemm triton \
+          --json "$out/step_switches_on_${card}.json" 2>&1 | tee "$out/step_switches_on_${card}.txt" | tail -12 ;;
   *) echo "unknown part: $part" >&2; exit 2 ;;
 esac
