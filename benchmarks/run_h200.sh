@@ -8,7 +8,7 @@
 #   nano-float, nano-int  examples/nano_egg/train.py --preset h200, one mode per call   ~9 min each
 #   switches  the Triton update kernel and the projection's split (both off by default): their
 #             CUDA tests, update_gemm.py, and step_graph.py on paper-r1 and linear-256x16 with
-#             and without them, in the same process order and on the same card      ~7 min
+#             and without them, one after the other on the same card              ~7 min
 set -uo pipefail
 part=${1:?usage: run_h200.sh PART OUTDIR}
 out=${2:?usage: run_h200.sh PART OUTDIR}
