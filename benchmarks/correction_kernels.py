@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -106,6 +107,21 @@ def main(argv: list[str] | None = None) -> None:
         results["correction add in place (triton)"] = bench(
             lambda: fused_linear._kernels().correction_add(y, None, hf, a_d, draw, R), dev
         )
+        results["correction written (triton)"] = bench(
+            lambda: fused_linear._kernels().correction_add(
+                y, None, hf, a_d, draw, R, accumulate=False
+            ),
+            dev,
+        )
+        if fused_linear._kernels().one_pass_applies(R, r):
+            x2 = x.reshape(P * R, n)
+            results["xB + correction written, one pass"] = bench(
+                lambda: fused_linear._kernels().projection_correction(
+                    x2, b_d, a_d, draw, coeff, None, y, R
+                ),
+                dev,
+            )
+            results["gemm added into y (addmm_)"] = bench(lambda: y.addmm_(x2, w.T), dev)
         default = fused_linear.GEMM_BACKEND
         for backend in fused_linear.GEMM_BACKENDS:
             fused_linear.GEMM_BACKEND = backend
@@ -114,6 +130,15 @@ def main(argv: list[str] | None = None) -> None:
                     lambda: fused_linear.lowrank_linear_fused(x, w, None, a_d, b_d, draw, coeff),
                     dev,
                 )
+                if backend == "cublas":
+                    os.environ[fused_linear.ONE_PASS_ENV] = "1"
+                    results["fused layer, cublas backend, one pass"] = bench(
+                        lambda: fused_linear.lowrank_linear_fused(
+                            x, w, None, a_d, b_d, draw, coeff
+                        ),
+                        dev,
+                    )
+                    os.environ.pop(fused_linear.ONE_PASS_ENV)
                 if args.check:
                     checks.update({f"{backend}: {k}": v for k, v in check_fused(dev, dt).items()})
             except Exception as err:  # e.g. a Triton build without tensor descriptors
@@ -125,6 +150,7 @@ def main(argv: list[str] | None = None) -> None:
             "_linear_kernel",
             "_projection_kernel",
             "_correction_add_kernel",
+            "_one_pass_kernel",
         ):
             best = getattr(getattr(kernels, kernel), "best_config", None)
             if best is not None:

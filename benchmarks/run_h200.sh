@@ -9,6 +9,9 @@
 #   switches  the Triton update kernel and the projection's split (both off by default): their
 #             CUDA tests, update_gemm.py, and step_graph.py on paper-r1 and linear-256x16 with
 #             and without them, one after the other on the same card              ~7 min
+#   one-pass  the one-pass projection + correction (TORCHEGGROLL_ONE_PASS=1, off by default): its
+#             CUDA tests, correction_kernels.py, and step_graph.py on linear-256x16 without and
+#             with it, alternated twice                                            ~7 min
 set -uo pipefail
 part=${1:?usage: run_h200.sh PART OUTDIR}
 out=${2:?usage: run_h200.sh PART OUTDIR}
@@ -43,5 +46,16 @@ case "$part" in
         TORCHEGGROLL_PROJECTION_SPLITS=auto timeout 100 $py benchmarks/step_graph.py \
           --configs paper-r1,linear-256x16 --trials 3 --update-gemm triton \
           --json "$out/step_switches_on_${card}.json" 2>&1 | tee "$out/step_switches_on_${card}.txt" | tail -12 ;;
+  one-pass) TORCHEGGROLL_AUTOTUNE=0 timeout 120 $py -m pytest -q -m cuda -p no:cacheprovider \
+          tests/test_fused_linear.py -k "matches_reference or one_pass" 2>&1 \
+          | tee "$out/cuda_tests_one_pass_${card}.txt" | tail -4
+        timeout 120 $py benchmarks/correction_kernels.py --json "$out/correction_one_pass_${card}.json" \
+          2>&1 | tee "$out/correction_one_pass_${card}.txt" | tail -30
+        for i in 1 2; do
+          timeout 80 $py benchmarks/step_graph.py --configs linear-256x16 --trials 3 \
+            --json "$out/step_one_pass_off_${card}_$i.json" 2>&1 | tail -4
+          TORCHEGGROLL_ONE_PASS=1 timeout 80 $py benchmarks/step_graph.py --configs linear-256x16 \
+            --trials 3 --json "$out/step_one_pass_on_${card}_$i.json" 2>&1 | tail -4
+        done ;;
   *) echo "unknown part: $part" >&2; exit 2 ;;
 esac

@@ -117,17 +117,20 @@ def test_fused_matches_reference(
     kernels_on: torch.device, backend: str, case: tuple, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(fused_linear, "GEMM_BACKEND", backend)
-    # cuBLAS's GEMM and the correction kernel in either order (the others have one).
-    orders = ("1", "0") if backend == "cublas" else ("1",)
-    for order, dtype in itertools.product(orders, _dtypes(kernels_on)):
+    # cuBLAS's GEMM and the correction in either order, written first by two kernels or by the
+    # one-pass kernel (which the cases of few rows per member leave to the two); the other
+    # backends have one order.
+    orders = (("1", "0"), ("1", "1"), ("0", "0")) if backend == "cublas" else (("1", "0"),)
+    for (order, one_pass), dtype in itertools.product(orders, _dtypes(kernels_on)):
         monkeypatch.setenv(fused_linear.CORRECTION_FIRST_ENV, order)
+        monkeypatch.setenv(fused_linear.ONE_PASS_ENV, one_pass)
         args = _problem(*case, kernels_on, dtype)
         assert fused_linear.fused_available(args[0])
         y = fused_linear.lowrank_linear_fused(*args)
         assert y.dtype == dtype and y.shape == (case[0], case[1], case[3])
         ref = _reference(*args)
         err = ((y.float() - ref).abs().max() / ref.abs().max()).item()
-        assert err < _tolerance(dtype), (order, dtype, err)
+        assert err < _tolerance(dtype), (order, one_pass, dtype, err)
 
 
 @BOTH
@@ -155,6 +158,43 @@ def test_projection_refuses_a_bad_split_count(
         monkeypatch.setenv(fused_linear.PROJECTION_SPLITS_ENV, bad)
         with pytest.raises(ValueError, match=f"Invalid TORCHEGGROLL_PROJECTION_SPLITS: {bad}"):
             fused_linear.member_projection_fused(x, b, draw, coeff)
+
+
+@BOTH
+def test_one_pass_refuses_a_bad_setting(
+    kernels_on: torch.device, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(fused_linear, "GEMM_BACKEND", "cublas")
+    args = _problem(4, 16, 16, 8, 2, None, kernels_on, torch.float16)
+    for bad in ("2", "yes", ""):
+        monkeypatch.setenv(fused_linear.ONE_PASS_ENV, bad)
+        with pytest.raises(ValueError, match=f"Invalid TORCHEGGROLL_ONE_PASS: {bad}$"):
+            fused_linear.lowrank_linear_fused(*args)
+
+
+@pytest.mark.parametrize(
+    "rows, rank, expected", [(16, 4, True), (40, 2, True), (1, 4, False), (3, 3, False)]
+)
+def test_one_pass_takes_block_diagonal_tiles_only(rows: int, rank: int, expected: bool) -> None:
+    pytest.importorskip("triton")
+    from torcheggroll._triton_kernels import one_pass_applies, projection_correction
+
+    assert one_pass_applies(rows, rank) is expected
+    if not expected:
+        x = torch.zeros(rows, 8)
+        with pytest.raises(
+            ValueError, match=f"Invalid rows for the one-pass kernel at rank {rank}"
+        ):
+            projection_correction(
+                x,
+                torch.zeros(1, 8, rank),
+                torch.zeros(1, 8, rank),
+                torch.zeros(1, dtype=torch.int64),
+                torch.ones(1),
+                None,
+                torch.empty(rows, 8),
+                rows,
+            )
 
 
 @pytest.mark.parametrize(

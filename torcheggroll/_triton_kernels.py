@@ -128,17 +128,15 @@ def _epilogue(
         c = tl.arange(0, MEMBERS * RANK_P2)
         member = (pid_m * BLOCK_M) // ROWS + c // RANK_P2
         k = c % RANK_P2
-        col_ok = (member < P) & (k < RANK)
-        draw = tl.load(draw_ptr + member, mask=col_ok, other=0)
         h_mask = (
             (row_member[:, None] == member[None, :]) & (k < RANK)[None, :] & (offs_m < M)[:, None]
         )
         h = tl.load(
             h_ptr + offs_m[:, None].to(tl.int64) * RANK + k[None, :], mask=h_mask, other=0.0
         )
-        a_off = draw[:, None].to(tl.int64) * N * RANK + offs_n[None, :] * RANK + k[:, None]
-        a = tl.load(a_ptr + a_off, mask=col_ok[:, None] & (offs_n < N)[None, :], other=0.0)
-        acc = tl.dot(h, a.to(h.dtype), acc)
+        acc = _correction_block_diag(
+            acc, h, pid_m, offs_n, a_ptr, draw_ptr, N, P, ROWS, RANK, RANK_P2, MEMBERS, BLOCK_M
+        )
     else:
         row_ok = offs_m < M
         draw = tl.load(draw_ptr + row_member, mask=row_ok, other=0)
@@ -149,14 +147,49 @@ def _epilogue(
             ak = tl.load(a_rows + k, mask=a_mask, other=0.0)
             acc += hk.to(tl.float32)[:, None] * ak.to(tl.float32)
     if HAS_BIAS:
-        b_mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
-        bias = tl.load(
-            bias_ptr + row_member[:, None].to(tl.int64) * stride_bias + offs_n[None, :],
-            mask=b_mask,
-            other=0.0,
-        )
-        acc += bias.to(tl.float32)
+        acc = _add_bias(acc, offs_m, offs_n, bias_ptr, M, N, ROWS, stride_bias)
     return acc
+
+
+@triton.jit
+def _correction_block_diag(
+    acc,
+    h,
+    pid_m,
+    offs_n,
+    a_ptr,
+    draw_ptr,
+    N,
+    P,
+    ROWS,
+    RANK: tl.constexpr,
+    RANK_P2: tl.constexpr,
+    MEMBERS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
+    """acc (BLOCK_M, BLOCK_N) += h @ the tile's members' A slabs^T, side by side: ``h`` is
+    (BLOCK_M, MEMBERS * RANK_P2) with each row's values in its own member's columns (zeros
+    elsewhere), as :func:`_projection_block_diag_wide` makes it."""
+    c = tl.arange(0, MEMBERS * RANK_P2)
+    member = (pid_m * BLOCK_M) // ROWS + c // RANK_P2
+    k = c % RANK_P2
+    col_ok = (member < P) & (k < RANK)
+    draw = tl.load(draw_ptr + member, mask=col_ok, other=0)
+    a_off = draw[:, None].to(tl.int64) * N * RANK + offs_n[None, :] * RANK + k[:, None]
+    a = tl.load(a_ptr + a_off, mask=col_ok[:, None] & (offs_n < N)[None, :], other=0.0)
+    return tl.dot(h, a.to(h.dtype), acc)
+
+
+@triton.jit
+def _add_bias(acc, offs_m, offs_n, bias_ptr, M, N, ROWS, stride_bias):
+    """acc + each row's bias: ``bias_ptr`` (N,) with ``stride_bias`` 0, or (P, N)."""
+    mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
+    bias = tl.load(
+        bias_ptr + (offs_m // ROWS)[:, None].to(tl.int64) * stride_bias + offs_n[None, :],
+        mask=mask,
+        other=0.0,
+    )
+    return acc + bias.to(tl.float32)
 
 
 # ---------------------------------------------------------------------------- h = x_p b_p
@@ -270,8 +303,54 @@ def _projection_block_diag(
     BLOCK_K: tl.constexpr,
 ):
     """(BLOCK_M, RANK_P2) x_row b[draw] over ``k_start <= k < k_stop`` (``k_start`` a multiple
-    of BLOCK_K): one product against the tile's members' factors side by side, of which each row
-    keeps its own member's columns."""
+    of BLOCK_K): each row's own columns of :func:`_projection_block_diag_wide`."""
+    acc = _projection_block_diag_wide(
+        x_ptr,
+        b_ptr,
+        draw_ptr,
+        pid,
+        offs_m,
+        M,
+        K,
+        k_start,
+        k_stop,
+        P,
+        ROWS,
+        stride_xm,
+        RANK,
+        RANK_P2,
+        MEMBERS,
+        EVEN_K,
+        BLOCK_M,
+        BLOCK_K,
+    )
+    return tl.sum(tl.reshape(acc, (BLOCK_M, MEMBERS, RANK_P2)), axis=1)
+
+
+@triton.jit
+def _projection_block_diag_wide(
+    x_ptr,
+    b_ptr,
+    draw_ptr,
+    pid,
+    offs_m,
+    M,
+    K,
+    k_start,
+    k_stop,
+    P,
+    ROWS,
+    stride_xm,
+    RANK: tl.constexpr,
+    RANK_P2: tl.constexpr,
+    MEMBERS: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """(BLOCK_M, MEMBERS * RANK_P2) x_row b[draw] over ``k_start <= k < k_stop`` (``k_start`` a
+    multiple of BLOCK_K): one product against the tile's members' factors side by side, of which
+    each row keeps its own member's columns (the others are zero)."""
     c = tl.arange(0, MEMBERS * RANK_P2)
     member = (pid * BLOCK_M) // ROWS + c // RANK_P2
     k = c % RANK_P2
@@ -293,8 +372,7 @@ def _projection_block_diag(
         x_ptrs += BLOCK_K
         b_ptrs += BLOCK_K * RANK
     own = (offs_m // ROWS)[:, None] == member[None, :]
-    acc = tl.where(own, acc, 0.0)
-    return tl.sum(tl.reshape(acc, (BLOCK_M, MEMBERS, RANK_P2)), axis=1)
+    return tl.where(own, acc, 0.0)
 
 
 @triton.jit
@@ -796,6 +874,146 @@ def correction_add(
         stride_bias,
         HAS_BIAS=bias is not None,
         ACCUMULATE=accumulate,
+        RANK=r,
+        RANK_P2=triton.next_power_of_2(r),
+    )
+
+
+# ---------------------------------------------------------------------------- y = h a^T, h = x b
+# The projection and the correction in one pass over a block of rows: a program reads its rows
+# of x once (making h in registers) and writes those rows of y, so h never goes to global memory
+# and one launch replaces two. Block-diagonal tiles only (many rows per member).
+def _one_pass_configs() -> list[triton.Config]:
+    if _INTERPRET:
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_K": 32, "BLOCK_N": 32}, num_warps=4)]
+    return _tuned(
+        [
+            triton.Config({"BLOCK_M": bm, "BLOCK_K": bk, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+            for bm, bk, bn, w, s in (
+                (16, 256, 256, 4, 3),
+                (32, 256, 256, 8, 3),
+                (16, 128, 128, 4, 4),
+                (32, 128, 256, 4, 3),
+                (64, 128, 128, 8, 3),
+            )
+        ]
+    )
+
+
+ONE_PASS_MAX_BLOCK_M = 64
+
+
+@triton.autotune(configs=_one_pass_configs(), key=["M", "N", "K", "ROWS", "RANK", "HAS_BIAS"])
+@triton.heuristics(_heuristics())
+@triton.jit
+def _one_pass_kernel(
+    x_ptr,
+    b_ptr,
+    a_ptr,
+    draw_ptr,
+    coeff_ptr,
+    bias_ptr,
+    y_ptr,
+    M,
+    N,
+    K,
+    P,
+    ROWS,
+    stride_xm,
+    stride_ym,
+    stride_bias,
+    HAS_BIAS: tl.constexpr,
+    RANK: tl.constexpr,
+    RANK_P2: tl.constexpr,
+    MEMBERS: tl.constexpr,
+    BLOCK_DIAG: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    tl.static_assert(BLOCK_DIAG, "the one-pass kernel takes block-diagonal tiles only")
+    pid = tl.program_id(0)
+    offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    h = _projection_block_diag_wide(
+        x_ptr,
+        b_ptr,
+        draw_ptr,
+        pid,
+        offs_m,
+        M,
+        K,
+        0,
+        K,
+        P,
+        ROWS,
+        stride_xm,
+        RANK,
+        RANK_P2,
+        MEMBERS,
+        EVEN_K,
+        BLOCK_M,
+        BLOCK_K,
+    )
+    h *= tl.load(coeff_ptr + offs_m // ROWS, mask=offs_m < M, other=0.0)[:, None]
+    # Rounded as the two-kernel path rounds h when it stores it.
+    h = h.to(x_ptr.dtype.element_ty)
+    for n0 in range(0, N, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc = _correction_block_diag(
+            acc, h, pid, offs_n, a_ptr, draw_ptr, N, P, ROWS, RANK, RANK_P2, MEMBERS, BLOCK_M
+        )
+        if HAS_BIAS:
+            acc = _add_bias(acc, offs_m, offs_n, bias_ptr, M, N, ROWS, stride_bias)
+        y_ptrs = y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :]
+        mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def one_pass_applies(rows: int, rank: int) -> bool:
+    """Whether :func:`projection_correction` takes ``rows`` rows per member at ``rank``: every
+    tile it may use is block-diagonal."""
+    return block_diagonal(ONE_PASS_MAX_BLOCK_M, rows, triton.next_power_of_2(rank))
+
+
+def projection_correction(
+    x: torch.Tensor,
+    b: torch.Tensor,
+    a: torch.Tensor,
+    draw: torch.Tensor,
+    coeff: torch.Tensor,
+    bias: torch.Tensor | None,
+    y: torch.Tensor,
+    rows: int,
+) -> None:
+    """Write ``y = bias[p] + h a[draw[p]]^T`` with ``h = coeff[p] * x b[draw[p]]`` (row-wise
+    member ``p = row // rows``) in one pass: ``x`` (M, K), ``b`` (D, K, r), ``a`` (D, N, r),
+    ``draw`` (P,) int64, ``coeff`` (P,) float32, ``y`` (M, N); needs
+    :func:`one_pass_applies`."""
+    M, K = x.shape
+    N = y.shape[1]
+    P, r = draw.shape[0], a.shape[-1]
+    if not one_pass_applies(rows, r):
+        raise ValueError(f"Invalid rows for the one-pass kernel at rank {r}: {rows}")
+    stride_bias = 0 if bias is None or bias.dim() == 1 else bias.stride(0)
+    _one_pass_kernel[(lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),))](
+        x,
+        b,
+        a,
+        draw,
+        coeff,
+        y if bias is None else bias,
+        y,
+        M,
+        N,
+        K,
+        P,
+        rows,
+        x.stride(0),
+        y.stride(0),
+        stride_bias,
+        HAS_BIAS=bias is not None,
         RANK=r,
         RANK_P2=triton.next_power_of_2(r),
     )

@@ -146,8 +146,23 @@ CORRECTION_FIRST_ENV = "TORCHEGGROLL_CORRECTION_FIRST"
 PROJECTION_SPLITS_ENV = "TORCHEGGROLL_PROJECTION_SPLITS"
 
 
+# Where the correction is written first: whether one kernel makes the projection and writes the
+# correction in a single pass over the rows ("1"; h stays in registers and one launch replaces
+# two) or two kernels do ("0", the default). Tiles of many rows per member only (block-diagonal
+# factors, :func:`torcheggroll._triton_kernels.one_pass_applies`); others keep the two kernels.
+# Read at every call.
+ONE_PASS_ENV = "TORCHEGGROLL_ONE_PASS"
+
+
 def _correction_first() -> bool:
     return os.environ.get(CORRECTION_FIRST_ENV, "1") != "0"
+
+
+def _one_pass() -> bool:
+    value = os.environ.get(ONE_PASS_ENV, "0")
+    if value not in ("0", "1"):
+        raise ValueError(f"Invalid {ONE_PASS_ENV}: {value}")
+    return value == "1"
 
 
 # ---------------------------------------------------------------------------- availability
@@ -256,7 +271,6 @@ def lowrank_linear_fused(
         )
     kernels = _kernels()
     draw = draw.to(torch.int64).contiguous()
-    h = member_projection_fused(x, b, draw, coeff)
     x2 = _rows(x)
     w = weight if weight.stride(-1) == 1 else weight.contiguous()
     y = torch.empty(P * R, m, device=x.device, dtype=x.dtype)
@@ -268,7 +282,13 @@ def lowrank_linear_fused(
         backend = "cublas"
     elif backend == "tma" and not _tma_ok(x2, w):
         backend = "triton"
-    if backend == "cublas" and _correction_first():
+    first = backend == "cublas" and _correction_first()
+    if first and _one_pass() and kernels.one_pass_applies(R, r):
+        kernels.projection_correction(x2, b.contiguous(), a, draw, coeff.float(), bias, y, R)
+        y.addmm_(x2, w.T)
+        return y.reshape(P, R, m)
+    h = member_projection_fused(x, b, draw, coeff)
+    if first:
         kernels.correction_add(y, bias, h, a, draw, R, accumulate=False)
         y.addmm_(x2, w.T)
     elif backend == "cublas":
