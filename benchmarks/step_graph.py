@@ -11,7 +11,10 @@ For each configuration, in one process on one device, with noise drawn every cal
 
 ``inference`` is captured too, so all methods are timed alike. Each trial times every method
 in turn with ``triton.testing.do_bench`` (median of its repetitions); the table gives the
-median over trials of ``inference ms / method ms`` and the worst trial's ratio.
+median over trials of ``inference ms / method ms`` and the worst trial's ratio. ``--pairs N``
+alternates each method with inference N times within a trial (shorter timings) and takes the
+median of the adjacent pairs' ratios as the trial's: a card whose clock drifts over a trial
+then slows both sides of each ratio alike.
 
 ``--preset cpu`` measures the CPU target instead: one thread, 128 ``Linear(16, 16)`` layers,
 population 64: a step's time minus its closure's (per step, the median over steps), against
@@ -174,26 +177,58 @@ def profile(cfg: dict[str, Any], device: torch.device, rows: int = 15) -> str:
     return kernels + "\n" + ops
 
 
-def time_ms(fn: Any) -> float:
+def time_ms(fn: Any, rep: float = 100) -> float:
     from triton.testing import do_bench
 
-    return float(do_bench(fn, warmup=25, rep=100, return_mode="median"))
+    return float(do_bench(fn, warmup=25, rep=rep, return_mode="median"))
 
 
-def measure_gpu(cfg: dict[str, Any], device: torch.device, trials: int) -> dict[str, Any]:
+def measure_gpu(
+    cfg: dict[str, Any], device: torch.device, trials: int, pairs: int = 0
+) -> dict[str, Any]:
+    """Each trial times every method in turn (100 ms of replays each) and divides the trial's
+    inference time by the method's. ``pairs > 0``: within a trial, each method alternates with
+    inference ``pairs`` times (``100 / pairs`` ms each, which one goes first alternating) and
+    the trial's ratio is the median of the adjacent pairs' ratios, so that a clock that drifts
+    over the trial (cards that slow down under sustained load) enters both sides alike."""
     fns = runners(cfg, device)
     times: dict[str, list[float]] = {m: [] for m in METHODS}
+    ratios: dict[str, list[float]] = {m: [] for m in METHODS}
+    pair_ratios: dict[str, list[list[float]]] = {m: [] for m in METHODS}
     with torch.no_grad():
         for _ in range(trials):
-            for m in METHODS:
-                times[m].append(time_ms(fns[m]))
-    res: dict[str, Any] = {"ms_trials": times}
+            if pairs <= 0:
+                trial = {m: time_ms(fns[m]) for m in METHODS}
+                for m in METHODS:
+                    times[m].append(trial[m])
+                    ratios[m].append(trial["inference"] / trial[m])
+                continue
+            base: list[float] = []
+            for m in METHODS[1:]:
+                rs, ms = [], []
+                for k in range(pairs):
+                    # Which of the two goes first alternates, so a steady drift cancels.
+                    if k % 2:
+                        ms.append(time_ms(fns[m], 100 / pairs))
+                        inf = time_ms(fns["inference"], 100 / pairs)
+                    else:
+                        inf = time_ms(fns["inference"], 100 / pairs)
+                        ms.append(time_ms(fns[m], 100 / pairs))
+                    base.append(inf)
+                    rs.append(inf / ms[-1])
+                times[m].append(statistics.median(ms))
+                ratios[m].append(statistics.median(rs))
+                pair_ratios[m].append(rs)
+            times["inference"].append(statistics.median(base))
+            ratios["inference"].append(1.0)
+    res: dict[str, Any] = {"ms_trials": times, "pairs": pairs}
+    if pairs > 0:
+        res["pair_ratios"] = pair_ratios
     for m in METHODS:
-        ratios = [i / t for i, t in zip(times["inference"], times[m], strict=True)]
         res[m] = {
             "ms": statistics.median(times[m]),
-            "ratio": statistics.median(ratios),
-            "worst_ratio": min(ratios),
+            "ratio": statistics.median(ratios[m]),
+            "worst_ratio": min(ratios[m]),
         }
     return res
 
@@ -345,6 +380,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--preset", choices=["gpu", "gpu-quick", "cpu"], default="gpu")
     p.add_argument("--trials", type=int, default=5)
     p.add_argument("--repeats", type=int, default=30, help="CPU: timed calls per measurement")
+    p.add_argument(
+        "--pairs",
+        type=int,
+        default=0,
+        help="GPU: alternate each method with inference this many times per trial and take "
+        "the median of the adjacent pairs' ratios (0: each method once per trial)",
+    )
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--plot", type=Path, default=None)
     p.add_argument(
@@ -431,7 +473,8 @@ def main(argv: list[str] | None = None) -> None:
         meta.update(
             device=device_name(device),
             triton=triton.__version__,
-            timing="CUDA graphs, triton.testing.do_bench median per trial",
+            timing="CUDA graphs, triton.testing.do_bench median per trial"
+            + (f", {args.pairs} inference/method pairs per trial" if args.pairs > 0 else ""),
         )
         print_header(meta)
         results = []
@@ -439,7 +482,7 @@ def main(argv: list[str] | None = None) -> None:
             if args.configs and cfg["name"] not in args.configs.split(","):
                 continue
             try:
-                row = dict(cfg, **measure_gpu(cfg, device, args.trials))
+                row = dict(cfg, **measure_gpu(cfg, device, args.trials, args.pairs))
             except Exception as exc:  # report and go on with the other configurations
                 print(f"{cfg['name']:<16}failed: {type(exc).__name__}: {exc}", flush=True)
                 torch.cuda.synchronize()

@@ -43,3 +43,30 @@ def test_replot_refuses_a_json_without_gpu_results(tmp_path: Path):
     path.write_text(json.dumps({"meta": {}, "results": {"step_ms": 1.0}}))  # a --preset cpu file
     with pytest.raises(ValueError, match=r"Invalid --replot: .*cpu\.json"):
         _script().main(["--replot", str(path)])
+
+
+def test_pairs_cancel_a_clock_that_drifts_over_a_trial(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A card that slows by 2 % per timing: timed once per trial, the later methods read slower
+    than they are; alternated with inference (in turns first and second), the drift cancels."""
+    script = _script()
+    cost = {m: 1.0 + 0.25 * i for i, m in enumerate(script.METHODS)}  # true ms at full clock
+    clock = [1.0]
+
+    def fake_time(fn, rep=100):  # type: ignore[no-untyped-def]
+        clock[0] *= 1.02
+        return cost[fn] * clock[0]
+
+    monkeypatch.setattr(script, "runners", lambda cfg, device: {m: m for m in script.METHODS})
+    monkeypatch.setattr(script, "time_ms", fake_time)
+    once = script.measure_gpu({}, None, trials=3)
+    clock[0] = 1.0
+    paired = script.measure_gpu({}, None, trials=3, pairs=4)
+    for i, m in enumerate(script.METHODS[1:], start=1):
+        truth = cost["inference"] / cost[m]
+        # Timed i timings after inference: i steps of drift. Paired, in alternating order: one
+        # step against the method and one for it, which the median of the pairs averages.
+        assert once[m]["ratio"] == pytest.approx(truth / 1.02**i, rel=1e-9)
+        assert paired[m]["ratio"] == pytest.approx(truth * (1.02 + 1 / 1.02) / 2, rel=1e-9)
+        assert abs(paired[m]["ratio"] / truth - 1) < 2e-4
+        assert len(paired["pair_ratios"][m]) == 3 and len(paired["pair_ratios"][m][0]) == 4
+    assert paired["pairs"] == 4 and "pair_ratios" not in once
