@@ -110,13 +110,15 @@ def test_supported_refuses_layouts_and_dtypes_on_the_gpu() -> None:
 @pytest.mark.cuda
 @pytest.mark.parametrize("rank", [1, 4])
 def test_step_through_the_kernel_equals_the_step_through_addmm(monkeypatch, rank) -> None:
-    """A step of a lone bf16 matrix: the Triton update rounds the float32 product of the step's
-    own operands once (:func:`_rounding_bound` from their float64 update), and lands where the
-    step through ``addmm_`` lands within one unit in the last place of each (cuBLAS sums the
-    same products in its own order and does not document its rounding; on an H100 the two
-    steps were two units of the smaller apart, so one unit of the smaller is not a bound)."""
+    """A step of a lone bf16 matrix through the Triton update and through ``addmm_`` lands,
+    both ways, within :func:`_rounding_bound` of the float64 update of the step's own operands
+    (recorded as the step passes them to the kernel; both runs draw the same noise): the kernel
+    within one rounding of a float32 accumulation, ``addmm_`` within that and one rounding of
+    the product (cuBLAS does not document where it rounds; its reduced-precision reduction,
+    bf16 partial sums of a split K, on by default in torch, is turned off here)."""
     from torcheggroll import _triton_update, _update
 
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_bf16_reduced_precision_reduction", False)
     seen: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]] = []
     real = _triton_update.outer_add_
 
@@ -144,12 +146,16 @@ def test_step_through_the_kernel_equals_the_step_through_addmm(monkeypatch, rank
     before, lhs, rhs, alpha = seen[0]
     assert torch.equal(before, w0), (before - w0).abs().max().item()
     ref = before + alpha * (lhs @ rhs.T)
-    err = (via_kernel - ref).abs()
     bound = _rounding_bound(ref, lhs, rhs, alpha, torch.bfloat16)
-    assert (err <= bound).all(), ((err / bound).max().item(), (err > bound).sum().item())
-    diff = (via_kernel - via_addmm).abs()
-    both = _ulp(via_kernel, torch.bfloat16) + _ulp(via_addmm, torch.bfloat16)
-    assert (diff <= both).all(), (diff / both).max().item()
+    # cuBLAS may round the product to bf16 before adding it (on an H100 the two steps were two
+    # units apart where one rounding each allows one): its bound has that rounding too.
+    product_ulp = _ulp(alpha * (lhs @ rhs.T), torch.bfloat16)
+    for name, got, limit in (
+        ("kernel", via_kernel, bound),
+        ("addmm_", via_addmm, bound + product_ulp),
+    ):
+        err = (got - ref).abs()
+        assert (err <= limit).all(), (name, (err / limit).max().item(), (err > limit).sum().item())
 
 
 def test_an_unknown_update_gemm_is_refused_before_anything_moves(monkeypatch) -> None:
