@@ -12,6 +12,8 @@
 #   one-pass  the one-pass projection + correction (TORCHEGGROLL_ONE_PASS=1, off by default): its
 #             CUDA tests, correction_kernels.py, and step_graph.py on linear-256x16 without and
 #             with it, alternated twice                                            ~7 min
+#   pairs     step_graph.py --preset gpu with each method alternated with inference 4 times per
+#             trial (--pairs 4)                                                    ~5 min
 set -uo pipefail
 part=${1:?usage: run_h200.sh PART OUTDIR}
 out=${2:?usage: run_h200.sh PART OUTDIR}
@@ -57,5 +59,8 @@ case "$part" in
           TORCHEGGROLL_ONE_PASS=1 timeout 80 $py benchmarks/step_graph.py --configs linear-256x16 \
             --trials 3 --json "$out/step_one_pass_on_${card}_$i.json" 2>&1 | tail -4
         done ;;
+  pairs) timeout 560 $py benchmarks/step_graph.py --preset gpu --trials 3 --pairs 4 \
+          --json "$out/step_graph_pairs_${card}.json" --plot "$out/step_graph_pairs_${card}.png" 2>&1 \
+          | tee "$out/step_graph_pairs_${card}.txt" ;;
   *) echo "unknown part: $part" >&2; exit 2 ;;
 esac
