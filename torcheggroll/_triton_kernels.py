@@ -237,7 +237,7 @@ def _projection_kernel(
     k_start = tl.program_id(1) * per_split
     k_stop = tl.minimum(K, k_start + per_split)
     if BLOCK_DIAG:
-        h = _projection_block_diag(
+        h = _projection_block_diag_wide(
             x_ptr,
             b_ptr,
             draw_ptr,
@@ -257,6 +257,8 @@ def _projection_kernel(
             BLOCK_M,
             BLOCK_K,
         )
+        # Each row has values in its own member's columns only: fold them to (BLOCK_M, RANK_P2).
+        h = tl.sum(tl.reshape(h, (BLOCK_M, MEMBERS, RANK_P2)), axis=1)
     else:
         h = _projection_rowwise(
             x_ptr,
@@ -279,52 +281,6 @@ def _projection_kernel(
     out = h_ptr + tl.program_id(1).to(tl.int64) * M * RANK
     out += offs_m[:, None].to(tl.int64) * RANK + kk[None, :]
     tl.store(out, h.to(h_ptr.dtype.element_ty), mask=(offs_m < M)[:, None] & (kk < RANK)[None, :])
-
-
-@triton.jit
-def _projection_block_diag(
-    x_ptr,
-    b_ptr,
-    draw_ptr,
-    pid,
-    offs_m,
-    M,
-    K,
-    k_start,
-    k_stop,
-    P,
-    ROWS,
-    stride_xm,
-    RANK: tl.constexpr,
-    RANK_P2: tl.constexpr,
-    MEMBERS: tl.constexpr,
-    EVEN_K: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-):
-    """(BLOCK_M, RANK_P2) x_row b[draw] over ``k_start <= k < k_stop`` (``k_start`` a multiple
-    of BLOCK_K): each row's own columns of :func:`_projection_block_diag_wide`."""
-    acc = _projection_block_diag_wide(
-        x_ptr,
-        b_ptr,
-        draw_ptr,
-        pid,
-        offs_m,
-        M,
-        K,
-        k_start,
-        k_stop,
-        P,
-        ROWS,
-        stride_xm,
-        RANK,
-        RANK_P2,
-        MEMBERS,
-        EVEN_K,
-        BLOCK_M,
-        BLOCK_K,
-    )
-    return tl.sum(tl.reshape(acc, (BLOCK_M, MEMBERS, RANK_P2)), axis=1)
 
 
 @triton.jit
