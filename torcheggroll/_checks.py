@@ -15,18 +15,23 @@ from .scaling import SIGMA_SCALINGS
 from .shaping import SHAPINGS
 
 __all__ = [
+    "GROUP_DEFAULTS",
     "as_losses",
     "as_scalar_loss",
     "check_group",
     "check_hyper",
     "check_population",
+    "check_state_dict",
     "closure_name",
     "invalid",
+    "loss_dtype",
     "number",
     "takes_population",
 ]
 
 Closure = Callable[..., Any]
+# The largest learning rate or weight decay: steps multiply float32 (and bfloat16) tensors by it.
+_LARGEST = torch.finfo(torch.float32).max
 
 
 def number(value: Any) -> bool:
@@ -58,19 +63,31 @@ def check_hyper(
             raise ValueError(
                 f"Invalid lr: a tensor lr must have one element, got shape {tuple(lr.shape)}"
             )
+        if not lr.is_floating_point():
+            raise ValueError(f"Invalid learning rate: {lr!r} (expected a floating-point tensor)")
         lr_value = float(lr) if read_device_tensors or lr.device.type == "cpu" else 0.0
     if not number(lr_value) or not lr_value >= 0.0 or not math.isfinite(lr_value):
         raise invalid("learning rate", lr, "a finite float >= 0")
+    _check_largest("learning rate", lr_value)
     if not number(sigma) or not sigma > 0.0 or not math.isfinite(sigma):
         raise invalid("sigma", sigma, "a finite float > 0")
     if not isinstance(rank, int) or isinstance(rank, bool) or rank < 0:
         raise invalid("rank", rank, "an int >= 0")
     if not number(weight_decay) or not weight_decay >= 0.0 or not math.isfinite(weight_decay):
         raise invalid("weight_decay value", weight_decay, "a finite float >= 0")
+    _check_largest("weight_decay value", weight_decay)
     if not isinstance(shaping, str) or shaping not in SHAPINGS:
         raise ValueError(f"Invalid shaping: {shaping!r} (expected one of {sorted(SHAPINGS)})")
     if not isinstance(maximize, bool):
         raise invalid("maximize", maximize, "a bool")
+
+
+def _check_largest(name: str, value: float) -> None:
+    if value > _LARGEST:
+        raise ValueError(
+            f"Invalid {name}: {value!r} (larger than {_LARGEST:.4g}, the largest float32: steps "
+            "multiply float32 tensors by it)"
+        )
 
 
 def check_group(group: dict[str, Any], read_device_tensors: bool = True) -> None:
@@ -98,6 +115,81 @@ def check_population(pop_size: Any, antithetic: Any) -> None:
         raise invalid("antithetic", antithetic, "a bool")
     if antithetic and pop_size % 2:
         raise ValueError(f"Invalid pop_size: {pop_size} (must be even with antithetic=True)")
+
+
+# The settings torcheggroll 0.1 did not save, and the values it used (see
+# ``EggrollOptimizer.__setstate__``).
+GROUP_DEFAULTS: dict[str, Any] = {
+    "shaping": "zscore",
+    "weight_decay": 0.0,
+    "maximize": False,
+    "antithetic": True,
+    "capturable": False,
+    "sigma_scaling": "none",
+}
+
+
+def _count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def check_state_dict(state_dict: Any, noise_version: int) -> None:
+    """Check an ``EggrollOptimizer`` state dict before it is loaded: every group's settings (as
+    the constructor checks them), the groups' shared settings, and the optimizer-wide state (the
+    seed, the generation and the noise version: Python ints, in the state of the first
+    parameter). Raises ``ValueError`` naming what is wrong."""
+    if not isinstance(state_dict, dict) or not isinstance(state_dict.get("param_groups"), list):
+        raise ValueError(
+            f"Invalid state_dict: expected a dict with 'state' and 'param_groups', got "
+            f"{type(state_dict).__name__}"
+        )
+    groups = state_dict["param_groups"]
+    for i, saved in enumerate(groups):
+        if not isinstance(saved, dict):
+            raise ValueError(f"Invalid state_dict: param group {i} is a {type(saved).__name__}")
+        missing = [k for k in ("lr", "sigma", "rank", "pop_size", "params") if k not in saved]
+        if missing:
+            raise ValueError(
+                f"Invalid state_dict: param group {i} has no {', '.join(map(repr, missing))} "
+                "(not written by EggrollOptimizer?)"
+            )
+        group = {**GROUP_DEFAULTS, **saved}
+        check_group(group)
+        check_population(group["pop_size"], group["antithetic"])
+        if not isinstance(group["capturable"], bool):
+            raise invalid("capturable", group["capturable"], "a bool")
+        for key in ("pop_size", "antithetic", "capturable"):
+            first = {**GROUP_DEFAULTS, **groups[0]}[key]
+            if group[key] != first:
+                raise ValueError(
+                    f"Invalid state_dict: param group {i} has {key}={group[key]!r}, group 0 "
+                    f"{first!r} (param groups must share {key})"
+                )
+    ids = [i for g in groups for i in g["params"]]
+    states = state_dict.get("state", {})
+    if not isinstance(states, dict):
+        raise ValueError(f"Invalid state_dict: 'state' is a {type(states).__name__}")
+    first_state = states.get(ids[0]) if ids else None
+    if not isinstance(first_state, dict) or "seed" not in first_state:
+        raise ValueError(
+            "Invalid state_dict: the state of the first parameter holds no seed and generation "
+            "(not written by EggrollOptimizer?)"
+        )
+    version = first_state.get("noise_version", 1)  # torcheggroll < 0.3 did not write one
+    if not _count(version):
+        raise ValueError(f"Invalid state_dict: noise_version {version!r} (expected an int)")
+    if version != noise_version:
+        raise ValueError(
+            f"Invalid state_dict: written with noise version {version} (torcheggroll "
+            f"< 0.3), this version draws noise version {noise_version}; resuming would continue "
+            "with different noise. Start a new run from the saved parameters (and a fresh "
+            "optimizer), or load it with the torcheggroll release that wrote it"
+        )
+    for key in ("seed", "generation"):
+        if not _count(first_state.get(key)):
+            raise ValueError(
+                f"Invalid state_dict: {key} {first_state.get(key)!r} (expected an int >= 0)"
+            )
 
 
 def takes_population(closure: Closure) -> bool:
@@ -143,12 +235,26 @@ def as_losses(value: Any, size: int, closure: Closure | str) -> torch.Tensor:
             f"Invalid losses: {what} must return a 1-D tensor of {size} losses (one per member), "
             f"got shape {tuple(losses.shape)}"
         )
-    if not (
-        losses.is_floating_point()
-        or losses.dtype in (torch.int32, torch.int64, torch.int16, torch.int8, torch.uint8)
-    ):
-        raise ValueError(f"Invalid losses: expected real numbers, got dtype {losses.dtype}")
-    return losses.detach().to(torch.promote_types(losses.dtype, torch.float32))
+    _check_real(losses, "losses")
+    return losses.detach().to(loss_dtype(losses))
+
+
+_INTEGER_LOSSES = (torch.int32, torch.int64, torch.int16, torch.int8, torch.uint8)
+
+
+def _check_real(losses: torch.Tensor, name: str) -> None:
+    if not (losses.is_floating_point() or losses.dtype in _INTEGER_LOSSES):
+        raise ValueError(f"Invalid {name}: expected real numbers, got dtype {losses.dtype}")
+    if losses.layout != torch.strided or losses.device.type == "meta":
+        raise ValueError(
+            f"Invalid {name}: expected a dense tensor with values, got layout {losses.layout} "
+            f"on {losses.device}"
+        )
+
+
+def loss_dtype(losses: torch.Tensor) -> torch.dtype:
+    """float64 losses stay float64, every other real dtype becomes float32."""
+    return torch.float64 if losses.dtype == torch.float64 else torch.float32
 
 
 def as_scalar_loss(value: Any, position: int, closure: Closure) -> torch.Tensor:
@@ -170,4 +276,6 @@ def as_scalar_loss(value: Any, position: int, closure: Closure) -> torch.Tensor:
             f"Invalid loss: {what} must return a scalar loss, got shape {tuple(loss.shape)} "
             f"for member {position}"
         )
-    return loss.detach().reshape(())
+    _check_real(loss, "loss")
+    # A copy: the loss may be a view of a parameter, which is restored after the last member.
+    return loss.detach().reshape(()).clone()

@@ -38,8 +38,9 @@ def signature(param_groups: list[dict[str, Any]]) -> tuple[Any, ...]:
     parts: list[Any] = [param_groups[0]["pop_size"], param_groups[0]["antithetic"]]
     for group in param_groups:
         rank = int(group["rank"])
+        scaling = group.get("sigma_scaling", "none")
         for p in group["params"]:
-            parts.append((id(p), p.shape, p.dtype, p.device, p.requires_grad, rank))
+            parts.append((id(p), p.shape, p.dtype, p.device, p.requires_grad, rank, scaling))
         parts.append(None)  # group boundary
     return tuple(parts)
 

@@ -18,7 +18,10 @@ so ``|(A c B^T)_ij / sqrt(r)| <= sqrt(r) * NORMAL_BOUND**2 * sum_k |c_k|`` (and 
 sum_k |c_k|`` for dense noise). If some loss is finite, every coefficient is finite and
 ``lr`` times that bound stays far inside the float range, the products are finite by
 construction and no pass over them is needed to check; otherwise the coefficients are zeroed and
-nothing moves. float16 parameters, whose range is small, are checked element by element.
+nothing moves. Weight decay adds ``lr * wd * p``, which no bound on the coefficients covers: a
+decayed group's largest ``|p|`` is reduced on the device too (one reduction per group), and the
+update is withheld when the decay could come near the float range. float16 parameters, whose
+range is small, are checked element by element.
 """
 
 from __future__ import annotations
@@ -321,6 +324,9 @@ def directions(
         flags = torch.stack([bad, _identical(losses, finite), any_finite ^ ok])
         found = Update(coeffs, ok, flags)
     ws = _workspace(plan)
+    decay_ok = _decay_bounded(plan, groups, lrs, ws, device)
+    if decay_ok is not None:
+        _withhold_unless(found, decay_ok)
     if ws.float16:
         # float16 may overflow in p - lr * d itself: build the new values to check them.
         stays = []
@@ -330,12 +336,42 @@ def directions(
             new = p.detach().add(values[o], alpha=-_number(lrs[plan.owned[o].group]))
             stays.append((new.isfinite() | ~p.isfinite()).all().to(device))
             found.new_values[o] = new
-        ok = found.ok & torch.stack(stays).all()
-        withheld = (found.ok & ~ok).view(1).to(found.flags.dtype)
-        found.flags = torch.cat([found.flags[:2], found.flags[2:] | withheld])
-        found.ok = ok
-        found.coeffs = torch.where(ok, found.coeffs, 0.0)
+        _withhold_unless(found, torch.stack(stays).all())
     return found
+
+
+def _withhold_unless(found: Update, stays: torch.Tensor) -> None:
+    """Withhold ``found``'s update unless ``stays`` (a 0-d bool on the losses' device), counting
+    it as withheld although some loss was finite."""
+    ok = found.ok & stays
+    withheld = (found.ok & ~ok).view(1).to(found.flags.dtype)
+    found.flags = torch.cat([found.flags[:2], found.flags[2:] | withheld])
+    found.ok = ok
+    found.coeffs = torch.where(ok, found.coeffs, 0.0)
+
+
+def _decay_bounded(
+    plan: Plan,
+    groups: Sequence[dict[str, Any]],
+    lrs: Sequence[Any],
+    ws: _Workspace,
+    device: torch.device,
+) -> torch.Tensor | None:
+    """0-d bool: whether weight decay stays far inside the float range, ``|wd| * max|p| *
+    max(1, lr) < 1e30`` over every decayed group (its terms ``wd * p`` and ``lr * wd * p`` are
+    then finite by a wide margin); None without weight decay. One reduction per group and
+    device, decided on the device; a non-finite parameter fails it."""
+    checks = []
+    for (g, _), members in ws.by_group.items():
+        wd = groups[g]["weight_decay"]
+        if wd == 0:
+            continue
+        params = [plan.owned[o].param.detach() for o in members]
+        peak = torch.stack(torch._foreach_norm(params, math.inf)).max().to(device, torch.float64)
+        lr = _number(lrs[g], device)
+        scale = torch.clamp(lr, min=1.0) if isinstance(lr, torch.Tensor) else max(1.0, lr)
+        checks.append(peak * (abs(wd) * scale) < _UPDATE_LIMIT)
+    return torch.stack(checks).all() if checks else None
 
 
 def grads(
@@ -368,12 +404,11 @@ def grads(
         wd = groups[g]["weight_decay"]
         members = [o for o in members if o in wanted]
         if wd != 0 and members:
-            decayed = torch._foreach_add(
-                [out[o] for o in members],
-                [plan.owned[o].param.detach() for o in members],
-                alpha=wd,
-            )
-            torch._foreach_mul_(decayed, found.ok.to(device))  # no decay when nothing moves
+            # No decay when nothing moves: the parameters are scaled by 0 before the sum, so
+            # that a decay withheld because it would overflow adds exact zeros.
+            decay = found.ok.to(device, torch.float64) * wd
+            scaled = torch._foreach_mul([plan.owned[o].param.detach() for o in members], decay)
+            decayed = torch._foreach_add([out[o] for o in members], scaled)
             out.update(zip(members, decayed, strict=True))
     return out
 

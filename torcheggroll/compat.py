@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import math
+import numbers
 import operator
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -54,14 +55,20 @@ def _as_int(value: Any, what: str) -> int:
 
 
 def _check_sigma(sigma: Any) -> float:
+    # numbers.Real: Python and NumPy scalars alike (np.float32 is not a float).
     if (
         isinstance(sigma, bool)
-        or not isinstance(sigma, (int, float))
-        or not math.isfinite(sigma)
-        or not sigma > 0.0
+        or not isinstance(sigma, numbers.Real)
+        or not math.isfinite(float(sigma))
+        or not float(sigma) > 0.0
     ):
-        raise ValueError(f"Invalid sigma: {sigma}")
+        raise ValueError(f"Invalid sigma: {sigma!r} (expected a finite float > 0)")
     return float(sigma)
+
+
+def _check_floating(dtype: Any, what: str) -> None:
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"Invalid {what}: {dtype!r} (noise needs a floating-point dtype)")
 
 
 def _check_rank(rank: Any) -> int:
@@ -97,6 +104,7 @@ def generate_lora_noise(
     r = _check_rank(rank)
     if r == 0:
         raise ValueError(f"Invalid rank: {rank} (low-rank noise needs rank >= 1)")
+    _check_floating(param.dtype, "param dtype")
     return _single_draw(param, r, sigma, seed, device)
 
 
@@ -198,10 +206,13 @@ def generate_noise_for_shapes(
     s = _check_sigma(sigma)
     gen = _as_int(epoch, "epoch")
     seed_ = _as_int(seed, "seed")
+    _check_floating(dtype, "dtype")
     checked: list[tuple[str, torch.Size, int]] = []
     for name, shape in shapes.items():
         rank = ranks.get(name)
         size = torch.Size(shape)
+        if any(d < 0 for d in size):
+            raise ValueError(f"Invalid shapes[{name!r}]: {tuple(shape)} (negative dimension)")
         checked.append((name, size, 0 if rank is None else effective_rank(size, _check_rank(rank))))
     draws = num_draws(n, antithetic)
     members = _members_in_halves(n, antithetic, device)
@@ -241,10 +252,16 @@ def compute_es_gradient(
     Returns:
         name -> ``(*shape)`` gradient, in the dtype of that noise.
     """
+    if not isinstance(normalize_fitness, bool):
+        raise ValueError(f"Invalid normalize_fitness: {normalize_fitness!r} (expected a bool)")
     r = rewards if isinstance(rewards, Tensor) else torch.as_tensor(rewards, dtype=torch.float64)
     r = r.detach()
-    if r.dim() != 1:
-        raise ValueError(f"Invalid rewards: expected a 1-D tensor, got shape {tuple(r.shape)}")
+    if r.dim() != 1 or r.shape[0] == 0:
+        raise ValueError(
+            f"Invalid rewards: expected a non-empty 1-D tensor, got shape {tuple(r.shape)}"
+        )
+    if r.dtype == torch.bool or r.is_complex():
+        raise ValueError(f"Invalid rewards: expected real numbers, got dtype {r.dtype}")
     if not r.is_floating_point():
         r = r.to(torch.float32)
     n = r.shape[0]
@@ -283,7 +300,7 @@ def _select_parameters(model: nn.Module, param_filter: ParamFilter | None) -> li
 
 def _per_member(values: Any, size: int, what: str) -> Tensor:
     t = values.detach() if isinstance(values, Tensor) else torch.as_tensor(values)
-    if t.numel() != size:
+    if t.numel() != size or sum(d != 1 for d in t.shape) > 1:  # (N,), (N, 1), (1, N): not (2, 2)
         raise ValueError(
             f"Invalid {what}: expected {size} values (one per population member), got shape "
             f"{tuple(t.shape)}"
@@ -605,13 +622,28 @@ class TorchEggrollES:
                 f"evolves {sorted(self.param_names)}"
             )
         for name in self.param_names:
-            if tuple(params[name].shape) != tuple(named[name].shape):
+            value = params[name]
+            if not isinstance(value, torch.Tensor) or not value.is_floating_point():
                 raise ValueError(
-                    f"Invalid state: parameter {name!r} has shape {tuple(params[name].shape)}, "
+                    f"Invalid state: parameter {name!r} is a {type(value).__name__}"
+                    f"{f' of dtype {value.dtype}' if isinstance(value, torch.Tensor) else ''}, "
+                    "expected a floating-point tensor"
+                )
+            if tuple(value.shape) != tuple(named[name].shape):
+                raise ValueError(
+                    f"Invalid state: parameter {name!r} has shape {tuple(value.shape)}, "
                     f"expected {tuple(named[name].shape)}"
                 )
-        self.optimizer.load_state_dict(dict(state["optimizer"]))
+        # The optimizer's state is checked before it is loaded; the values are copied after, so
+        # that a refused optimizer state leaves the parameters as they were.
         with torch.no_grad():
-            for name in self.param_names:
-                named[name].copy_(params[name])
+            before = {name: named[name].detach().clone() for name in self.param_names}
+            try:
+                for name in self.param_names:
+                    named[name].copy_(params[name])
+                self.optimizer.load_state_dict(dict(state["optimizer"]))
+            except Exception:
+                for name in self.param_names:
+                    named[name].copy_(before[name])
+                raise
         self._prepared = None

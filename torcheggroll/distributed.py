@@ -68,7 +68,16 @@ def resolve_group(process_group: Any) -> Any:
     if process_group is False:
         return None
     if process_group is not None:
-        if dist.get_rank(process_group) < 0:
+        # dist.new_group gives a process outside the group GroupMember.NON_GROUP_MEMBER.
+        outside = dist.is_available() and process_group is dist.GroupMember.NON_GROUP_MEMBER
+        if not outside and not (
+            dist.is_available() and isinstance(process_group, dist.ProcessGroup)
+        ):
+            raise TypeError(
+                f"Invalid process_group: {process_group!r} (expected a "
+                "torch.distributed.ProcessGroup, None or False)"
+            )
+        if outside or dist.get_rank(process_group) < 0:
             raise ValueError(
                 f"Invalid process_group: {process_group!r} (this process, global rank "
                 f"{dist.get_rank()}, is not a member)"

@@ -14,10 +14,13 @@ from torch.optim import Optimizer
 from . import _update
 from . import distributed as _dist
 from ._checks import (
+    GROUP_DEFAULTS,
     as_losses,
     as_scalar_loss,
     check_group,
     check_population,
+    check_state_dict,
+    loss_dtype,
     takes_population,
 )
 from ._plan import Plan, signature
@@ -248,6 +251,17 @@ class EggrollOptimizer(Optimizer):
                     f"Invalid parameter dtype: {t.dtype} (EggrollOptimizer needs real "
                     "floating-point tensors)"
                 )
+            if isinstance(t, torch.Tensor) and t.layout != torch.strided:
+                raise TypeError(
+                    f"Invalid parameter layout: {t.layout} (EggrollOptimizer updates dense "
+                    "tensors in place)"
+                )
+            if isinstance(t, torch.Tensor) and torch._debug_has_internal_overlap(t) == 1:
+                raise ValueError(
+                    f"Invalid parameter: a tensor of shape {tuple(t.shape)} and strides "
+                    f"{t.stride()} whose elements share memory (made by expand?) cannot be "
+                    "updated in place; pass a tensor that owns its elements (.clone())"
+                )
         tensors = [p[1] if isinstance(p, tuple) else p for p in listed]
         if len({id(t) for t in tensors}) != len(tensors):
             # torch only warns; here each copy would get its own noise and its own update.
@@ -265,12 +279,8 @@ class EggrollOptimizer(Optimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         for group in self.param_groups:
-            group.setdefault("shaping", "zscore")
-            group.setdefault("weight_decay", 0.0)
-            group.setdefault("maximize", False)
-            group.setdefault("antithetic", True)
-            group.setdefault("capturable", False)
-            group.setdefault("sigma_scaling", "none")
+            for key, value in GROUP_DEFAULTS.items():
+                group.setdefault(key, value)
         for key, value in (
             ("_last_losses", None),
             ("_plan", None),
@@ -313,23 +323,20 @@ class EggrollOptimizer(Optimizer):
         return super().state_dict()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a :meth:`state_dict`; refuses one written with another noise definition (it
-        would resume with different noise)."""
-        states = state_dict.get("state", {}) if isinstance(state_dict, dict) else {}
-        versions = {
-            int(s.get("noise_version", 1))
-            for s in states.values()
-            if isinstance(s, dict) and "seed" in s
-        }
-        if versions and versions != {NOISE_VERSION}:
-            raise ValueError(
-                f"Invalid state_dict: written with noise version {sorted(versions)[0]} "
-                "(torcheggroll "
-                f"< 0.3), this version draws noise version {NOISE_VERSION}; resuming would "
-                "continue with different noise. Start a new run from the saved parameters (and a "
-                "fresh optimizer), or load it with the torcheggroll release that wrote it"
-            )
-        super().load_state_dict(state_dict)
+        """Load a :meth:`state_dict`. It is checked (after any ``load_state_dict`` pre-hooks,
+        before anything changes) as the constructor checks its arguments: every group's
+        settings, and the seed, generation and noise version. One written with another noise
+        definition is refused (it would resume with different noise)."""
+
+        def check(optimizer: Any, loaded: dict[str, Any]) -> None:
+            check_state_dict(loaded, NOISE_VERSION)
+
+        # Registered last, so that the user's pre-hooks (a migration, say) run before it.
+        handle = self.register_load_state_dict_pre_hook(check)
+        try:
+            super().load_state_dict(state_dict)
+        finally:
+            handle.remove()
         if self._counters is not None:  # capturable: refresh the device counters in place
             key, gen = self._counters
             key.copy_(torch.tensor(seed_key(self.seed), dtype=torch.int64))
@@ -491,8 +498,7 @@ class EggrollOptimizer(Optimizer):
             raise TypeError(
                 f"Invalid closure: {closure!r} (EggrollOptimizer.step requires a callable closure)"
             )
-        for group in self.param_groups:  # settings may have been changed since construction
-            check_group(group, read_device_tensors=False)
+        self._check_groups()  # settings may have been changed since construction
         self.check_warnings(wait=False)
         population = self.population()
         pg = self._process_group
@@ -505,6 +511,8 @@ class EggrollOptimizer(Optimizer):
                     local = as_losses(closure(population), len(population), closure)
                 else:
                     local = self._sequential(closure, population)
+            # ... and by the closure itself: its changes apply, but only if they are valid.
+            self._check_groups()
         except Exception as exc:
             if pg is None:
                 raise
@@ -518,6 +526,21 @@ class EggrollOptimizer(Optimizer):
         )
         self._replicas_checked = True
         return losses, population
+
+    def _check_groups(self) -> None:
+        """Check every group's settings as the constructor does (a tensor ``lr`` on an
+        accelerator is not read)."""
+        for group in self.param_groups:
+            check_group(group, read_device_tensors=False)
+            check_population(group["pop_size"], group["antithetic"])
+            if not isinstance(group["capturable"], bool):
+                raise ValueError(f"Invalid capturable: {group['capturable']!r} (expected a bool)")
+        for key in _GLOBAL_KEYS:
+            values = {group[key] for group in self.param_groups}
+            if len(values) > 1:
+                raise ValueError(
+                    f"Invalid {key}: param groups must share {key}, got {sorted(values, key=str)}"
+                )
 
     def _sequential(self, closure: Closure, population: Population) -> torch.Tensor:
         params = [e.param for e in population.params]
@@ -535,9 +558,7 @@ class EggrollOptimizer(Optimizer):
             device = params[0].device if params else torch.device("cpu")
             return torch.empty(0, device=device)
         device = values[0].device
-        return torch.stack(
-            [v.to(device, torch.promote_types(v.dtype, torch.float32)) for v in values]
-        )
+        return torch.stack([v.to(device, loss_dtype(v)) for v in values])
 
     # ------------------------------------------------------------------ the update
     def _directions(self, losses: torch.Tensor) -> _update.Update:
