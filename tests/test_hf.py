@@ -247,6 +247,71 @@ def test_t5s_relative_position_table_is_refused_by_rows_not_misattributed() -> N
         opt.population().forward(model, input_ids=ids, decoder_input_ids=ids[:, :5], path="rows")
 
 
+def _t5() -> nn.Module:
+    cfg = transformers.T5Config(
+        vocab_size=64,
+        d_model=32,
+        d_kv=8,
+        d_ff=48,
+        num_layers=1,
+        num_heads=4,
+        decoder_start_token_id=0,
+    )
+    return transformers.T5ForConditionalGeneration(cfg)
+
+
+@pytest.mark.parametrize("encoder_length", [16, 24])
+def test_t5s_table_looked_up_at_a_multiple_of_the_batch_is_refused(encoder_length: int) -> None:
+    # POP x 2 prompts = 8 rows: a (16, 16) or (24, 24) position lookup has a first dimension
+    # that is a multiple of the batch, but is a table lookup, not rows.
+    model, opt = _setup(_t5)
+    ids = torch.randint(0, 64, (2, encoder_length))
+    with torch.no_grad(), pytest.raises(RowsAttributionError, match="not flattened"):
+        opt.population().forward(model, input_ids=ids, decoder_input_ids=ids[:, :8], path="rows")
+
+
+def test_a_sequence_first_model_is_refused_when_its_length_is_a_multiple_of_the_batch() -> None:
+    cfg = transformers.XLNetConfig(vocab_size=64, d_model=32, n_layer=1, n_head=4, d_inner=48)
+    model, _ = _setup(lambda: transformers.XLNetLMHeadModel(cfg).eval())
+    # Keep the parameters XLNet uses through einsum out: only the embedding lookup then sees the
+    # (T, P * B) ids of its sequence-first layout.
+    params = [p for n, p in model.named_parameters() if "rel_attn" not in n]
+    opt = EggrollOptimizer(params, sigma=0.05, rank=2, pop_size=POP, seed=1)
+    ids = torch.randint(3, 64, (2, 16))
+    with torch.no_grad(), pytest.raises(RowsAttributionError, match=r"word_embedding.*not flat"):
+        opt.population().forward(model, input_ids=ids, path="rows")
+
+
+def test_a_norm_of_a_parameter_table_is_refused() -> None:
+    # DeBERTa-v2 normalizes its relative-position table (a parameter, 2 x 4 buckets = 8 rows,
+    # as many as the batch) with the encoder's LayerNorm: with only norm weights optimized
+    # (BitFit), that table must not be read as rows.
+    cfg = transformers.DebertaV2Config(
+        vocab_size=64,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        intermediate_size=48,
+        relative_attention=True,
+        position_buckets=4,
+        norm_rel_ebd="layer_norm",
+        max_relative_positions=16,
+    )
+    model, _ = _setup(lambda: transformers.DebertaV2ForMaskedLM(cfg).eval())
+    norms = [p for n, p in model.named_parameters() if "LayerNorm" in n]
+    opt = EggrollOptimizer(norms, sigma=0.5, rank=2, pop_size=POP, seed=1)
+    ids = torch.randint(3, 64, (2, 8))
+    with torch.no_grad(), pytest.raises(RowsAttributionError, match="parameter or buffer"):
+        opt.population().forward(model, input_ids=ids, path="rows")
+
+
+def test_a_mixture_of_experts_model_is_refused_up_front() -> None:
+    cfg = transformers.MixtralConfig(**_DECODER_CONFIG, num_local_experts=4)
+    model, opt = _setup(lambda: transformers.MixtralForCausalLM(cfg).eval())
+    with pytest.raises(RowsAttributionError, match=r"mixture-of-experts.*num_local_experts=4"):
+        opt.population().rows(model)
+
+
 def test_es_lowers_a_language_model_loss_through_rows() -> None:
     model, _ = _setup(_gpt2)
     model.float()

@@ -296,7 +296,13 @@ class Rows:
         self.owned: dict[int, _Owned] = {}
         self._mode: _RowsMode | None = None
         self._marked: list[tuple[torch.Tensor, type]] | None = None
+        self._counts: list[tuple[torch.Tensor, torch.Tensor]] = []  # batch norms' counts
         self._derived: dict[Any, _Owned] = {}  # derived tensors made once per context
+        # The module's own tensors, which are never a batch of rows.
+        self._static: dict[int, torch.Tensor] = {
+            id(t): t for t in (*module.parameters(), *module.buffers())
+        }
+        _refuse_routed_experts(module)
         paired = bool(population.antithetic) and self.size % 2 == 0
         for name, t in module.named_parameters(remove_duplicate=False):
             if id(t) in self.owned or not population.owns(t):
@@ -418,6 +424,14 @@ class Rows:
                 t.__class__ = _MARKED[cls]  # type: ignore[assignment]
         for t in tensors:
             t.__dict__["_rows_mode"] = mode
+        # A batch-norm module in training mode counts its batches itself; the rows leave its
+        # running statistics alone (as the vmap forward does), so its count too.
+        self._counts = [
+            (m.num_batches_tracked, m.num_batches_tracked.clone())
+            for m in self.module.modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm)
+            and isinstance(m.num_batches_tracked, torch.Tensor)
+        ]
         self._mode = mode
         return self
 
@@ -434,6 +448,10 @@ class Rows:
                 o.tensor.__dict__.pop("_rows_mode", None)
             self._mode.close()
             self._mode = None
+            with torch.no_grad():
+                for count, before in self._counts:
+                    count.copy_(before)
+            self._counts = []
             for d in self._derived.values():  # the next context derives afresh
                 self.owned.pop(id(d.tensor), None)
             self._derived.clear()
@@ -472,13 +490,21 @@ class Rows:
 
     # ------------------------------------------------------------------ row helpers
     def group(
-        self, t: torch.Tensor, o: _Owned, op: str, rows_of: int | None = None
+        self,
+        t: torch.Tensor,
+        o: _Owned,
+        op: str,
+        rows_of: int | None = None,
+        flat_ndim: int = 2,
     ) -> torch.Tensor:
         """``t`` ``(P * B * k, ...)`` as ``(P, B * k, ...)``, or with ``rows_of`` (its last
         dimension) as ``(P, L, rows_of)``: its first dimension is the batch, possibly flattened
         with the next ones (``x.view(-1, d)`` of a ``(P * B, T, d)`` batch-first tensor, as
-        GPT-2's ``Conv1D`` does); errors naming ``o`` and ``op`` when it is not a multiple of the
-        batch."""
+        GPT-2's ``Conv1D`` does). Errors naming ``o`` and ``op`` where that reading is not
+        sure: a first dimension that is not a multiple of the batch; a multiple ``k > 1`` on a
+        tensor of more than ``flat_ndim`` dimensions (a flattened batch is ``(rows, features)``,
+        ``flat_ndim=1`` for embedding ids; a ``(T, P * B)`` sequence-first tensor or a ``(T, T)``
+        table lookup is not); a parameter or buffer of the module (a table, never a batch)."""
         n = t.shape[0] if t.dim() else 0
         if self.batch is None and n and n % self.size == 0:
             self.batch = n // self.size
@@ -489,9 +515,31 @@ class Rows:
                 f"{self.batch} rows; the rows forward needs every batch member-major (batch "
                 "first) in dimension 0"
             )
+        if n != self.total and t.dim() > flat_ndim:
+            raise RowsAttributionError(
+                f"rows forward: parameter {o.name!r} meets, in {op}, a tensor of shape "
+                f"{tuple(t.shape)}: its first dimension is {n // self.total} times the batch of "
+                f"{self.size} members x {self.batch} rows, but it is not flattened to "
+                "(rows, features), so it may not be the batch (a sequence-first tensor, a "
+                "table indexed by positions); the rows forward needs every batch member-major "
+                "in dimension 0 (flatten extra batch dimensions, such as choices, into the "
+                "inputs given to the rows)"
+            )
+        self.refuse_static(t, o, op)
         if rows_of is not None:
             return t.reshape(self.size, -1, rows_of)
         return t.reshape(self.size, n // self.size, *t.shape[1:])
+
+    def refuse_static(self, t: torch.Tensor, o: _Owned, op: str) -> None:
+        """Error naming ``o`` and ``op`` when ``t`` is a parameter or buffer of the module: a
+        table (a relative-position table normalized by a norm whose weight is owned, say), never
+        a batch of rows, whatever its first dimension."""
+        if self._static.get(id(t)) is t:
+            raise RowsAttributionError(
+                f"rows forward: parameter {o.name!r} meets, in {op}, a parameter or buffer of "
+                f"the module of shape {tuple(t.shape)} (a table, not a batch of rows); keep "
+                f"{o.name!r} out of the optimizer, or use the vmap forward"
+            )
 
     def member_values(self, o: _Owned, ndim: int, trailing: int | None = None) -> torch.Tensor:
         """``o``'s per-member values ``(P, *shape)`` shaped to broadcast against a grouped
@@ -507,6 +555,26 @@ class Rows:
                 "broadcast against the rows it meets"
             )
         return v.reshape(self.size, *([1] * pad), *shape)
+
+
+# Configuration fields of Hugging Face mixture-of-experts models: their number of experts.
+_EXPERT_FIELDS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
+
+
+def _refuse_routed_experts(module: nn.Module) -> None:
+    """Refuse a (Hugging Face) mixture-of-experts model: its router gathers the tokens of all
+    rows by expert before each expert's layers, so a row's member can no longer be read from
+    its position in the batch."""
+    config = getattr(module, "config", None)
+    for name in _EXPERT_FIELDS:
+        experts = getattr(config, name, None)
+        if isinstance(experts, int) and not isinstance(experts, bool) and experts > 1:
+            raise RowsAttributionError(
+                f"rows forward: {type(module).__name__} is a mixture-of-experts model "
+                f"(config.{name}={experts}): its router gathers the tokens of every member's "
+                "rows by expert, so the rows forward cannot tell whose rows an expert's layer "
+                "sees; it is not supported"
+            )
 
 
 # ---------------------------------------------------------------------------- handlers
@@ -615,7 +683,7 @@ def _h_embedding(
     ids = input
     if ids.dim() and ids.shape[0] == 1 and rows.total not in (None, 1):
         ids = ids.expand(rows.total, *ids.shape[1:])  # shared ids (position tables)
-    ids3 = rows.group(ids, w, "F.embedding")
+    ids3 = rows.group(ids, w, "F.embedding", flat_ndim=1)
     if w.low_rank:
         a, b = w.factors()
         out = F.embedding(ids3, weight, padding_idx) + _ops.embedding_correction(
@@ -683,16 +751,17 @@ def _h_layer_norm(
     rows = mode.rows
     if w is None:  # the centre's weight inside the kernel, each member's bias after it
         y = F.layer_norm(input, normalized_shape, weight, None, eps)
-        return _affine(rows, y, None, b, "F.layer_norm")
+        return _affine(rows, input, y, None, b, "F.layer_norm")
     # Normalized with an identity weight rather than none: the CPU kernel without one measured
     # 2x slower (torch 2.13, (1024, 64) float32: 67 against 34 us).
     assert weight is not None  # w is its record
     y = F.layer_norm(input, normalized_shape, rows.ones_like(weight), None, eps)
-    return _affine(rows, y, w, b, "F.layer_norm", shift=bias if b is None else None)
+    return _affine(rows, input, y, w, b, "F.layer_norm", shift=bias if b is None else None)
 
 
 def _affine(
     rows: Rows,
+    x: torch.Tensor,
     y: torch.Tensor,
     w: _Owned | None,
     b: _Owned | None,
@@ -700,10 +769,12 @@ def _affine(
     trailing: int | None = None,
     shift: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``y * w_p + b_p`` for the normalized ``y``, by member ``p`` of its rows; ``shift``, a
-    plain tensor that broadcasts against ``y``, stands for the bias when only ``w`` is owned."""
+    """``y * w_p + b_p`` for ``y``, the normalized ``x``, by member ``p`` of its rows;
+    ``shift``, a plain tensor that broadcasts against ``y``, stands for the bias when only ``w``
+    is owned."""
     key = w or b
     assert key is not None
+    rows.refuse_static(x, key, op)
     y3 = rows.group(y, key, op)
     nd = y3.dim() - 1
     if w is not None and b is not None:  # y * w + b in one pass
@@ -730,7 +801,7 @@ def _h_rms_norm(
     if w is None:
         return NotImplemented
     y = F.rms_norm(input, normalized_shape, None, eps)
-    return _affine(mode.rows, y, w, None, "F.rms_norm")
+    return _affine(mode.rows, input, y, w, None, "F.rms_norm")
 
 
 def _h_group_norm(
@@ -747,10 +818,10 @@ def _h_group_norm(
     trailing = input.dim() - 2
     if w is None:  # the centre's weight inside the kernel, each member's bias after it
         y = F.group_norm(input, num_groups, weight, None, eps)
-        return _affine(mode.rows, y, None, b, "F.group_norm", trailing=trailing)
+        return _affine(mode.rows, input, y, None, b, "F.group_norm", trailing=trailing)
     shift = None if bias is None or b is not None else bias.reshape(-1, *([1] * trailing))
     y = F.group_norm(input, num_groups, None, None, eps)
-    return _affine(mode.rows, y, w, b, "F.group_norm", trailing=trailing, shift=shift)
+    return _affine(mode.rows, input, y, w, b, "F.group_norm", trailing=trailing, shift=shift)
 
 
 def _h_batch_norm(
@@ -790,7 +861,7 @@ def _h_batch_norm(
         y = y + bias.reshape(shape)
     if w is None and b is None:
         return y
-    return _affine(rows, y, w, b, "F.batch_norm", trailing=trailing)
+    return _affine(rows, input, y, w, b, "F.batch_norm", trailing=trailing)
 
 
 def _elementwise(
