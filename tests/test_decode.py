@@ -50,7 +50,29 @@ def _gpt2() -> nn.Module:
     return transformers.GPT2LMHeadModel(cfg)
 
 
-FACTORIES = {"llama": _llama, "qwen2": _qwen2, "gpt2": _gpt2}
+def _one_layer(model: str, config: str, **kw: Any) -> Any:
+    return lambda: getattr(transformers, model)(getattr(transformers, config)(**kw))
+
+
+_MHA = {k: v for k, v in _DECODER_CONFIG.items() if k != "num_key_value_heads"}
+FACTORIES = {
+    "llama": _llama,
+    "qwen2": _qwen2,
+    "gpt2": _gpt2,
+    # More families (1-2 layers): Gemma's 1 + weight norms, GPT-NeoX's fused projection, OPT's
+    # embedding projection and learned positions, GPT-BigCode's multi-query attention.
+    "gemma": _one_layer("GemmaForCausalLM", "GemmaConfig", **_DECODER_CONFIG, head_dim=8),
+    "gpt-neox": _one_layer("GPTNeoXForCausalLM", "GPTNeoXConfig", **_MHA),
+    "opt": _one_layer(
+        "OPTForCausalLM", "OPTConfig", vocab_size=64, hidden_size=32, ffn_dim=48,
+        num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64,
+        word_embed_proj_dim=16,
+    ),
+    "gpt-bigcode": _one_layer(
+        "GPTBigCodeForCausalLM", "GPTBigCodeConfig", vocab_size=64, n_embd=32, n_layer=2,
+        n_head=4, n_positions=64,
+    ),
+}  # fmt: skip
 
 
 def _model(name: str, dtype: torch.dtype = torch.float64, seed: int = 0) -> nn.Module:
@@ -317,3 +339,74 @@ def test_cuda_graph_refuses_a_population_with_host_counters() -> None:
     ids, mask = (t.to(dev) for t in _prompts())
     with pytest.raises(ValueError, match="capturable=True"):
         PopulationDecoder(model, 3, cuda_graph=True)(ids, mask, population=opt.population())
+
+
+def _tiny(cls: str, config: str, **kw: Any) -> Any:
+    """A tiny model ``cls`` built from ``config`` of transformers, float64, in eval mode."""
+    torch.manual_seed(0)
+    return getattr(transformers, cls)(getattr(transformers, config)(**kw)).double().eval()
+
+
+@pytest.mark.parametrize(
+    ("make", "match"),
+    [
+        (
+            lambda: _tiny(
+                "BartForConditionalGeneration", "BartConfig", vocab_size=64, d_model=32,
+                encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
+                decoder_attention_heads=4, encoder_ffn_dim=48, decoder_ffn_dim=48,
+                max_position_embeddings=64,
+            ),
+            "encoder-decoder",
+        ),
+        (
+            lambda: _tiny(
+                "BloomForCausalLM", "BloomConfig", vocab_size=64, hidden_size=32, n_layer=2,
+                n_head=4,
+            ),
+            "ALiBi",
+        ),
+        (
+            lambda: _tiny(
+                "MambaForCausalLM", "MambaConfig", vocab_size=64, hidden_size=32, state_size=4,
+                num_hidden_layers=2,
+            ),
+            "linear_attention",
+        ),
+    ],
+    ids=["bart", "bloom", "mamba"],
+)  # fmt: skip
+def test_models_the_decoder_cannot_serve_are_refused_when_it_is_built(
+    make: Any, match: str
+) -> None:
+    with pytest.raises(TypeError, match=match):
+        PopulationDecoder(make(), 4)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda window: _tiny(
+            "MistralForCausalLM", "MistralConfig", **_DECODER_CONFIG, sliding_window=window
+        ),
+        lambda window: _tiny(
+            "Gemma2ForCausalLM", "Gemma2Config", **_DECODER_CONFIG, head_dim=8,
+            sliding_window=window,
+        ),
+        lambda window: _tiny(
+            "GPTNeoForCausalLM", "GPTNeoConfig", vocab_size=64, hidden_size=32, num_layers=2,
+            num_heads=4, window_size=window, attention_types=[[["global", "local"], 1]],
+        ),
+    ],
+    ids=["mistral", "gemma2", "gpt-neo"],
+)  # fmt: skip
+def test_an_attention_window_is_served_only_while_it_covers_the_sequence(make: Any) -> None:
+    ids, mask = _prompts()  # 7 tokens, the second prompt left-padded
+    settings = dict(max_new_tokens=6, do_sample=False, pad_token_id=0, eos_token_id=None)
+    wide = make(13)  # 7 + 6 tokens: the window covers every position
+    with torch.no_grad():
+        out = PopulationDecoder(wide, 6, eos_token_id=[], pad_token_id=0)(ids, mask)
+        assert torch.equal(out, wide.generate(input_ids=ids, attention_mask=mask, **settings))
+        narrow = PopulationDecoder(make(4), 6, eos_token_id=[], pad_token_id=0)
+        with pytest.raises(ValueError, match="attention window of 4 tokens"):
+            narrow(ids, mask)

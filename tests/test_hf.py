@@ -101,6 +101,76 @@ def _images(size: int) -> Callable[[], dict[str, torch.Tensor]]:
     }
 
 
+def _built(model: str, config: str, **kw: Any) -> Callable[[], nn.Module]:
+    """A factory of ``transformers.<model>(transformers.<config>(**kw))``."""
+    return lambda: getattr(transformers, model)(getattr(transformers, config)(**kw))
+
+
+_ONE_LAYER = {**_DECODER_CONFIG, "num_hidden_layers": 1}
+_MHA = {k: v for k, v in _ONE_LAYER.items() if k != "num_key_value_heads"}
+_ENCODER = dict(vocab_size=64, num_hidden_layers=1, num_attention_heads=4, intermediate_size=48)
+# More families people fine-tune, each with what sets it apart: its norms (Gemma's 1 + weight,
+# OLMo-2's after the attention), fused or separate projections (Phi-3, GPT-NeoX), a projection
+# of the embeddings (OPT, ALBERT, Electra), multi-query attention (GPT-BigCode), shared layers
+# (ALBERT), learned positions offset by the padding index (RoBERTa).
+ZOO: list[tuple[str, Callable[[], nn.Module], Callable[[], dict[str, torch.Tensor]]]] = [
+    ("mistral", _built("MistralForCausalLM", "MistralConfig", **_ONE_LAYER), _text),
+    ("qwen3", _built("Qwen3ForCausalLM", "Qwen3Config", **_ONE_LAYER, head_dim=8), _text),
+    ("gemma", _built("GemmaForCausalLM", "GemmaConfig", **_ONE_LAYER, head_dim=8), _text),
+    ("olmo2", _built("Olmo2ForCausalLM", "Olmo2Config", **_ONE_LAYER), _text),
+    ("phi3", _built("Phi3ForCausalLM", "Phi3Config", **_ONE_LAYER, pad_token_id=0), _text),
+    ("gpt-neox", _built("GPTNeoXForCausalLM", "GPTNeoXConfig", **_MHA), _text),
+    (
+        "opt",
+        _built(
+            "OPTForCausalLM", "OPTConfig", vocab_size=64, hidden_size=32, ffn_dim=48,
+            num_hidden_layers=1, num_attention_heads=4, max_position_embeddings=64,
+            word_embed_proj_dim=16,
+        ),
+        _text,
+    ),
+    (
+        "gpt-bigcode",
+        _built(
+            "GPTBigCodeForCausalLM", "GPTBigCodeConfig", vocab_size=64, n_embd=32, n_layer=1,
+            n_head=4, n_positions=64,
+        ),
+        _text,
+    ),
+    (
+        "roberta",
+        _built(
+            "RobertaForMaskedLM", "RobertaConfig", **_ENCODER, hidden_size=32,
+            max_position_embeddings=72, pad_token_id=1,
+        ),
+        _text,
+    ),
+    (
+        "distilbert",
+        _built(
+            "DistilBertForMaskedLM", "DistilBertConfig", vocab_size=64, dim=32, hidden_dim=48,
+            n_layers=1, n_heads=4, max_position_embeddings=64,
+        ),
+        _text,
+    ),
+    (
+        "albert",
+        _built(
+            "AlbertForMaskedLM", "AlbertConfig", **{**_ENCODER, "num_hidden_layers": 2},
+            embedding_size=16, hidden_size=32, max_position_embeddings=64,
+        ),
+        _text,
+    ),
+    (
+        "electra",
+        _built(
+            "ElectraForMaskedLM", "ElectraConfig", **_ENCODER, embedding_size=16, hidden_size=32,
+            max_position_embeddings=64,
+        ),
+        _text,
+    ),
+]  # fmt: skip
+
 MODELS: list[tuple[str, Callable[[], nn.Module], Callable[[], dict[str, torch.Tensor]]]] = [
     ("llama", _llama, _text),
     ("qwen2", _qwen2, _text),
@@ -108,8 +178,10 @@ MODELS: list[tuple[str, Callable[[], nn.Module], Callable[[], dict[str, torch.Te
     ("bert", _bert, _text),
     ("vit", _vit, _images(16)),
     ("resnet-eval", _resnet, _images(32)),
+    *ZOO,
 ]
-DECODERS = [m for m in MODELS if m[0] in ("llama", "qwen2", "gpt2")]
+_CAUSAL = ("llama", "qwen2", "gpt2", "mistral", "gemma", "gpt-neox", "opt", "gpt-bigcode")
+DECODERS = [m for m in MODELS if m[0] in _CAUSAL]
 
 
 def _setup(

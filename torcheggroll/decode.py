@@ -78,6 +78,39 @@ class _Graphs:
     held: list[Any] = field(default_factory=list)
 
 
+def _attention_window(model: nn.Module) -> int | None:
+    """The smallest attention window of the model's layers (sliding or local attention), or None
+    when every layer attends to the whole sequence. Refuses, with a ``TypeError`` naming the
+    model, what the decoder's static cache and ready-made causal mask cannot serve:
+    encoder-decoder models, layers that are not softmax attention (state-space, linear or
+    chunked attention), and ALiBi models, which build their bias from the 2-D padding mask."""
+    config: Any = model.config
+    name = type(model).__name__
+    hint = "; use model.generate inside population.rows"
+    if getattr(config, "is_encoder_decoder", False):
+        raise TypeError(f"Invalid model: {name} is an encoder-decoder model{hint}")
+    if getattr(config, "model_type", None) == "bloom" or getattr(config, "alibi", False) is True:
+        raise TypeError(
+            f"Invalid model: {name} uses ALiBi, built from the 2-D padding mask that the "
+            f"decoder replaces with a 4-D one{hint}"
+        )
+    kinds = getattr(config, "layer_types", None) or []
+    other = sorted({k for k in kinds if k not in ("full_attention", "sliding_attention")})
+    if other:
+        raise TypeError(
+            f"Invalid model: {name} has layers of type {other}; the decoder serves softmax "
+            f"attention with a KV cache only{hint}"
+        )
+    if "sliding_attention" in kinds:
+        return int(config.sliding_window)
+    if "local" in (getattr(config, "attention_layers", None) or []):  # GPT-Neo
+        return int(config.window_size)
+    window = getattr(config, "sliding_window", None)
+    if not kinds and isinstance(window, int) and getattr(config, "use_sliding_window", True):
+        return window  # Mistral: every layer slides
+    return None
+
+
 class PopulationDecoder:
     """Greedy or sampled decoding of ``max_new_tokens`` tokens for every member of a population
     (or for a plain model) in one batch, with a static KV cache (see the module doc).
@@ -163,6 +196,7 @@ class PopulationDecoder:
                 pad_token_id = eos[0] if eos else 0
         if not isinstance(pad_token_id, int) or isinstance(pad_token_id, bool) or pad_token_id < 0:
             raise ValueError(f"Invalid pad_token_id: {pad_token_id!r} (expected an int >= 0)")
+        self._window = _attention_window(model)
         self.model = model
         self.max_new_tokens = max_new_tokens
         self.do_sample = do_sample
@@ -252,6 +286,13 @@ class PopulationDecoder:
             raise ValueError(
                 f"Invalid input_ids: expected a shape {expected} with B, L >= 1, got "
                 f"{tuple(ids.shape)}"
+            )
+        if self._window is not None and ids.shape[-1] + self.max_new_tokens > self._window:
+            raise ValueError(
+                f"Invalid input_ids: prompts of {ids.shape[-1]} tokens plus max_new_tokens="
+                f"{self.max_new_tokens} exceed the model's attention window of {self._window} "
+                "tokens (sliding or local attention), which the decoder's causal mask does not "
+                "apply; decode shorter sequences, or use model.generate inside population.rows"
             )
         if mask is None:
             mask = torch.ones_like(ids)
