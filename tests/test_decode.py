@@ -60,13 +60,18 @@ FACTORIES = {
     "qwen2": _qwen2,
     "gpt2": _gpt2,
     # More families (1-2 layers): Gemma's 1 + weight norms, GPT-NeoX's fused projection, OPT's
-    # embedding projection and learned positions, GPT-BigCode's multi-query attention.
+    # embedding projection and learned positions, Falcon's transposed weights, GPT-BigCode's
+    # multi-query attention.
     "gemma": _one_layer("GemmaForCausalLM", "GemmaConfig", **_DECODER_CONFIG, head_dim=8),
     "gpt-neox": _one_layer("GPTNeoXForCausalLM", "GPTNeoXConfig", **_MHA),
     "opt": _one_layer(
         "OPTForCausalLM", "OPTConfig", vocab_size=64, hidden_size=32, ffn_dim=48,
         num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64,
         word_embed_proj_dim=16,
+    ),
+    "falcon": _one_layer(
+        "FalconForCausalLM", "FalconConfig", vocab_size=64, hidden_size=32,
+        num_hidden_layers=2, num_attention_heads=4,
     ),
     "gpt-bigcode": _one_layer(
         "GPTBigCodeForCausalLM", "GPTBigCodeConfig", vocab_size=64, n_embd=32, n_layer=2,

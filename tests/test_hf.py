@@ -111,7 +111,8 @@ _MHA = {k: v for k, v in _ONE_LAYER.items() if k != "num_key_value_heads"}
 _ENCODER = dict(vocab_size=64, num_hidden_layers=1, num_attention_heads=4, intermediate_size=48)
 # More families people fine-tune, each with what sets it apart: its norms (Gemma's 1 + weight,
 # OLMo-2's after the attention), fused or separate projections (Phi-3, GPT-NeoX), a projection
-# of the embeddings (OPT, ALBERT, Electra), multi-query attention (GPT-BigCode), shared layers
+# of the embeddings (OPT, ALBERT, Electra), multi-query attention (GPT-BigCode, Falcon, whose
+# layers multiply by the transposed weight), shared layers
 # (ALBERT), learned positions offset by the padding index (RoBERTa).
 ZOO: list[tuple[str, Callable[[], nn.Module], Callable[[], dict[str, torch.Tensor]]]] = [
     ("mistral", _built("MistralForCausalLM", "MistralConfig", **_ONE_LAYER), _text),
@@ -126,6 +127,14 @@ ZOO: list[tuple[str, Callable[[], nn.Module], Callable[[], dict[str, torch.Tenso
             "OPTForCausalLM", "OPTConfig", vocab_size=64, hidden_size=32, ffn_dim=48,
             num_hidden_layers=1, num_attention_heads=4, max_position_embeddings=64,
             word_embed_proj_dim=16,
+        ),
+        _text,
+    ),
+    (
+        "falcon",  # FalconLinear: input @ self.weight.T
+        _built(
+            "FalconForCausalLM", "FalconConfig", vocab_size=64, hidden_size=32,
+            num_hidden_layers=1, num_attention_heads=4, bias=True,
         ),
         _text,
     ),
@@ -180,7 +189,7 @@ MODELS: list[tuple[str, Callable[[], nn.Module], Callable[[], dict[str, torch.Te
     ("resnet-eval", _resnet, _images(32)),
     *ZOO,
 ]
-_CAUSAL = ("llama", "qwen2", "gpt2", "mistral", "gemma", "gpt-neox", "opt", "gpt-bigcode")
+_CAUSAL = ("llama", "qwen2", "gpt2", "mistral", "gemma", "gpt-neox", "opt", "falcon", "gpt-bigcode")
 DECODERS = [m for m in MODELS if m[0] in _CAUSAL]
 
 

@@ -271,18 +271,32 @@ def test_auto_equals_materialized_vmap(device: str) -> None:
     torch.testing.assert_close(fast, slow, rtol=1e-4, atol=1e-5)
 
 
-class RawMatmul(nn.Module):
+class RawEinsum(nn.Module):
+    """An owned matrix used through einsum, which the low-rank forward does not handle."""
+
     def __init__(self) -> None:
         super().__init__()
         self.w = nn.Parameter(torch.randn(4, 6))
         self.lin = nn.Linear(4, 3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.lin(x @ self.w.T)
+        return self.lin(torch.einsum("bi,oi->bo", x, self.w))
+
+
+class Transposed(nn.Module):
+    """``x @ W.T`` and ``x @ W.t()`` (Falcon's linear layers): low rank, no fallback."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(8, 6))
+        self.v = nn.Parameter(torch.randn(8, 5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x @ self.w.T) @ self.v.transpose(0, 1).t()  # a transpose of a transpose
 
 
 def test_unsupported_use_falls_back_to_materialized_weights() -> None:
-    model, opt = _setup(RawMatmul, torch.device("cpu"))
+    model, opt = _setup(RawEinsum, torch.device("cpu"))
     x = torch.randn(5, 6)
     population = opt.population()
     out = population.forward(model, x)
@@ -292,6 +306,18 @@ def test_unsupported_use_falls_back_to_materialized_weights() -> None:
     )
     with pytest.raises(LowRankFallbackError, match="'w'"):
         population.forward(model, x, path="lowrank")
+
+
+def test_transposed_matrices_stay_low_rank() -> None:
+    model, opt = _setup(Transposed, torch.device("cpu"))
+    x = torch.randn(5, 6)
+    population = opt.population()
+    out = population.forward(model, x, path="lowrank")  # no fallback: it would raise
+    torch.testing.assert_close(
+        out, _reference(population, model, (x,), {}, False), rtol=1e-4, atol=1e-5
+    )
+    rows = population.forward(model, x, path="rows")
+    torch.testing.assert_close(rows, out, rtol=1e-4, atol=1e-5)
 
 
 def test_grouped_conv_and_max_norm_embedding_fall_back() -> None:
@@ -483,7 +509,7 @@ def test_materialized_path_runs_recurrent_layers(
 
 
 def test_last_fallbacks_describe_the_last_call_only() -> None:
-    model, opt = _setup(RawMatmul, torch.device("cpu"))
+    model, opt = _setup(RawEinsum, torch.device("cpu"))
     x = torch.randn(5, 6)
     population = opt.population()
     population.forward(model, x)

@@ -18,7 +18,31 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-__all__ = ["conv_correction", "embedding_correction", "linear_correction", "right_correction"]
+__all__ = [
+    "TRANSPOSES",
+    "conv_correction",
+    "embedding_correction",
+    "linear_correction",
+    "matrix_transpose",
+    "right_correction",
+]
+
+# The ways of transposing a matrix (Falcon's ``input @ self.weight.T``). A transposed owned
+# matrix is owned too: ``(W + a b^T)^T = W^T + b a^T``, its factors swapped.
+TRANSPOSES = (
+    torch.Tensor.T.__get__,  # type: ignore[attr-defined]
+    torch.Tensor.mT.__get__,  # type: ignore[attr-defined]
+    torch.Tensor.t,
+    torch.t,
+    torch.Tensor.transpose,
+    torch.transpose,
+)
+
+
+def matrix_transpose(t: torch.Tensor, dims: tuple[Any, ...]) -> bool:
+    """Whether one of :data:`TRANSPOSES` called on ``t`` with ``dims`` swaps the two dimensions
+    of a matrix."""
+    return t.dim() == 2 and (not dims or sorted(int(d) % 2 for d in dims) == [0, 1])
 
 
 def _groups(a: torch.Tensor) -> int:

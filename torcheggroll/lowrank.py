@@ -504,6 +504,18 @@ def _merge_masks(
     return mask
 
 
+def _h_transpose(mode: _LowRankMode, self: torch.Tensor, *dims: Any) -> Any:
+    """``W.T`` / ``W.t()`` / ``W.mT`` / ``W.transpose(0, 1)`` of an owned matrix (Falcon's
+    ``input @ self.weight.T``): an owned matrix of its own whose factors are ``W``'s swapped,
+    ``(A B^T)^T = B A^T``."""
+    f = mode.factor(self)
+    if f is None or not _ops.matrix_transpose(self, dims):
+        return NotImplemented
+    flipped = _Factor(self.t(), f"{f.name}.T", cached={"a": f.b, "b": f.a})
+    mode.factors[id(flipped.weight)] = flipped
+    return flipped.weight
+
+
 def _h_data_ptr(mode: _LowRankMode, t: torch.Tensor) -> Any:
     """``Tensor.data_ptr``: the centre's for an owned weight, a stand-in for a batched tensor."""
     if mode.factor(t) is not None:
@@ -526,6 +538,8 @@ _LowRankMode.HANDLERS = register(
         torch.matmul: _h_matmul,
         torch.mm: _h_matmul,
         torch.Tensor.__matmul__: _h_matmul,
+        torch.Tensor.matmul: _h_matmul,
+        **dict.fromkeys(_ops.TRANSPOSES, _h_transpose),
     }
 )
 

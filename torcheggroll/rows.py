@@ -961,6 +961,24 @@ def _h_to(mode: _RowsMode, self: torch.Tensor, *args: Any, **kwargs: Any) -> Any
     return mode.rows.derived(key, derive)
 
 
+def _h_transpose(mode: _RowsMode, self: torch.Tensor, *dims: Any) -> Any:
+    """``W.T`` / ``W.t()`` / ``W.mT`` / ``W.transpose(0, 1)`` of an owned matrix (Falcon's
+    ``input @ self.weight.T``): a derived owned matrix, low rank with its factors swapped
+    (``(A B^T)^T = B A^T``) or dense with each member's value transposed."""
+    o = mode.owned(self)
+    if o is None or not _ops.matrix_transpose(self, dims):
+        return NotImplemented
+
+    def derive() -> _Owned:
+        centre = self.t()
+        if o.low_rank:
+            return _Owned(f"{o.name}.T", centre, True, get_factors=lambda: o.factors()[::-1])
+        values = o.values().transpose(-1, -2)
+        return _Owned(f"{o.name}.T", centre, False, get_values=lambda: values)
+
+    return mode.rows.derived((id(self), "T"), derive)
+
+
 def _no_grad(*tensors: torch.Tensor) -> bool:
     return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
 
@@ -974,6 +992,7 @@ _RowsMode.HANDLERS = register(
         torch.Tensor.__matmul__: _h_matmul,
         torch.Tensor.matmul: _h_matmul,
         F.embedding: _h_embedding,
+        **dict.fromkeys(_ops.TRANSPOSES, _h_transpose),
         F.conv1d: _conv(F.conv1d, "F.conv1d"),
         F.conv2d: _conv(F.conv2d, "F.conv2d"),
         F.conv3d: _conv(F.conv3d, "F.conv3d"),
