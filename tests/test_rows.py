@@ -500,3 +500,41 @@ def test_norms_with_one_of_weight_and_bias_owned_match_each_member(owned: str) -
         for path in ("rows", "lowrank"):
             out = population.forward(model, x, path=path)
             torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-12)
+
+
+class _Square(torch.autograd.Function):
+    """A custom autograd Function without vmap support (as Bloom's GeLU is)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x)
+        return x * x
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> torch.Tensor:
+        (x,) = ctx.saved_tensors
+        return 2 * x * g
+
+
+class _CustomFunction(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(6, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _Square.apply(self.lin(x))
+
+
+def test_a_model_vmap_cannot_run_points_to_the_rows_forward() -> None:
+    torch.manual_seed(0)
+    model = _CustomFunction()
+    opt = EggrollOptimizer(model.parameters(), sigma=0.1, rank=2, pop_size=4, seed=0)
+    x = torch.randn(3, 6)
+    population = opt.population()
+    with pytest.raises(RuntimeError, match="path='rows' runs it as plain inference"):
+        population.forward(model, x)
+    rows = population.forward(model, x, path="rows")  # (P, B, 5)
+    stacked = population.stacked(model)
+    for j in range(len(population)):
+        y = x @ stacked["lin.weight"][j].T + stacked["lin.bias"][j]
+        torch.testing.assert_close(rows[j], y * y)

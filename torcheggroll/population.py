@@ -486,21 +486,41 @@ class Population:
             with rows:
                 out = module(*inputs[0], **inputs[1])
             return rows.split(out)
-        if path == "materialized":
-            return materialized.materialized_forward(
-                self, module, args, kwargs, per_member, randomness
+        try:
+            if path == "materialized":
+                return materialized.materialized_forward(
+                    self, module, args, kwargs, per_member, randomness
+                )
+            out, fallbacks = lowrank.lowrank_forward(
+                self,
+                module,
+                args,
+                kwargs,
+                per_member=per_member,
+                strict=(path == "lowrank"),
+                randomness=randomness,
             )
-        out, fallbacks = lowrank.lowrank_forward(
-            self,
-            module,
-            args,
-            kwargs,
-            per_member=per_member,
-            strict=(path == "lowrank"),
-            randomness=randomness,
-        )
+        except RuntimeError as exc:
+            if type(exc) is RuntimeError and any(m in str(exc) for m in _VMAP_LIMITS):
+                raise RuntimeError(
+                    f"{exc}\n(torcheggroll: the {path!r} population forward runs the model "
+                    "under torch.func.vmap, which this model's code does not support; "
+                    "path='rows' runs it as plain inference on one batch holding every "
+                    "member's rows, see docs/huggingface.md)"
+                ) from exc
+            raise
         self.last_fallbacks = fallbacks
         return out
+
+
+# What torch.func.vmap says about code it cannot batch (data-dependent control flow, custom
+# autograd Functions, in-place writes into unbatched tensors, .item()).
+_VMAP_LIMITS = (
+    "vmap:",
+    "functorch",
+    "data-dependent control flow",
+    "Batching rule not implemented",
+)
 
 
 def _check_per_member(size: int, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> None:
