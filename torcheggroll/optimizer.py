@@ -95,7 +95,8 @@ class EggrollOptimizer(Optimizer):
 
     Args:
         params: tensors, ``(name, tensor)`` pairs, or dicts defining parameter groups. Groups may
-            set their own ``lr``, ``sigma``, ``rank``, ``weight_decay`` and ``shaping``.
+            set their own ``lr``, ``sigma``, ``rank``, ``weight_decay``, ``shaping``, ``maximize``
+            and ``sigma_scaling``.
         lr: learning rate (default: 0.05).
         sigma: noise scale (default: 0.02). Read at every step, so it can be scheduled.
         rank: rank of the perturbation of matrices (default: 4); 0 gives dense noise.
