@@ -236,6 +236,13 @@ def run_rank(rank: int, out: Path) -> dict[str, Any]:
     res["params_differ"] = capture(lambda: make_opt(model, 6).step(pop_closure(model)))
     model = make_model()
     res["seed_differs"] = capture(lambda: make_opt(model, 6, seed=rank).step(pop_closure(model)))
+    for key, value in (("sigma", 0.05 * (1 + rank)), ("shaping", ("zscore", "raw")[rank])):
+        model = make_model()
+        opt = make_opt(model, 6)
+        opt.param_groups[0][key] = value
+        before = flat(model)
+        res[f"{key}_differs"] = capture(lambda: opt.step(pop_closure(model)))
+        res[f"{key}_differs_unchanged"] = bool(torch.equal(before, flat(model)))
 
     # process_group=False opts out: each process evaluates the whole population by itself.
     model = make_model()
@@ -464,6 +471,10 @@ def test_disagreeing_ranks_are_caught(runs: dict[str, Any]) -> None:
         assert res["params_differ"]["ranks"] == [1]
         assert res["seed_differs"]["type"] == "RankError"
         assert "disagree on seed (rank 0: 0, rank 1: 1)" in res["seed_differs"]["message"]
+        for key in ("sigma", "shaping"):
+            assert res[f"{key}_differs"]["type"] == "RankError", key
+            assert "disagree on the param groups' settings" in res[f"{key}_differs"]["message"]
+            assert res[f"{key}_differs_unchanged"]
 
 
 if __name__ == "__main__":

@@ -6,13 +6,15 @@ are all-gathered, and every rank regenerates the same noise and applies the same
 parameters stay identical without any parameter or gradient traffic (docs/algorithm.md, section 9).
 
 A step costs two small collectives: a fixed-size header in which every rank reports whether it
-evaluated its shard and which seed, generation and population it used, then the losses. The
+evaluated its shard and which seed, generation, population and group settings it used, then
+the losses. The
 header lets every rank raise the same error when one rank failed or disagrees, instead of the
 healthy ranks blocking in the loss collective until the process group times out.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -29,6 +31,7 @@ __all__ = [
     "broadcast_parameters",
     "gather_losses",
     "params_fingerprint",
+    "settings_fingerprint",
     "resolve_group",
     "shard_bounds",
     "world_info",
@@ -39,7 +42,8 @@ _LOSS_DTYPES = (torch.float32, torch.float64)  # header codes 1 and 2; 0 is "no 
 
 # Header slots (int64): what every rank tells the others before the losses are exchanged.
 _STATUS, _COUNT, _DTYPE, _SEED, _GENERATION, _POP, _ANTITHETIC, _FP_SET, _FP_LO, _FP_HI = range(10)
-_HEADER = 10
+_SETTINGS = 10
+_HEADER = 11
 _OK, _RAISED, _BAD_COUNT = 0, 1, 2
 
 
@@ -110,6 +114,22 @@ def shard_bounds(pop_size: int, antithetic: bool, rank: int, world_size: int) ->
     return start * unit, stop * unit
 
 
+def settings_fingerprint(groups: Sequence[dict[str, Any]]) -> int:
+    """A 64-bit fingerprint of the param groups' settings that change the noise or the update
+    (``lr``, ``sigma``, ``rank``, ``shaping``, ``maximize``, ``weight_decay``,
+    ``sigma_scaling``), the same in every process for the same settings. A tensor ``lr`` on an
+    accelerator counts by its presence only (reading it would wait for the device)."""
+    parts = []
+    for g in groups:
+        lr = g["lr"]
+        if isinstance(lr, torch.Tensor):
+            lr = float(lr) if lr.device.type == "cpu" else "device tensor"
+        keys = ("sigma", "rank", "shaping", "maximize", "weight_decay", "sigma_scaling")
+        parts.append((lr, *(g.get(k) for k in keys)))
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little")
+
+
 def params_fingerprint(tensors: Iterable[torch.Tensor]) -> tuple[int, int]:
     """Two integers that differ, with overwhelming probability, between different parameters.
 
@@ -160,6 +180,7 @@ def gather_losses(
     error: BaseException | None = None,
     check_params: bool = False,
     checked: bool = True,
+    settings: int = 0,
 ) -> torch.Tensor:
     """All ranks' losses as one ``(pop_size,)`` tensor, identical on every rank.
 
@@ -175,6 +196,8 @@ def gather_losses(
         checked: exchange the header first (the checks above, and errors raised on every
             rank). Its values are read on the host, which waits for the device; ``False``
             (capturable steps) exchanges the losses alone, read nowhere on the host.
+        settings: a fingerprint of the settings every rank must share (the optimizer's
+            :func:`settings_fingerprint` of its param groups), checked with the header.
 
     Returns:
         The losses of all members, bit-identical to what each rank computed, in the widest
@@ -205,6 +228,7 @@ def gather_losses(
     header[_GENERATION] = population.generation
     header[_POP] = population.pop_size
     header[_ANTITHETIC] = int(population.antithetic)
+    header[_SETTINGS] = _as_int64(settings)
     if error is not None:
         header[_STATUS] = _RAISED
     else:
@@ -320,6 +344,8 @@ def _check_agreement(headers: torch.Tensor) -> None:
         _GENERATION: "generation",
         _POP: "pop_size",
         _ANTITHETIC: "antithetic",
+        _SETTINGS: "the param groups' settings (lr, sigma, rank, shaping, maximize, "
+        "weight_decay, sigma_scaling; fingerprints)",
     }
     for slot, name in names.items():
         values = headers[:, slot].tolist()

@@ -523,7 +523,12 @@ class EggrollOptimizer(Optimizer):
         # At the first step, also check that every rank starts from the same parameters.
         check = pg is not None and not self.__dict__.get("_replicas_checked", False)
         losses = _dist.gather_losses(
-            local, population, pg, check_params=check, checked=not self.capturable
+            local,
+            population,
+            pg,
+            check_params=check,
+            checked=not self.capturable,
+            settings=_dist.settings_fingerprint(self.param_groups) if pg is not None else 0,
         )
         self._replicas_checked = True
         return losses, population
