@@ -9,6 +9,7 @@ serves every test, since starting a process that imports torch.optim takes secon
 from __future__ import annotations
 
 import datetime
+import functools
 import itertools
 import os
 import subprocess
@@ -204,11 +205,13 @@ def run_rank(rank: int, out: Path) -> dict[str, Any]:
     )
     res["seq_wrong_unchanged"] = bool(torch.equal(flat(model), flat(make_model())))
 
-    # Rank 0's closure raises something else.
+    # Rank 0's closure raises something else (the others evaluate this optimizer's model).
+    current = pop_closure(model)
+
     def boom(pop: Any) -> torch.Tensor:
         if rank == 0:
             raise RuntimeError("boom on purpose")
-        return good(pop)
+        return current(pop)
 
     res["raises"] = capture(lambda: opt.step(boom))
 
@@ -241,7 +244,7 @@ def run_rank(rank: int, out: Path) -> dict[str, Any]:
         opt = make_opt(model, 6)
         opt.param_groups[0][key] = value
         before = flat(model)
-        res[f"{key}_differs"] = capture(lambda: opt.step(pop_closure(model)))
+        res[f"{key}_differs"] = capture(functools.partial(opt.step, pop_closure(model)))
         res[f"{key}_differs_unchanged"] = bool(torch.equal(before, flat(model)))
 
     # process_group=False opts out: each process evaluates the whole population by itself.

@@ -20,6 +20,7 @@ from torcheggroll import (
     generate_noise_for_shapes,
     generate_standard_noise,
 )
+from torcheggroll.rows import RowsAttributionError
 
 
 def snapshot(opt: EggrollOptimizer, params: list[torch.Tensor]) -> tuple:
@@ -335,3 +336,62 @@ def test_the_rows_forward_leaves_batch_norm_counts_alone(fails):
         opt.step(closure)
     assert int(net[1].num_batches_tracked) == 0  # as the vmap forward leaves it
     assert net[1].running_mean.abs().sum() == 0
+
+
+class _BatchMean(nn.Module):
+    """Returns the mean over the whole batch: not one value per row."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x).mean()
+
+
+class _ColumnMeans(_BatchMean):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x).mean(0)  # (3,): as many values as... nothing per row
+
+
+@pytest.mark.parametrize("model", [_BatchMean, _ColumnMeans], ids=["scalar", "per column"])
+def test_a_rows_output_that_is_not_per_row_is_refused(model):
+    torch.manual_seed(0)
+    net = model()
+    opt = EggrollOptimizer(net.parameters(), pop_size=4, seed=0)
+    with pytest.raises(RowsAttributionError, match="not a batch of the rows"):
+        opt.population().forward(net, torch.randn(3, 4), path="rows")
+
+
+def test_the_rows_refuse_a_loss_averaged_over_every_member():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.GPT2Config(vocab_size=32, n_embd=16, n_layer=1, n_head=2, n_positions=16)
+    model = transformers.GPT2LMHeadModel(cfg).eval()
+    opt = EggrollOptimizer(model.parameters(), pop_size=4, seed=0)
+    ids = torch.randint(0, 32, (2, 5))
+    with torch.no_grad(), pytest.raises(RowsAttributionError, match=r"\(\) is not a batch"):
+        opt.population().forward(model, input_ids=ids, labels=ids, path="rows")
+
+
+@pytest.mark.parametrize("path", ["auto", "lowrank", "materialized", "rows"])
+def test_a_model_the_population_does_not_perturb_is_refused(path):
+    model = nn.Linear(4, 3)
+    opt = EggrollOptimizer(model.parameters(), pop_size=4, seed=0)
+    twin = copy.deepcopy(model)  # the same values, none of its tensors owned
+    population = opt.population()
+    with pytest.raises(ValueError, match="Invalid module: no parameter or buffer"):
+        population.forward(twin, torch.randn(2, 4), path=path)
+    with pytest.raises(ValueError, match="Invalid module"):
+        population.stacked(twin)
+    with pytest.raises(ValueError, match="Invalid module"):
+        population.rows(twin)
+
+
+def test_population_arguments_are_checked_on_every_path():
+    model = nn.Linear(4, 3)
+    population = EggrollOptimizer(model.parameters(), pop_size=4, seed=0).population()
+    with pytest.raises(ValueError, match="Invalid randomness: 'bogus'"):
+        population.forward(model, torch.randn(2, 4), path="rows", randomness="bogus")
+    for batch in (-1, "3", True):
+        with pytest.raises(ValueError, match="Invalid batch"):
+            population.rows(model, batch=batch)

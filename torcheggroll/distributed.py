@@ -31,8 +31,8 @@ __all__ = [
     "broadcast_parameters",
     "gather_losses",
     "params_fingerprint",
-    "settings_fingerprint",
     "resolve_group",
+    "settings_fingerprint",
     "shard_bounds",
     "world_info",
 ]

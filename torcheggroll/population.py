@@ -435,7 +435,30 @@ class Population:
                 without batch statistics outside batch-norm modules; see
                 :class:`~torcheggroll.rows.Rows`).
         """
+        self._check_module(module)
+        if batch is not None and (
+            not isinstance(batch, int) or isinstance(batch, bool) or batch < 1
+        ):
+            raise ValueError(f"Invalid batch: {batch!r} (expected an int >= 1 or None)")
         return Rows(self, module, batch, watch)
+
+    def _check_module(self, module: Any) -> None:
+        """Refuse a module none of whose parameters or buffers this population perturbs (a copy
+        of the model: every member would evaluate the same, unperturbed weights). Checked once
+        per module and population."""
+        if not isinstance(module, nn.Module):
+            raise TypeError(f"Invalid module: expected an nn.Module, got {type(module).__name__}")
+        checked = self.__dict__.setdefault("_checked_modules", set())
+        if id(module) in checked or not self.params:
+            return  # with nothing perturbed at all, the optimizer has warned already
+        tensors = (*module.parameters(), *module.buffers())
+        if not any(self.owns(t) for t in tensors):
+            raise ValueError(
+                f"Invalid module: no parameter or buffer of this {type(module).__name__} is "
+                "perturbed by the population (a copy of the model? the optimizer must be built "
+                "from the parameters of the module that is evaluated)"
+            )
+        checked.add(id(module))
 
     def stacked(self, module: nn.Module) -> dict[str, torch.Tensor]:
         """Each local member's parameters and buffers of ``module``: name -> ``(size, *shape)``.
@@ -444,6 +467,7 @@ class Population:
         ``expand`` (a view, not a copy), so treat the tensors as read-only. The result is ready
         for ``torch.func.vmap(torch.func.functional_call(module, ...))``.
         """
+        self._check_module(module)
         return materialized.stacked(self, module)
 
     def forward(
@@ -477,6 +501,11 @@ class Population:
             raise ValueError(
                 f"Invalid path: {path!r} (expected 'auto', 'lowrank', 'materialized' or 'rows')"
             )
+        if randomness not in ("different", "same", "error"):
+            raise ValueError(
+                f"Invalid randomness: {randomness!r} (expected 'different', 'same' or 'error')"
+            )
+        self._check_module(module)
         self.last_fallbacks = []
         if per_member:
             _check_per_member(self.size, args, kwargs)

@@ -370,12 +370,26 @@ class Rows:
         return pytree.tree_map(lambda t: flat(t) if isinstance(t, torch.Tensor) else t, x)
 
     def split(self, x: Any) -> Any:
-        """Outputs ``(P * B, ...)`` as ``(P, B, ...)`` (other leaves are returned as they are)."""
+        """Outputs ``(P * B, ...)`` as ``(P, B, ...)`` (leaves that are not tensors are returned
+        as they are). A tensor whose first dimension is not the batch (``P * B``, or a multiple
+        of ``P`` while ``B`` is unknown) raises :class:`RowsAttributionError`: it cannot be told
+        member by member (a loss averaged over every row, as Hugging Face's ``labels=`` gives,
+        mixes all members)."""
 
         def split(t: torch.Tensor) -> torch.Tensor:
-            if t.dim() == 0 or t.shape[0] % self.size:
-                return t
-            return t.reshape(self.size, t.shape[0] // self.size, *t.shape[1:])
+            n = t.shape[0] if t.dim() else None
+            if n is None or (n != self.total if self.total is not None else n % self.size):
+                expected = (
+                    f"{self.total}" if self.total is not None else f"a multiple of {self.size}"
+                )
+                raise RowsAttributionError(
+                    f"rows forward: an output of shape {tuple(t.shape)} is not a batch of the "
+                    f"rows (first dimension {expected}, {self.size} members x {self.batch} rows): "
+                    "an output reduced over the batch (a loss averaged over every row, as "
+                    "labels= gives) mixes every member's rows; compute one loss per row from the "
+                    "logits, or use the vmap forward"
+                )
+            return t.reshape(self.size, n // self.size, *t.shape[1:])
 
         return pytree.tree_map(lambda t: split(t) if isinstance(t, torch.Tensor) else t, x)
 
