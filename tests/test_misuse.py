@@ -395,3 +395,76 @@ def test_population_arguments_are_checked_on_every_path():
     for batch in (-1, "3", True):
         with pytest.raises(ValueError, match="Invalid batch"):
             population.rows(model, batch=batch)
+
+
+def test_member_value_checks_its_position_and_centre():
+    model = nn.Linear(5, 8)
+    population = EggrollOptimizer(model.parameters(), rank=2, pop_size=4, seed=0).population()
+    for position in (4, -1, 1.0):
+        with pytest.raises(ValueError, match="Invalid position"):
+            population.member_value(model.weight, position)
+    for centre in (torch.zeros(1, 5), torch.zeros(3, 8, 5), torch.zeros(8, 5, dtype=torch.long)):
+        with pytest.raises(ValueError, match="Invalid centre"):
+            population.member_value(model.weight, 0, centre=centre)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"seed": 1.9}, "Invalid seed: 1.9"),
+        ({"seed": "1"}, "Invalid seed: '1'"),
+        ({"rank": -1}, "Invalid rank"),
+        ({"rank": True}, "Invalid rank: True"),
+        ({"dtype": torch.int64}, "Invalid dtype: torch.int64"),
+    ],
+)
+def test_draw_noise_checks_its_arguments(kwargs, match):
+    from torcheggroll import draw_noise
+
+    args = {"seed": 1, "generation": 0, "param_index": 0, "device": "cpu", "rank": 2, **kwargs}
+    rank = args.pop("rank")
+    with pytest.raises(ValueError, match=match):
+        draw_noise((4, 5), rank, 2, **args)
+
+
+def test_dense_noise_has_no_factor_scale():
+    from torcheggroll import draw_noise
+
+    dense = draw_noise((4, 5), 0, 2, seed=1, generation=0, param_index=0, device="cpu")
+    with pytest.raises(ValueError, match="dense noise has no factors"):
+        _ = dense.factor_scale
+
+
+def test_rows_inputs_are_checked_before_the_batch_is_set():
+    model = nn.Linear(5, 3)
+    rows = EggrollOptimizer(model.parameters(), pop_size=4, seed=0).population().rows(model)
+    with pytest.raises(ValueError, match=r"hold \[2, 3\] rows per member"):
+        rows.repeat([torch.randn(3, 5), torch.randn(2, 5)])
+    assert rows.batch is None
+    with pytest.raises(ValueError, match="has no batch dimension 0"):
+        rows.repeat(torch.tensor(1.0))
+    assert rows.repeat(torch.randn(2, 5)).shape == (8, 5) and rows.batch == 2
+
+
+def test_the_decoder_checks_token_ids_against_the_vocabulary_and_follows_the_dtype():
+    transformers = pytest.importorskip("transformers")
+    from torcheggroll import PopulationDecoder
+
+    cfg = transformers.LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    lm = transformers.LlamaForCausalLM(cfg).eval()
+    with pytest.raises(ValueError, match=r"Invalid pad_token_id: 64 \(the vocabulary has 64"):
+        PopulationDecoder(lm, 2, pad_token_id=64)
+    with pytest.raises(ValueError, match="Invalid temperature: inf"):
+        PopulationDecoder(lm, 2, do_sample=True, temperature=float("inf"))
+    decode = PopulationDecoder(lm, 2, eos_token_id=[], pad_token_id=0)
+    with torch.no_grad():
+        with pytest.raises(ValueError, match="token ids from 100 to 100"):
+            decode(torch.full((1, 3), 100))
+        ids = torch.ones(1, 3, dtype=torch.long)
+        first = decode(ids)
+        lm.double()  # a new dtype: new buffers, not the float32 cache of the first call
+        assert torch.equal(decode(ids), first)

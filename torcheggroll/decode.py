@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import math
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -174,8 +175,8 @@ class PopulationDecoder:
             raise ValueError(f"Invalid max_new_tokens: {max_new_tokens} (expected an int >= 1)")
         if not isinstance(do_sample, bool):
             raise ValueError(f"Invalid do_sample: {do_sample!r} (expected a bool)")
-        if not number(temperature) or not temperature > 0:
-            raise ValueError(f"Invalid temperature: {temperature!r} (expected a number > 0)")
+        if not number(temperature) or not 0 < temperature < math.inf:
+            raise ValueError(f"Invalid temperature: {temperature!r} (expected a finite number > 0)")
         if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 0:
             raise ValueError(f"Invalid top_k: {top_k!r} (expected an int >= 0)")
         if not number(top_p) or not 0 < top_p <= 1:
@@ -196,6 +197,12 @@ class PopulationDecoder:
                 pad_token_id = eos[0] if eos else 0
         if not isinstance(pad_token_id, int) or isinstance(pad_token_id, bool) or pad_token_id < 0:
             raise ValueError(f"Invalid pad_token_id: {pad_token_id!r} (expected an int >= 0)")
+        vocab = getattr(model.config, "vocab_size", None)
+        self._vocab = vocab if isinstance(vocab, int) and not isinstance(vocab, bool) else None
+        if self._vocab is not None and pad_token_id >= self._vocab:
+            raise ValueError(
+                f"Invalid pad_token_id: {pad_token_id} (the vocabulary has {self._vocab} tokens)"
+            )
         self._window = _attention_window(model)
         self.model = model
         self.max_new_tokens = max_new_tokens
@@ -253,7 +260,9 @@ class PopulationDecoder:
         flat, mask, lead = self._inputs(input_ids, attention_mask, population, per_member)
         use_graph = self._use_graph(flat.device, population)
         batch = lead[-1]  # rows per member
-        skey = (flat.shape[0], flat.shape[1], flat.device)
+        # The model's dtype too: model.double() after a call needs a cache of the new dtype.
+        dtype = next(self.model.parameters()).dtype
+        skey = (flat.shape[0], flat.shape[1], flat.device, dtype)
         state = self._state(skey)
         if use_graph:
             graphs = self._captured(skey, state, population, batch)
@@ -293,6 +302,11 @@ class PopulationDecoder:
                 f"{self.max_new_tokens} exceed the model's attention window of {self._window} "
                 "tokens (sliding or local attention), which the decoder's causal mask does not "
                 "apply; decode shorter sequences, or use model.generate inside population.rows"
+            )
+        if self._vocab is not None and (int(ids.min()) < 0 or int(ids.max()) >= self._vocab):
+            raise ValueError(
+                f"Invalid input_ids: token ids from {int(ids.min())} to {int(ids.max())}, the "
+                f"vocabulary has {self._vocab} tokens (ids 0 to {self._vocab - 1})"
             )
         if mask is None:
             mask = torch.ones_like(ids)
@@ -338,8 +352,8 @@ class PopulationDecoder:
         return population.rows(self.model, batch=batch, watch=self.watch)
 
     # ------------------------------------------------------------------ static buffers
-    def _state(self, key: tuple[int, int, torch.device]) -> _State:
-        rows, length, device = key
+    def _state(self, key: tuple[int, int, torch.device, torch.dtype]) -> _State:
+        rows, length, device, _ = key
         state = self._states.get(key)
         if state is None:
             from transformers import StaticCache

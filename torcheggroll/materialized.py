@@ -176,17 +176,8 @@ def vmap_members(
 
     in_dims = (0,) * len(m_at) + (0 if per_member else None,) * len(d_at)
     inputs = [m_leaves[i] for i in m_at] + [d_leaves[i] for i in d_at]
-    try:
-        flat = iter(torch.func.vmap(flat_fn, in_dims=in_dims, randomness=randomness)(*inputs))
-    except RuntimeError as exc:
-        if "data-dependent control flow" not in str(exc):
-            raise
-        raise RuntimeError(
-            f"{exc}\n\nThe model branches on the values of per-member tensors, which a vmapped "
-            "forward cannot do (attention masks built from per-member inputs, generate loops). "
-            "Run the population as rows of one batch instead: population.forward(model, ..., "
-            "path='rows') or `with population.rows(model) as rows: ...`"
-        ) from exc
+    # (A failure of vmap itself gets its hint, path="rows", in Population.forward.)
+    flat = iter(torch.func.vmap(flat_fn, in_dims=in_dims, randomness=randomness)(*inputs))
     tree, others = spec
     leaves = [next(flat) if x is _TENSOR else _no_escapes(x) for x in others]
     return pytree.tree_unflatten(leaves, tree)
@@ -199,9 +190,10 @@ def _no_escapes(value: Any) -> Any:
         return value
     warnings.warn(
         f"the population forward dropped an output of type {type(value).__name__}: it holds "
-        "per-member tensors of the vmapped forward (a KV cache?), which cannot leave it. Pass "
+        "per-member tensors of the vmapped forward, which cannot leave it. A KV cache: pass "
         "use_cache=False to the model, or decode with population.rows(model) (the population as "
-        "rows of one batch), where caches work",
+        "rows of one batch), where caches work. Another object (a dataclass): return tensors in "
+        "tuples, lists or dicts, or register its class with torch.utils._pytree",
         UserWarning,
         stacklevel=4,
     )

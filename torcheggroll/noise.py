@@ -243,7 +243,9 @@ class ParamNoise:
 
     @property
     def factor_scale(self) -> float:
-        """``1 / sqrt(rank)``: the factor that makes ``A B^T`` unit-variance."""
+        """``1 / sqrt(rank)``: the factor that makes ``A B^T`` unit-variance (low-rank noise)."""
+        if self.dense is not None:
+            raise ValueError("Invalid noise: dense noise has no factors (factor_scale)")
         return 1.0 / math.sqrt(self.rank)
 
     def select(self, draws: torch.Tensor) -> ParamNoise:
@@ -325,7 +327,24 @@ def draw_noise(
     Returns:
         A :class:`ParamNoise` with factors ``(draws, m, rank)`` and ``(draws, n, rank)``, or dense
         noise ``(draws, *shape)``.
+
+    ``rank`` is used as given. The optimizer gives a matrix with a side no larger than its
+    group's rank dense noise: ``draw_noise(shape, effective_rank(shape, rank), ...)`` draws what
+    it draws.
     """
+    for name, value in (
+        ("rank", rank),
+        ("draws", draws),
+        ("seed", seed),
+        ("generation", generation),
+        ("param_index", param_index),
+    ):
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ValueError(f"Invalid {name}: {value!r} (expected an int)")
+    if rank < 0 or draws < 0:
+        raise ValueError(f"Invalid {'rank' if rank < 0 else 'draws'}: expected an int >= 0")
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"Invalid dtype: {dtype!r} (noise needs a floating-point dtype)")
     shape = torch.Size(shape)
     _check_counters(generation, param_index)
     key = seed_key(seed)

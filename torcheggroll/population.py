@@ -403,6 +403,17 @@ class Population:
         The perturbation is added to ``centre`` (same shape as ``param``), by default the
         parameter's current value.
         """
+        if not isinstance(position, int) or isinstance(position, bool):
+            raise ValueError(f"Invalid position: {position!r} (expected an int)")
+        if not 0 <= position < self.size:
+            raise ValueError(f"Invalid position: {position} (expected 0 <= position < {self.size})")
+        if centre is not None and (
+            tuple(centre.shape) != tuple(param.shape) or not centre.is_floating_point()
+        ):
+            raise ValueError(
+                f"Invalid centre: shape {tuple(centre.shape)} and dtype {centre.dtype} (expected "
+                f"the parameter's shape {tuple(param.shape)} and a floating dtype)"
+            )
         e, all_noise = self.entry(param), self.noise(param)
         ref = all_noise.a if all_noise.a is not None else all_noise.dense
         assert ref is not None
@@ -542,8 +553,9 @@ class Population:
         return out
 
 
-# What torch.func.vmap says about code it cannot batch (data-dependent control flow, custom
-# autograd Functions, in-place writes into unbatched tensors, .item()).
+# What torch.func.vmap says about code it cannot batch (data-dependent control flow: attention
+# masks built from per-member inputs, generate loops; custom autograd Functions; in-place writes
+# into unbatched tensors; .item()).
 _VMAP_LIMITS = (
     "vmap:",
     "functorch",

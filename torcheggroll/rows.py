@@ -349,25 +349,43 @@ class Rows:
         """Inputs shared by every member, ``(B, ...)``, as one batch ``(P * B, ...)``
         (member-major; nested structures of tensors too)."""
 
-        def tile(t: torch.Tensor) -> torch.Tensor:
-            self._set_batch(t.shape[0])
-            return t.repeat(self.size, *([1] * (t.dim() - 1)))
+        self._set_batch(self._batch_of(x, 0))
+        return pytree.tree_map(
+            lambda t: (
+                t.repeat(self.size, *([1] * (t.dim() - 1))) if isinstance(t, torch.Tensor) else t
+            ),
+            x,
+        )
 
-        return pytree.tree_map(lambda t: tile(t) if isinstance(t, torch.Tensor) else t, x)
+    def _batch_of(self, x: Any, dim: int) -> int | None:
+        """The batch ``B`` shared by every tensor of ``x`` in dimension ``dim`` (None without
+        tensors), checked before anything is set."""
+        sizes = set()
+        for t in pytree.tree_leaves(x):
+            if isinstance(t, torch.Tensor):
+                if t.dim() <= dim:
+                    raise ValueError(
+                        f"Invalid input: a tensor of shape {tuple(t.shape)} has no batch "
+                        f"dimension {dim}"
+                    )
+                sizes.add(t.shape[dim])
+        if len(sizes) > 1:
+            raise ValueError(f"Invalid batch: the inputs hold {sorted(sizes)} rows per member")
+        return sizes.pop() if sizes else None
 
     def flatten(self, x: Any) -> Any:
         """Per-member inputs ``(P, B, ...)`` as one batch ``(P * B, ...)``."""
 
-        def flat(t: torch.Tensor) -> torch.Tensor:
-            if t.dim() < 2 or t.shape[0] != self.size:
+        for t in pytree.tree_leaves(x):
+            if isinstance(t, torch.Tensor) and (t.dim() < 2 or t.shape[0] != self.size):
                 raise ValueError(
                     f"Invalid per-member input: expected a shape (P={self.size}, B, ...), got "
                     f"{tuple(t.shape)}"
                 )
-            self._set_batch(t.shape[1])
-            return t.reshape(self.size * t.shape[1], *t.shape[2:])
-
-        return pytree.tree_map(lambda t: flat(t) if isinstance(t, torch.Tensor) else t, x)
+        self._set_batch(self._batch_of(x, 1))
+        return pytree.tree_map(
+            lambda t: t.reshape(-1, *t.shape[2:]) if isinstance(t, torch.Tensor) else t, x
+        )
 
     def split(self, x: Any) -> Any:
         """Outputs ``(P * B, ...)`` as ``(P, B, ...)`` (leaves that are not tensors are returned
@@ -393,7 +411,9 @@ class Rows:
 
         return pytree.tree_map(lambda t: split(t) if isinstance(t, torch.Tensor) else t, x)
 
-    def _set_batch(self, b: int) -> None:
+    def _set_batch(self, b: int | None) -> None:
+        if b is None:
+            return
         if self.batch is not None and self.batch != b:
             raise ValueError(
                 f"Invalid batch: the rows already hold {self.batch} rows per member, got {b}"
