@@ -64,6 +64,19 @@ def test_a_weight_decay_inside_the_bound_is_applied_exactly():
     torch.testing.assert_close(p.detach(), torch.full((3, 2), 3.5, dtype=torch.float64))
 
 
+def test_weight_decay_of_a_group_of_mixed_dtypes():
+    params = [nn.Parameter(torch.full((2, 3), 2.0, dtype=dtype)) for dtype in _DTYPES]
+    opt = EggrollOptimizer(params, lr=0.5, weight_decay=0.5, rank=0, pop_size=4, seed=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", IdenticalLossesWarning)
+        opt.step(lambda pop: torch.ones(4))
+    for p in params:
+        assert torch.equal(p.detach(), torch.full((2, 3), 1.5, dtype=p.dtype))
+
+
+_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
 @pytest.mark.filterwarnings("ignore::torcheggroll.IdenticalLossesWarning")
 @pytest.mark.parametrize(
     ("key", "value"),

@@ -367,7 +367,8 @@ def _decay_bounded(
         if wd == 0:
             continue
         params = [plan.owned[o].param.detach() for o in members]
-        peak = torch.stack(torch._foreach_norm(params, math.inf)).max().to(device, torch.float64)
+        norms = torch._foreach_norm(params, math.inf)  # in each parameter's dtype
+        peak = torch.stack([n.to(torch.float64) for n in norms]).max().to(device)
         lr = _number(lrs[g], device)
         scale = torch.clamp(lr, min=1.0) if isinstance(lr, torch.Tensor) else max(1.0, lr)
         checks.append(peak * (abs(wd) * scale) < _UPDATE_LIMIT)
