@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import itertools
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -462,8 +463,8 @@ class Population:
         checked = self.__dict__.setdefault("_checked_modules", set())
         if id(module) in checked or not self.params:
             return  # with nothing perturbed at all, the optimizer has warned already
-        tensors = (*module.parameters(), *module.buffers())
-        if not any(self.owns(t) for t in tensors):
+        tensors = itertools.chain(module.parameters(), module.buffers())
+        if not any(self.owns(t) for t in tensors):  # stops at the first owned tensor
             raise ValueError(
                 f"Invalid module: no parameter or buffer of this {type(module).__name__} is "
                 "perturbed by the population (a copy of the model? the optimizer must be built "

@@ -298,13 +298,19 @@ class Rows:
         self._marked: list[tuple[torch.Tensor, type]] | None = None
         self._counts: list[tuple[torch.Tensor, torch.Tensor]] = []  # batch norms' counts
         self._derived: dict[Any, _Owned] = {}  # derived tensors made once per context
-        # The module's own tensors, which are never a batch of rows.
-        self._static: dict[int, torch.Tensor] = {
-            id(t): t for t in (*module.parameters(), *module.buffers())
-        }
         _refuse_routed_experts(module)
         paired = bool(population.antithetic) and self.size % 2 == 0
-        for name, t in module.named_parameters(remove_duplicate=False):
+        # One walk over the modules (as named_parameters(remove_duplicate=False) would make):
+        # the owned parameters, and the batch-norm modules, whose counts the rows keep.
+        self._batch_norms: list[nn.Module] = []
+        named = []
+        for prefix, mod in module.named_modules(remove_duplicate=False):
+            if isinstance(mod, nn.modules.batchnorm._BatchNorm):
+                self._batch_norms.append(mod)
+            for pname, t in mod._parameters.items():
+                if t is not None:
+                    named.append((f"{prefix}.{pname}" if prefix else pname, t))
+        for name, t in named:
             if id(t) in self.owned or not population.owns(t):
                 continue
             noise = population.entry(t).noise
@@ -444,7 +450,7 @@ class Rows:
         if (
             self.watch == "all"
             or not _markable(tensors)
-            or any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.module.modules())
+            or self._batch_norms
         ):
             # Batch norm needs every call (its statistics are per member even when no owned
             # tensor takes part), and a tensor of another subclass cannot be marked: watch all
@@ -462,9 +468,8 @@ class Rows:
         # running statistics alone (as the vmap forward does), so its count too.
         self._counts = [
             (m.num_batches_tracked, m.num_batches_tracked.clone())
-            for m in self.module.modules()
-            if isinstance(m, nn.modules.batchnorm._BatchNorm)
-            and isinstance(m.num_batches_tracked, torch.Tensor)
+            for m in self._batch_norms
+            if isinstance(m.num_batches_tracked, torch.Tensor)
         ]
         self._mode = mode
         return self
@@ -538,7 +543,7 @@ class Rows:
         sure: a first dimension that is not a multiple of the batch; a multiple ``k > 1`` on a
         tensor of more than ``flat_ndim`` dimensions (a flattened batch is ``(rows, features)``,
         ``flat_ndim=1`` for embedding ids; a ``(T, P * B)`` sequence-first tensor or a ``(T, T)``
-        table lookup is not); a parameter or buffer of the module (a table, never a batch)."""
+        table lookup is not); a parameter (a table, never a batch)."""
         n = t.shape[0] if t.dim() else 0
         if self.batch is None and n and n % self.size == 0:
             self.batch = n // self.size
@@ -565,14 +570,14 @@ class Rows:
         return t.reshape(self.size, n // self.size, *t.shape[1:])
 
     def refuse_static(self, t: torch.Tensor, o: _Owned, op: str) -> None:
-        """Error naming ``o`` and ``op`` when ``t`` is a parameter or buffer of the module: a
+        """Error naming ``o`` and ``op`` when ``t`` is a parameter (one the rows do not own): a
         table (a relative-position table normalized by a norm whose weight is owned, say), never
         a batch of rows, whatever its first dimension."""
-        if self._static.get(id(t)) is t:
+        if isinstance(t, nn.Parameter):
             raise RowsAttributionError(
-                f"rows forward: parameter {o.name!r} meets, in {op}, a parameter or buffer of "
-                f"the module of shape {tuple(t.shape)} (a table, not a batch of rows); keep "
-                f"{o.name!r} out of the optimizer, or use the vmap forward"
+                f"rows forward: parameter {o.name!r} meets, in {op}, a parameter of shape "
+                f"{tuple(t.shape)} (a table, not a batch of rows); keep {o.name!r} out of the "
+                "optimizer, or use the vmap forward"
             )
 
     def member_values(self, o: _Owned, ndim: int, trailing: int | None = None) -> torch.Tensor:
