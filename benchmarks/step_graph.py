@@ -454,6 +454,8 @@ def main(argv: list[str] | None = None) -> None:
         "decision": args.decision,
         "update_gemm": os.environ.get(_update.UPDATE_GEMM_ENV, "cublas"),
         "date": time.strftime("%Y-%m-%d"),
+        # Every switch of the library that was set (TORCHEGGROLL_CPU_KERNEL=0, ...).
+        "env": {k: v for k, v in os.environ.items() if k.startswith("TORCHEGGROLL_")},
     }
     if args.preset == "cpu":
         res = measure_cpu(args.repeats, args.trials)
