@@ -447,11 +447,7 @@ class Rows:
                 f"parameter {busy!r} is in rows in use already: population.rows contexts of the "
                 "same parameters cannot be nested"
             )
-        if (
-            self.watch == "all"
-            or not _markable(tensors)
-            or self._batch_norms
-        ):
+        if self.watch == "all" or not _markable(tensors) or self._batch_norms:
             # Batch norm needs every call (its statistics are per member even when no owned
             # tensor takes part), and a tensor of another subclass cannot be marked: watch all
             # operations.
