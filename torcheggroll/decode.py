@@ -303,7 +303,9 @@ class PopulationDecoder:
                 "tokens (sliding or local attention), which the decoder's causal mask does not "
                 "apply; decode shorter sequences, or use model.generate inside population.rows"
             )
-        if self._vocab is not None and (int(ids.min()) < 0 or int(ids.max()) >= self._vocab):
+        # Prompts on the CPU only: reading CUDA ids would wait for the device at every call.
+        on_cpu = ids.device.type == "cpu"
+        if on_cpu and self._vocab is not None and (ids.min() < 0 or ids.max() >= self._vocab):
             raise ValueError(
                 f"Invalid input_ids: token ids from {int(ids.min())} to {int(ids.max())}, the "
                 f"vocabulary has {self._vocab} tokens (ids 0 to {self._vocab - 1})"
