@@ -386,6 +386,30 @@ def test_a_norm_of_a_parameter_table_is_refused() -> None:
         opt.population().forward(model, input_ids=ids, path="rows")
 
 
+def test_whisper_looks_its_positions_up_by_index_in_both_forwards() -> None:
+    # Its decoder reads `embed_positions.weight[position_ids]`: a lookup, as F.embedding.
+    cfg = transformers.WhisperConfig(
+        vocab_size=64, d_model=32, encoder_layers=1, decoder_layers=1,
+        encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=48,
+        decoder_ffn_dim=48, num_mel_bins=8, max_source_positions=8, max_target_positions=32,
+        decoder_start_token_id=1, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        suppress_tokens=None, begin_suppress_tokens=None,
+    )  # fmt: skip
+    model, opt = _setup(lambda: transformers.WhisperForConditionalGeneration(cfg).eval())
+    g = torch.Generator().manual_seed(3)
+    kw = {
+        "input_features": torch.randn(2, 8, 16, generator=g).double(),
+        "decoder_input_ids": torch.randint(3, 64, (2, 5), generator=g),
+    }
+    population = opt.population()
+    with torch.no_grad():
+        expected = torch.stack([m(**kw).logits for m in _member_models(population, model)])
+        rows = population.forward(model, **kw, path="rows").logits
+        vmapped = population.forward(model, **kw, path="lowrank").logits  # no fallback
+    torch.testing.assert_close(rows, expected, rtol=0, atol=1e-12)
+    torch.testing.assert_close(vmapped, expected, rtol=0, atol=1e-12)
+
+
 def test_a_mixture_of_experts_model_is_refused_up_front() -> None:
     cfg = transformers.MixtralConfig(**_DECODER_CONFIG, num_local_experts=4)
     model, opt = _setup(lambda: transformers.MixtralForCausalLM(cfg).eval())

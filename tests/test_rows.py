@@ -538,3 +538,37 @@ def test_a_model_vmap_cannot_run_points_to_the_rows_forward() -> None:
     for j in range(len(population)):
         y = x @ stacked["lin.weight"][j].T + stacked["lin.bias"][j]
         torch.testing.assert_close(rows[j], y * y)
+
+
+class _SlicedTables(nn.Module):
+    """Position tables read by slices of their first dimension, as Whisper's encoder reads
+    `embed_positions.weight[:T]`: one low rank, one dense (a side no larger than the rank)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pos = nn.Parameter(torch.randn(16, 8))  # low rank at rank 2
+        self.narrow = nn.Parameter(torch.randn(16, 2))  # dense: a side of 2
+        self.lin = nn.Linear(10, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = x.shape[1]
+        h = torch.cat([x + self.pos[:t], (x[..., :2] + self.narrow[2 : 2 + t])], dim=-1)
+        return self.lin(h)
+
+
+def test_slices_of_owned_tables_are_per_member() -> None:
+    torch.manual_seed(0)
+    model = _SlicedTables().double()
+    opt = EggrollOptimizer(model.parameters(), sigma=0.1, rank=2, pop_size=4, seed=0)
+    population = opt.population()
+    assert (
+        population.noise(model.pos).is_low_rank and not population.noise(model.narrow).is_low_rank
+    )
+    x = torch.randn(3, 5, 8, dtype=torch.float64)
+    stacked = population.stacked(model)
+    expected = []
+    for j in range(len(population)):
+        h = torch.cat([x + stacked["pos"][j][:5], x[..., :2] + stacked["narrow"][j][2:7]], -1)
+        expected.append(h @ stacked["lin.weight"][j].T + stacked["lin.bias"][j])
+    rows = population.forward(model, x, path="rows")
+    torch.testing.assert_close(rows, torch.stack(expected), rtol=0, atol=1e-12)

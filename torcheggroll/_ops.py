@@ -22,6 +22,7 @@ __all__ = [
     "TRANSPOSES",
     "conv_correction",
     "embedding_correction",
+    "is_lookup",
     "linear_correction",
     "matrix_transpose",
     "right_correction",
@@ -37,6 +38,17 @@ TRANSPOSES = (
     torch.Tensor.transpose,
     torch.transpose,
 )
+
+
+def is_lookup(index: Any) -> bool:
+    """Whether ``W[index]`` is a table lookup, ``F.embedding(index, W)`` (an integer tensor of
+    ids, as Whisper's ``embed_positions.weight[position_ids]``)."""
+    return (
+        isinstance(index, torch.Tensor)
+        and not index.is_floating_point()
+        and not index.is_complex()
+        and index.dtype != torch.bool
+    )
 
 
 def matrix_transpose(t: torch.Tensor, dims: tuple[Any, ...]) -> bool:

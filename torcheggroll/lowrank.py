@@ -516,6 +516,14 @@ def _h_transpose(mode: _LowRankMode, self: torch.Tensor, *dims: Any) -> Any:
     return flipped.weight
 
 
+def _h_getitem(mode: _LowRankMode, self: torch.Tensor, index: Any) -> Any:
+    """``W[ids]`` with an integer tensor of ids: ``F.embedding(ids, W)`` (Whisper's position
+    lookups); other indexing falls back."""
+    if mode.factor(self) is None or not _ops.is_lookup(index):
+        return NotImplemented
+    return _h_embedding(mode, index, self)
+
+
 def _h_data_ptr(mode: _LowRankMode, t: torch.Tensor) -> Any:
     """``Tensor.data_ptr``: the centre's for an owned weight, a stand-in for a batched tensor."""
     if mode.factor(t) is not None:
@@ -540,6 +548,7 @@ _LowRankMode.HANDLERS = register(
         torch.Tensor.__matmul__: _h_matmul,
         torch.Tensor.matmul: _h_matmul,
         **dict.fromkeys(_ops.TRANSPOSES, _h_transpose),
+        torch.Tensor.__getitem__: _h_getitem,
     }
 )
 

@@ -1014,6 +1014,41 @@ def _h_transpose(mode: _RowsMode, self: torch.Tensor, *dims: Any) -> Any:
     return mode.rows.derived((id(self), "T"), derive)
 
 
+def _h_getitem(mode: _RowsMode, self: torch.Tensor, index: Any) -> Any:
+    """``W[a:b]`` of an owned tensor, a slice of its first dimension (Whisper's position table,
+    ``embed_positions.weight[:T]``): a derived dense per-member tensor, ``W[a:b] + A_p[a:b]
+    B_p^T`` for a low-rank matrix, each member's value sliced for dense noise. ``W[ids]`` with
+    an integer tensor of ids (``embed_positions.weight[position_ids]``) is ``F.embedding(ids,
+    W)``. Other indexing is not attributed."""
+    o = mode.owned(self)
+    if o is not None and _ops.is_lookup(index):
+        return _h_embedding(mode, index, self)
+    parts = index if isinstance(index, tuple) else (index,)
+    if (
+        o is None
+        or not parts
+        or not isinstance(parts[0], slice)
+        or any(p != slice(None) for p in parts[1:])
+        or (o.low_rank and self.dim() != 2)
+    ):
+        return NotImplemented
+    first = parts[0]
+
+    def derive() -> _Owned:
+        centre = self[index]
+        if o.low_rank:
+            a, b = o.factors()  # (P, m, r) scaled, (P, n, r)
+            values = centre + a[:, first] @ b.transpose(-1, -2)
+        else:
+            values = o.values()[(slice(None), *parts)]
+        return _Owned(
+            f"{o.name}[{first.start}:{first.stop}]", centre, False, get_values=lambda: values
+        )
+
+    key = (id(self), "getitem", first.start, first.stop, first.step, len(parts))
+    return mode.rows.derived(key, derive)
+
+
 def _no_grad(*tensors: torch.Tensor) -> bool:
     return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
 
@@ -1028,6 +1063,7 @@ _RowsMode.HANDLERS = register(
         torch.Tensor.matmul: _h_matmul,
         F.embedding: _h_embedding,
         **dict.fromkeys(_ops.TRANSPOSES, _h_transpose),
+        torch.Tensor.__getitem__: _h_getitem,
         F.conv1d: _conv(F.conv1d, "F.conv1d"),
         F.conv2d: _conv(F.conv2d, "F.conv2d"),
         F.conv3d: _conv(F.conv3d, "F.conv3d"),
