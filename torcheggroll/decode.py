@@ -102,12 +102,13 @@ def _attention_window(model: nn.Module) -> int | None:
             f"Invalid model: {name} has layers of type {other}; the decoder serves softmax "
             f"attention with a KV cache only{hint}"
         )
+    window = getattr(config, "sliding_window", None)
+    window = window if isinstance(window, int) and not isinstance(window, bool) else None
     if "sliding_attention" in kinds:
-        return int(config.sliding_window)
+        return window
     if "local" in (getattr(config, "attention_layers", None) or []):  # GPT-Neo
         return int(config.window_size)
-    window = getattr(config, "sliding_window", None)
-    if not kinds and isinstance(window, int) and getattr(config, "use_sliding_window", True):
+    if not kinds and window is not None and getattr(config, "use_sliding_window", True):
         return window  # Mistral: every layer slides
     return None
 
