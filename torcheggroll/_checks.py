@@ -15,10 +15,12 @@ from .scaling import SIGMA_SCALINGS
 from .shaping import SHAPINGS
 
 __all__ = [
+    "GLOBAL_KEYS",
     "GROUP_DEFAULTS",
     "as_losses",
     "as_scalar_loss",
     "check_group",
+    "check_groups",
     "check_hyper",
     "check_population",
     "check_state_dict",
@@ -108,6 +110,28 @@ def check_group(group: dict[str, Any], read_device_tensors: bool = True) -> None
     )
 
 
+# Settings every param group of one optimizer shares.
+GLOBAL_KEYS = ("pop_size", "antithetic", "capturable")
+
+
+def check_groups(groups: list[dict[str, Any]], read_device_tensors: bool = True) -> None:
+    """Check complete param groups as the constructor checks its arguments: each group's
+    settings, its population and ``capturable``, and that the groups share :data:`GLOBAL_KEYS`.
+    A tensor ``lr`` on an accelerator is read only when ``read_device_tensors``."""
+    for group in groups:
+        check_group(group, read_device_tensors=read_device_tensors)
+        check_population(group["pop_size"], group["antithetic"])
+        if not isinstance(group["capturable"], bool):
+            raise invalid("capturable", group["capturable"], "a bool")
+    for key in GLOBAL_KEYS:
+        odd = [group[key] for group in groups if group[key] != groups[0][key]]
+        if odd:
+            raise ValueError(
+                f"Invalid {key}: {odd[0]!r} (param groups must share {key}; group 0 has "
+                f"{groups[0][key]!r})"
+            )
+
+
 def check_population(pop_size: Any, antithetic: Any) -> None:
     if not isinstance(pop_size, int) or isinstance(pop_size, bool) or pop_size < 2:
         raise invalid("pop_size", pop_size, "an int >= 2")
@@ -153,18 +177,7 @@ def check_state_dict(state_dict: Any, noise_version: int) -> None:
                 f"Invalid state_dict: param group {i} has no {', '.join(map(repr, missing))} "
                 "(not written by EggrollOptimizer?)"
             )
-        group = {**GROUP_DEFAULTS, **saved}
-        check_group(group)
-        check_population(group["pop_size"], group["antithetic"])
-        if not isinstance(group["capturable"], bool):
-            raise invalid("capturable", group["capturable"], "a bool")
-        for key in ("pop_size", "antithetic", "capturable"):
-            first = {**GROUP_DEFAULTS, **groups[0]}[key]
-            if group[key] != first:
-                raise ValueError(
-                    f"Invalid state_dict: param group {i} has {key}={group[key]!r}, group 0 "
-                    f"{first!r} (param groups must share {key})"
-                )
+    check_groups([{**GROUP_DEFAULTS, **saved} for saved in groups])
     ids = [i for g in groups for i in g["params"]]
     states = state_dict.get("state", {})
     if not isinstance(states, dict):

@@ -17,8 +17,7 @@ from ._checks import (
     GROUP_DEFAULTS,
     as_losses,
     as_scalar_loss,
-    check_group,
-    check_population,
+    check_groups,
     check_state_dict,
     loss_dtype,
     takes_population,
@@ -36,8 +35,6 @@ from .shaping import (
 __all__ = ["EggrollOptimizer"]
 
 Closure = Callable[..., Any]
-
-_GLOBAL_KEYS = ("pop_size", "antithetic", "capturable")
 
 
 def _check_one_device(params: list[Any]) -> torch.device:
@@ -201,10 +198,7 @@ class EggrollOptimizer(Optimizer):
             sigma_scaling=sigma_scaling,
             capturable=capturable,
         )
-        check_group(defaults)
-        check_population(pop_size, antithetic)
-        if not isinstance(capturable, bool):
-            raise ValueError(f"Invalid capturable: {capturable!r} (expected a bool)")
+        check_groups([defaults])
         if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or seed < 0):
             raise ValueError(f"Invalid seed: {seed!r} (expected a non-negative int or None)")
         super().__init__(params, defaults)
@@ -232,15 +226,8 @@ class EggrollOptimizer(Optimizer):
                 f"Invalid param_group: expected a dict, got {type(param_group).__name__}"
             )
         merged = {**self.defaults, **param_group}
-        check_group(merged)
-        check_population(merged["pop_size"], merged["antithetic"])
-        for key in _GLOBAL_KEYS:
-            for other in self.param_groups:
-                if other[key] != merged[key]:
-                    raise ValueError(
-                        f"Invalid {key}: {merged[key]!r} (param groups must share {key}; "
-                        f"existing groups use {other[key]!r})"
-                    )
+        # The existing groups first: an error names the new group's value.
+        check_groups([*self.param_groups, merged])
         params = param_group["params"]
         if isinstance(params, (set, frozenset)):
             raise TypeError(_SET_ERROR)
@@ -499,7 +486,9 @@ class EggrollOptimizer(Optimizer):
             raise TypeError(
                 f"Invalid closure: {closure!r} (EggrollOptimizer.step requires a callable closure)"
             )
-        self._check_groups()  # settings may have been changed since construction
+        # Settings may have been changed since construction (a tensor lr on an accelerator is
+        # not read: that would wait for the device).
+        check_groups(self.param_groups, read_device_tensors=False)
         self.check_warnings(wait=False)
         population = self.population()
         pg = self._process_group
@@ -513,7 +502,7 @@ class EggrollOptimizer(Optimizer):
                 else:
                     local = self._sequential(closure, population)
             # ... and by the closure itself: its changes apply, but only if they are valid.
-            self._check_groups()
+            check_groups(self.param_groups, read_device_tensors=False)
         except Exception as exc:
             if pg is None:
                 raise
@@ -532,21 +521,6 @@ class EggrollOptimizer(Optimizer):
         )
         self._replicas_checked = True
         return losses, population
-
-    def _check_groups(self) -> None:
-        """Check every group's settings as the constructor does (a tensor ``lr`` on an
-        accelerator is not read)."""
-        for group in self.param_groups:
-            check_group(group, read_device_tensors=False)
-            check_population(group["pop_size"], group["antithetic"])
-            if not isinstance(group["capturable"], bool):
-                raise ValueError(f"Invalid capturable: {group['capturable']!r} (expected a bool)")
-        for key in _GLOBAL_KEYS:
-            values = {group[key] for group in self.param_groups}
-            if len(values) > 1:
-                raise ValueError(
-                    f"Invalid {key}: param groups must share {key}, got {sorted(values, key=str)}"
-                )
 
     def _sequential(self, closure: Closure, population: Population) -> torch.Tensor:
         params = [e.param for e in population.params]
