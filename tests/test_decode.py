@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 import torch
+from _hf_models import DECODER_CONFIG, built, tiny
 from torch import nn
 
 from torcheggroll import EggrollOptimizer, PopulationDecoder
@@ -23,23 +24,9 @@ from torcheggroll import EggrollOptimizer, PopulationDecoder
 transformers = pytest.importorskip("transformers")
 
 POP = 4
-_DECODER_CONFIG: dict[str, Any] = dict(
-    vocab_size=64,
-    hidden_size=32,
-    intermediate_size=48,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=64,
-)
-
-
-def _llama() -> nn.Module:
-    return transformers.LlamaForCausalLM(transformers.LlamaConfig(**_DECODER_CONFIG))
-
-
-def _qwen2() -> nn.Module:
-    return transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**_DECODER_CONFIG))
+_DECODER_CONFIG = DECODER_CONFIG
+_llama = built("LlamaForCausalLM", "LlamaConfig", **DECODER_CONFIG)
+_qwen2 = built("Qwen2ForCausalLM", "Qwen2Config", **DECODER_CONFIG)
 
 
 def _gpt2() -> nn.Module:
@@ -50,10 +37,6 @@ def _gpt2() -> nn.Module:
     return transformers.GPT2LMHeadModel(cfg)
 
 
-def _one_layer(model: str, config: str, **kw: Any) -> Any:
-    return lambda: getattr(transformers, model)(getattr(transformers, config)(**kw))
-
-
 _MHA = {k: v for k, v in _DECODER_CONFIG.items() if k != "num_key_value_heads"}
 FACTORIES = {
     "llama": _llama,
@@ -62,18 +45,18 @@ FACTORIES = {
     # More families (1-2 layers): Gemma's 1 + weight norms, GPT-NeoX's fused projection, OPT's
     # embedding projection and learned positions, Falcon's transposed weights, GPT-BigCode's
     # multi-query attention.
-    "gemma": _one_layer("GemmaForCausalLM", "GemmaConfig", **_DECODER_CONFIG, head_dim=8),
-    "gpt-neox": _one_layer("GPTNeoXForCausalLM", "GPTNeoXConfig", **_MHA),
-    "opt": _one_layer(
+    "gemma": built("GemmaForCausalLM", "GemmaConfig", **_DECODER_CONFIG, head_dim=8),
+    "gpt-neox": built("GPTNeoXForCausalLM", "GPTNeoXConfig", **_MHA),
+    "opt": built(
         "OPTForCausalLM", "OPTConfig", vocab_size=64, hidden_size=32, ffn_dim=48,
         num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64,
         word_embed_proj_dim=16,
     ),
-    "falcon": _one_layer(
+    "falcon": built(
         "FalconForCausalLM", "FalconConfig", vocab_size=64, hidden_size=32,
         num_hidden_layers=2, num_attention_heads=4,
     ),
-    "gpt-bigcode": _one_layer(
+    "gpt-bigcode": built(
         "GPTBigCodeForCausalLM", "GPTBigCodeConfig", vocab_size=64, n_embd=32, n_layer=2,
         n_head=4, n_positions=64,
     ),
@@ -346,17 +329,11 @@ def test_cuda_graph_refuses_a_population_with_host_counters() -> None:
         PopulationDecoder(model, 3, cuda_graph=True)(ids, mask, population=opt.population())
 
 
-def _tiny(cls: str, config: str, **kw: Any) -> Any:
-    """A tiny model ``cls`` built from ``config`` of transformers, float64, in eval mode."""
-    torch.manual_seed(0)
-    return getattr(transformers, cls)(getattr(transformers, config)(**kw)).double().eval()
-
-
 @pytest.mark.parametrize(
     ("make", "match"),
     [
         (
-            lambda: _tiny(
+            lambda: tiny(
                 "BartForConditionalGeneration", "BartConfig", vocab_size=64, d_model=32,
                 encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
                 decoder_attention_heads=4, encoder_ffn_dim=48, decoder_ffn_dim=48,
@@ -365,14 +342,14 @@ def _tiny(cls: str, config: str, **kw: Any) -> Any:
             "encoder-decoder",
         ),
         (
-            lambda: _tiny(
+            lambda: tiny(
                 "BloomForCausalLM", "BloomConfig", vocab_size=64, hidden_size=32, n_layer=2,
                 n_head=4,
             ),
             "ALiBi",
         ),
         (
-            lambda: _tiny(
+            lambda: tiny(
                 "MambaForCausalLM", "MambaConfig", vocab_size=64, hidden_size=32, state_size=4,
                 num_hidden_layers=2,
             ),
@@ -391,14 +368,14 @@ def test_models_the_decoder_cannot_serve_are_refused_when_it_is_built(
 @pytest.mark.parametrize(
     "make",
     [
-        lambda window: _tiny(
+        lambda window: tiny(
             "MistralForCausalLM", "MistralConfig", **_DECODER_CONFIG, sliding_window=window
         ),
-        lambda window: _tiny(
+        lambda window: tiny(
             "Gemma2ForCausalLM", "Gemma2Config", **_DECODER_CONFIG, head_dim=8,
             sliding_window=window,
         ),
-        lambda window: _tiny(
+        lambda window: tiny(
             "GPTNeoForCausalLM", "GPTNeoConfig", vocab_size=64, hidden_size=32, num_layers=2,
             num_heads=4, window_size=window, attention_types=[[["global", "local"], 1]],
         ),

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 import torch
+from _hf_models import DECODER_CONFIG, built
 from torch import nn
 
 from torcheggroll import EggrollOptimizer
@@ -25,24 +26,9 @@ transformers = pytest.importorskip("transformers")
 POP = 4
 
 
-# Llama and Qwen2 take the same config fields (grouped-query attention: 4 heads, 2 KV heads).
-_DECODER_CONFIG: dict[str, Any] = dict(
-    vocab_size=64,
-    hidden_size=32,
-    intermediate_size=48,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=64,
-)
-
-
-def _llama() -> nn.Module:
-    return transformers.LlamaForCausalLM(transformers.LlamaConfig(**_DECODER_CONFIG))
-
-
-def _qwen2() -> nn.Module:
-    return transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**_DECODER_CONFIG))
+_DECODER_CONFIG = DECODER_CONFIG
+_llama = built("LlamaForCausalLM", "LlamaConfig", **DECODER_CONFIG)
+_qwen2 = built("Qwen2ForCausalLM", "Qwen2Config", **DECODER_CONFIG)
 
 
 def _gpt2() -> nn.Module:
@@ -101,11 +87,6 @@ def _images(size: int) -> Callable[[], dict[str, torch.Tensor]]:
     }
 
 
-def _built(model: str, config: str, **kw: Any) -> Callable[[], nn.Module]:
-    """A factory of ``transformers.<model>(transformers.<config>(**kw))``."""
-    return lambda: getattr(transformers, model)(getattr(transformers, config)(**kw))
-
-
 _ONE_LAYER = {**_DECODER_CONFIG, "num_hidden_layers": 1}
 _MHA = {k: v for k, v in _ONE_LAYER.items() if k != "num_key_value_heads"}
 _ENCODER = dict(vocab_size=64, num_hidden_layers=1, num_attention_heads=4, intermediate_size=48)
@@ -115,15 +96,15 @@ _ENCODER = dict(vocab_size=64, num_hidden_layers=1, num_attention_heads=4, inter
 # layers multiply by the transposed weight), shared layers
 # (ALBERT), learned positions offset by the padding index (RoBERTa).
 ZOO: list[tuple[str, Callable[[], nn.Module], Callable[[], dict[str, torch.Tensor]]]] = [
-    ("mistral", _built("MistralForCausalLM", "MistralConfig", **_ONE_LAYER), _text),
-    ("qwen3", _built("Qwen3ForCausalLM", "Qwen3Config", **_ONE_LAYER, head_dim=8), _text),
-    ("gemma", _built("GemmaForCausalLM", "GemmaConfig", **_ONE_LAYER, head_dim=8), _text),
-    ("olmo2", _built("Olmo2ForCausalLM", "Olmo2Config", **_ONE_LAYER), _text),
-    ("phi3", _built("Phi3ForCausalLM", "Phi3Config", **_ONE_LAYER, pad_token_id=0), _text),
-    ("gpt-neox", _built("GPTNeoXForCausalLM", "GPTNeoXConfig", **_MHA), _text),
+    ("mistral", built("MistralForCausalLM", "MistralConfig", **_ONE_LAYER), _text),
+    ("qwen3", built("Qwen3ForCausalLM", "Qwen3Config", **_ONE_LAYER, head_dim=8), _text),
+    ("gemma", built("GemmaForCausalLM", "GemmaConfig", **_ONE_LAYER, head_dim=8), _text),
+    ("olmo2", built("Olmo2ForCausalLM", "Olmo2Config", **_ONE_LAYER), _text),
+    ("phi3", built("Phi3ForCausalLM", "Phi3Config", **_ONE_LAYER, pad_token_id=0), _text),
+    ("gpt-neox", built("GPTNeoXForCausalLM", "GPTNeoXConfig", **_MHA), _text),
     (
         "opt",
-        _built(
+        built(
             "OPTForCausalLM", "OPTConfig", vocab_size=64, hidden_size=32, ffn_dim=48,
             num_hidden_layers=1, num_attention_heads=4, max_position_embeddings=64,
             word_embed_proj_dim=16,
@@ -132,7 +113,7 @@ ZOO: list[tuple[str, Callable[[], nn.Module], Callable[[], dict[str, torch.Tenso
     ),
     (
         "falcon",  # FalconLinear: input @ self.weight.T
-        _built(
+        built(
             "FalconForCausalLM", "FalconConfig", vocab_size=64, hidden_size=32,
             num_hidden_layers=1, num_attention_heads=4, bias=True,
         ),
@@ -140,7 +121,7 @@ ZOO: list[tuple[str, Callable[[], nn.Module], Callable[[], dict[str, torch.Tenso
     ),
     (
         "gpt-bigcode",
-        _built(
+        built(
             "GPTBigCodeForCausalLM", "GPTBigCodeConfig", vocab_size=64, n_embd=32, n_layer=1,
             n_head=4, n_positions=64,
         ),
@@ -148,7 +129,7 @@ ZOO: list[tuple[str, Callable[[], nn.Module], Callable[[], dict[str, torch.Tenso
     ),
     (
         "roberta",
-        _built(
+        built(
             "RobertaForMaskedLM", "RobertaConfig", **_ENCODER, hidden_size=32,
             max_position_embeddings=72, pad_token_id=1,
         ),
@@ -156,7 +137,7 @@ ZOO: list[tuple[str, Callable[[], nn.Module], Callable[[], dict[str, torch.Tenso
     ),
     (
         "distilbert",
-        _built(
+        built(
             "DistilBertForMaskedLM", "DistilBertConfig", vocab_size=64, dim=32, hidden_dim=48,
             n_layers=1, n_heads=4, max_position_embeddings=64,
         ),
@@ -164,7 +145,7 @@ ZOO: list[tuple[str, Callable[[], nn.Module], Callable[[], dict[str, torch.Tenso
     ),
     (
         "albert",
-        _built(
+        built(
             "AlbertForMaskedLM", "AlbertConfig", **{**_ENCODER, "num_hidden_layers": 2},
             embedding_size=16, hidden_size=32, max_position_embeddings=64,
         ),
@@ -172,7 +153,7 @@ ZOO: list[tuple[str, Callable[[], nn.Module], Callable[[], dict[str, torch.Tenso
     ),
     (
         "electra",
-        _built(
+        built(
             "ElectraForMaskedLM", "ElectraConfig", **_ENCODER, embedding_size=16, hidden_size=32,
             max_position_embeddings=64,
         ),

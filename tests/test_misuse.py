@@ -9,6 +9,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from _hf_models import DECODER_CONFIG, tiny
 from torch import nn
 
 from torcheggroll import (
@@ -460,15 +461,10 @@ def test_rows_inputs_are_checked_before_the_batch_is_set():
 
 
 def test_the_decoder_checks_token_ids_against_the_vocabulary_and_follows_the_dtype():
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     from torcheggroll import PopulationDecoder
 
-    cfg = transformers.LlamaConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    lm = transformers.LlamaForCausalLM(cfg).eval()
+    lm = tiny("LlamaForCausalLM", "LlamaConfig", **DECODER_CONFIG).float()
     with pytest.raises(ValueError, match=r"Invalid pad_token_id: 64 \(the vocabulary has 64"):
         PopulationDecoder(lm, 2, pad_token_id=64)
     with pytest.raises(ValueError, match="Invalid temperature: inf"):
