@@ -293,22 +293,6 @@ def test_resnet_in_training_mode_normalizes_each_member_by_its_own_rows() -> Non
     torch.testing.assert_close(rows, expected, rtol=0, atol=1e-10)
 
 
-def test_t5s_relative_position_table_is_refused_by_rows_not_misattributed() -> None:
-    cfg = transformers.T5Config(
-        vocab_size=64,
-        d_model=32,
-        d_kv=8,
-        d_ff=48,
-        num_layers=2,
-        num_heads=4,
-        decoder_start_token_id=0,
-    )
-    model, opt = _setup(lambda: transformers.T5ForConditionalGeneration(cfg))
-    ids = torch.randint(0, 64, (2, 7))
-    with torch.no_grad(), pytest.raises(RowsAttributionError, match="relative_attention_bias"):
-        opt.population().forward(model, input_ids=ids, decoder_input_ids=ids[:, :5], path="rows")
-
-
 def _t5() -> nn.Module:
     cfg = transformers.T5Config(
         vocab_size=64,
@@ -320,6 +304,13 @@ def _t5() -> nn.Module:
         decoder_start_token_id=0,
     )
     return transformers.T5ForConditionalGeneration(cfg)
+
+
+def test_t5s_relative_position_table_is_refused_by_rows_not_misattributed() -> None:
+    model, opt = _setup(_t5)
+    ids = torch.randint(0, 64, (2, 7))
+    with torch.no_grad(), pytest.raises(RowsAttributionError, match="relative_attention_bias"):
+        opt.population().forward(model, input_ids=ids, decoder_input_ids=ids[:, :5], path="rows")
 
 
 @pytest.mark.parametrize("encoder_length", [16, 24])
